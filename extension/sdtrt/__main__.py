@@ -1,0 +1,5 @@
+import sys
+
+from sdtrt.cli import main
+
+sys.exit(main())

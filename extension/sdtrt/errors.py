@@ -1,0 +1,45 @@
+"""Exceptions a user can act on. Every message says what was wrong and what to do."""
+
+
+class SdtrtError(Exception):
+    """Base class: anything sdtrt raises on purpose."""
+
+
+class CheckpointError(SdtrtError):
+    """The checkpoint file cannot be read (missing, truncated, not safetensors)."""
+
+
+class UnknownArchitecture(SdtrtError):
+    """The state dict is not a UNet of a family we support."""
+
+
+class ProfileError(SdtrtError, ValueError):
+    """A profile spec is malformed or inconsistent (min > max, size not a multiple of 8, ...)."""
+
+
+class ExportError(SdtrtError):
+    """ONNX export failed; global state was restored."""
+
+
+class BackendUnavailable(SdtrtError):
+    """The requested backend cannot run on this machine (package or GPU missing)."""
+
+
+class BuildError(SdtrtError):
+    """Building an engine failed; nothing was published."""
+
+
+class EngineNotFound(SdtrtError):
+    """No engine with that id in the cache."""
+
+
+class StaleEngine(SdtrtError):
+    """The engine exists but must not be loaded (backend/GPU changed, file missing, truncated or edited)."""
+
+
+class NoMatchingProfile(SdtrtError):
+    """A UNet call's shapes are outside every optimization profile of the engine."""
+
+
+class RefitError(SdtrtError):
+    """Weights could not be put into the engine."""
