@@ -1,0 +1,140 @@
+"""ONNX Runtime backend: the engine is the exported ONNX itself; CPU everywhere, CUDA provider when present.
+
+It follows the same contract as TensorRT (profiles are enforced by the caller, weights are refit by name) so CI
+proves export, profiles and weight handling end to end without a GPU. Refit recreates the session with
+`SessionOptions.add_initializer` overrides, which replace initializers by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from sdtrt.backends.base import (
+    Backend,
+    BackendInfo,
+    BuildOptions,
+    BuildResult,
+    EngineProfile,
+    EngineRunner,
+    ProgressCallback,
+    no_progress,
+)
+from sdtrt.errors import BuildError, RefitError, StaleEngine
+
+
+def _providers() -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if "CUDAExecutionProvider" in available and torch.cuda.is_available():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class OrtRunner(EngineRunner):
+    def __init__(self, onnx_path: Path):
+        import onnx
+        import onnxruntime as ort
+
+        self._ort = ort
+        self._path = onnx_path
+        model = onnx.load(str(onnx_path), load_external_data=False)
+        self._weights = {i.name: tuple(i.dims) for i in model.graph.initializer}
+        self._overrides: dict[str, Any] = {}  # name -> OrtValue, kept alive while the session lives
+        self._session = self._make_session({})
+        self._inputs = {i.name: i.type for i in self._session.get_inputs()}
+
+    def _make_session(self, overrides: Mapping[str, Any]) -> Any:
+        opts = self._ort.SessionOptions()
+        opts.log_severity_level = 3
+        for name, value in overrides.items():
+            opts.add_initializer(name, value)
+        try:
+            return self._ort.InferenceSession(str(self._path), sess_options=opts, providers=_providers())
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise StaleEngine(f"ONNX Runtime cannot load {self._path.name}: {e}") from e
+
+    def infer(self, feeds: Mapping[str, torch.Tensor], profile_index: int) -> torch.Tensor:
+        arrays = {}
+        for name, t in feeds.items():
+            dtype = torch.float16 if self._inputs[name] == "tensor(float16)" else torch.float32
+            arrays[name] = t.detach().to("cpu", dtype).contiguous().numpy()
+        out = self._session.run(None, arrays)[0]
+        return torch.from_numpy(out)
+
+    def weight_names(self) -> set[str]:
+        return set(self._weights)
+
+    def refit(self, weights: Mapping[str, torch.Tensor]) -> None:
+        unknown = sorted(set(weights) - set(self._weights))
+        if unknown:
+            raise RefitError(f"the engine has no weights named {unknown[:5]}" + (" ..." if len(unknown) > 5 else ""))
+        bad = [n for n, t in weights.items() if tuple(t.shape) != self._weights[n]]
+        if bad:
+            n = bad[0]
+            raise RefitError(f"weight {n} has shape {tuple(weights[n].shape)}, the engine expects {self._weights[n]}")
+        overrides = dict(self._overrides)
+        dtypes = self._initializer_dtypes()
+        for name, t in weights.items():
+            arr = t.detach().to("cpu", dtypes[name]).contiguous().numpy()
+            overrides[name] = self._ort.OrtValue.ortvalue_from_numpy(arr)
+        session = self._make_session(overrides)  # raises before anything changes
+        self._session, self._overrides = session, overrides
+
+    def _initializer_dtypes(self) -> dict[str, torch.dtype]:
+        import onnx
+
+        if not hasattr(self, "_dtypes"):
+            model = onnx.load(str(self._path), load_external_data=False)
+            table = {onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.FLOAT16: torch.float16}
+            self._dtypes = {i.name: table.get(i.data_type, torch.float32) for i in model.graph.initializer}
+        return self._dtypes
+
+    def close(self) -> None:
+        self._session = None
+        self._overrides = {}
+
+
+class OrtBackend(Backend):
+    name: ClassVar[str] = "onnxruntime"
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            return "the onnxruntime package is not installed (pip install onnxruntime)"
+        return None
+
+    def info(self) -> BackendInfo:
+        import onnxruntime as ort
+
+        providers = _providers()
+        if providers[0] == "CUDAExecutionProvider":
+            major, minor = torch.cuda.get_device_capability()
+            return BackendInfo(self.name, ort.__version__, f"{torch.cuda.get_device_name()} (sm{major}{minor})",
+                               f"{major}.{minor}")
+        return BackendInfo(self.name, ort.__version__, "cpu", None)
+
+    def build(self, onnx_path: Path, profiles: Sequence[EngineProfile], out_dir: Path, options: BuildOptions,
+              progress: ProgressCallback = no_progress) -> BuildResult:
+        from sdtrt.export import copy_onnx
+
+        progress("build", 0.0)
+        files = copy_onnx(onnx_path, out_dir)
+        try:
+            OrtRunner(Path(out_dir) / files[0]).close()  # the engine must load here, before it is published
+        except StaleEngine as e:
+            raise BuildError(str(e)) from e
+        progress("build", 1.0)
+        return BuildResult(files=files, weights="embedded", refit_mode="refit" if options.refit else "none")
+
+    def load(self, engine_dir: Path, files: Sequence[str], profiles: Sequence[EngineProfile]) -> EngineRunner:
+        onnx_name = next((f for f in files if f.endswith(".onnx")), None)
+        if onnx_name is None:
+            raise StaleEngine(f"engine folder {engine_dir} has no .onnx file")
+        return OrtRunner(Path(engine_dir) / onnx_name)

@@ -1,0 +1,87 @@
+"""Run an engine and the PyTorch UNet on the same random inputs and report how close they are and how fast."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from sdtrt.checkpoint import build_unet, file_sha256, open_checkpoint
+from sdtrt.constants import INPUT_CONTEXT, INPUT_SAMPLE, INPUT_TIMESTEPS, INPUT_Y
+from sdtrt.errors import NoMatchingProfile, SdtrtError
+from sdtrt.export import DTYPES
+from sdtrt.profiles import Shape, call_shapes
+from sdtrt.registry import Registry
+from sdtrt.runtime import EngineSession
+
+
+@dataclass(frozen=True)
+class CheckRow:
+    shape: str
+    max_abs_diff: float
+    max_abs_out: float
+    rel_diff: float
+    torch_ms: float
+    engine_ms: float
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def _time(fn: Callable[[], torch.Tensor], repeats: int) -> tuple[torch.Tensor, float]:
+    out = fn()  # warm-up (and the result we compare)
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1000)
+    return out, statistics.median(times)
+
+
+def check_engine(cache: Path, engine_id: str, checkpoint: Path, shapes: Sequence[Shape], *,
+                 config: Path | None = None, seed: int = 0, repeats: int = 3) -> list[CheckRow]:
+    """Compare engine and PyTorch UNet at each shape (user units; CFG batch = 2 x images)."""
+    registry = Registry(cache)
+    session = EngineSession.open(registry, engine_id)
+    try:
+        ckpt, sd = open_checkpoint(checkpoint, config)
+        if ckpt.info.arch_hash != session.manifest.key.arch_hash:
+            raise SdtrtError(
+                f"engine {engine_id} is for a {session.manifest.key.family} UNet of another architecture; "
+                f"{ckpt.path.name} is {ckpt.info.describe()}"
+            )
+        session.load_weights(sd, file_sha256(ckpt.path))
+        dtype = DTYPES[str(session.manifest.key.export.get("dtype", "float32"))]
+        device = "cuda" if session.manifest.key.device != "cpu" and torch.cuda.is_available() else "cpu"
+        unet = build_unet(ckpt.info, sd).to(device, dtype)
+        rows = []
+        g = torch.Generator().manual_seed(seed)
+        for shape in shapes:
+            dims = call_shapes(shape, session.io)
+            if session.profile_for(dims) is None:
+                raise NoMatchingProfile(
+                    f"shape {shape} is outside every profile of {engine_id}: "
+                    f"{', '.join(map(str, session.profiles))}"
+                )
+            x = torch.randn(dims[INPUT_SAMPLE], generator=g).to(device, dtype)
+            t = (torch.rand(dims[INPUT_TIMESTEPS], generator=g) * 999).to(device)
+            c = torch.randn(dims[INPUT_CONTEXT], generator=g).to(device, dtype)
+            y = torch.randn(dims[INPUT_Y], generator=g).to(device, dtype) if INPUT_Y in dims else None
+            with torch.no_grad():
+                ref, torch_ms = _time(lambda: unet(x, t, c, y=y), repeats)
+                out, engine_ms = _time(lambda: session(x, t, c, y), repeats)
+            diff = (out.float().to(ref.device) - ref.float()).abs().max().item()
+            scale = ref.float().abs().max().item()
+            rows.append(CheckRow(str(shape), diff, scale, diff / scale if scale else float("inf"), torch_ms,
+                                 engine_ms))
+        return rows
+    finally:
+        session.close()

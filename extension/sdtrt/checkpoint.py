@@ -1,0 +1,138 @@
+"""Reading A1111-format checkpoints: safetensors only (nothing is ever unpickled), the UNet part of the state dict,
+the config yaml beside the file, and the file's sha256 (A1111's checkpoint hash)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sdtrt.constants import UNET_PREFIX
+from sdtrt.errors import CheckpointError
+from sdtrt.families import ConfigHints, ModelInfo, detect, read_config
+
+if TYPE_CHECKING:
+    import torch
+
+    from sdtrt.unet import UNetModel
+
+#: A safetensors header larger than this is not a checkpoint (and would be a memory bomb).
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint file on disk with its detected UNet."""
+
+    path: Path
+    config: Path | None
+    info: ModelInfo
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+
+def check_safetensors(path: Path) -> dict[str, dict[str, object]]:
+    """Validate the safetensors container (header and that the data covers every tensor) and return the header.
+
+    Catches truncated downloads and renamed pickles before any tensor is read, with a message saying which."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist or is not a file")
+    if path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
+        raise CheckpointError(
+            f"{path.name}: only .safetensors checkpoints are loaded (pickle files can run code). "
+            "Convert it to safetensors first (e.g. with A1111's checkpoint merger or `safetensors.torch.save_file`)."
+        )
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path.name} is {size} bytes: too short to be a safetensors file (truncated?)")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER_BYTES or n + 8 > size:
+            raise CheckpointError(
+                f"{path.name} is not a valid safetensors file (header length {n}, file {size} bytes): "
+                "truncated download, or a pickle/other format renamed to .safetensors"
+            )
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{path.name} is not a valid safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path.name} is not a valid safetensors file (header is not a mapping)")
+    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise CheckpointError(
+            f"{path.name} is truncated: its tensors need {8 + n + end} bytes but the file has {size}. "
+            "Download it again."
+        )
+    return header
+
+
+def find_config(path: Path, explicit: Path | None = None) -> Path | None:
+    """The config yaml for a checkpoint: the explicit one, or `<same name>.yaml` beside it (A1111's rule)."""
+    if explicit is not None:
+        if not Path(explicit).is_file():
+            raise CheckpointError(f"config yaml {explicit} does not exist")
+        return Path(explicit)
+    near = Path(path).with_suffix(".yaml")
+    return near if near.is_file() else None
+
+
+def read_unet_state_dict(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """The UNet weights of an A1111 checkpoint, keyed like the UNet module (prefix removed).
+
+    A file holding only a UNet (keys starting with `input_blocks.`) is accepted as is."""
+    from safetensors import SafetensorError, safe_open
+
+    header = check_safetensors(path)
+    keys = [k for k in header if k != "__metadata__"]
+    prefixed = [k for k in keys if k.startswith(UNET_PREFIX)]
+    try:
+        with safe_open(str(path), framework="pt", device=device) as f:
+            if prefixed:
+                return {k[len(UNET_PREFIX):]: f.get_tensor(k) for k in prefixed}
+            if any(k.startswith("input_blocks.") for k in keys):
+                return {k: f.get_tensor(k) for k in keys}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{Path(path).name} could not be read: {e}") from None
+    raise CheckpointError(
+        f"{Path(path).name} has no UNet weights (no '{UNET_PREFIX}*' keys): is it a VAE, LoRA or text encoder?"
+    )
+
+
+def open_checkpoint(path: Path, config: Path | None = None) -> tuple[Checkpoint, dict[str, torch.Tensor]]:
+    """Read and detect a checkpoint. Returns the description and the UNet state dict (CPU)."""
+    path = Path(path)
+    sd = read_unet_state_dict(path)
+    cfg = find_config(path, config)
+    hints = read_config(cfg) if cfg else ConfigHints()
+    return Checkpoint(path, cfg, detect(sd, hints)), sd
+
+
+def build_unet(info: ModelInfo, sd: dict[str, torch.Tensor] | None = None) -> UNetModel:
+    """Instantiate our LDM-compatible UNet for `info`, loading `sd` strictly when given."""
+    from sdtrt.unet import UNetModel
+
+    unet = UNetModel(info.spec).eval().requires_grad_(False)
+    if sd is not None:
+        try:
+            unet.load_state_dict(sd, strict=True)
+        except RuntimeError as e:
+            raise CheckpointError(f"the UNet weights do not fit the detected architecture: {e}") from None
+    return unet
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    """sha256 of a file, streamed (A1111 shows its first 10 hex digits as the checkpoint hash)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,242 @@
+"""`python -m sdtrt`: export, build, list, delete, check, demo. Also the headless path for servers: a job can
+pre-build engines into a shared cache before WebUI replicas start.
+
+With --json, stdout carries exactly one JSON document; errors go to stderr with exit code 1 (2 for bad usage)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sdtrt.errors import SdtrtError
+
+CACHE_ENV = "SDTRT_CACHE"
+
+
+def default_cache() -> Path:
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sd-webui-trt" / "engines"
+
+
+def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    if getattr(args, "json", False):
+        json.dump(data, sys.stdout, indent=1, default=str)
+        sys.stdout.write("\n")
+    else:
+        print(text)
+
+
+def _progress(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    last = {"phase": None}
+
+    def report(phase: str, fraction: float) -> None:
+        if phase != last["phase"]:
+            print(f"[sdtrt] {phase} ...", file=sys.stderr, flush=True)
+            last["phase"] = phase
+
+    return report
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from sdtrt.checkpoint import build_unet, open_checkpoint
+    from sdtrt.export import ExportSettings, export_unet
+
+    ckpt, sd = open_checkpoint(args.checkpoint, args.config)
+    result = export_unet(build_unet(ckpt.info, sd), ckpt.info.io, args.out,
+                         ExportSettings(dtype=args.dtype, opset=args.opset), state_dict_keys=set(sd),
+                         progress=_progress(args))
+    data = {"onnx": str(result.onnx_path), "weights": len(result.weight_names), "external_data": result.external_data,
+            "family": ckpt.info.family_id, "architecture": ckpt.info.describe()}
+    _emit(args, data, f"exported {ckpt.info.describe()} to {result.onnx_path} ({len(result.weight_names)} weights)")
+    return 0
+
+
+def _parse_profiles(specs: Sequence[str]) -> list[Any]:
+    from sdtrt.profiles import Profile
+
+    return [Profile.parse(s) for s in specs]
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from sdtrt.pipeline import build_engine
+
+    outcome = build_engine(args.checkpoint, _parse_profiles(args.profile), args.cache, config=args.config,
+                           backend=args.backend, dtype=args.dtype, progress=_progress(args))
+    m = outcome.manifest
+    data = {"id": m.id, "built": outcome.built, "manifest": m.to_dict()}
+    _emit(args, data, m.id)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from sdtrt.backends import backend_class
+    from sdtrt.registry import Registry
+
+    registry = Registry(args.cache)
+    infos: dict[str, Any] = {}
+    rows = []
+    for st in registry.list():
+        ok, reason = st.ok, st.reason
+        if ok and st.manifest is not None:
+            name = st.manifest.key.backend
+            if name not in infos:
+                try:
+                    cls = backend_class(name)
+                    infos[name] = cls().info() if cls.unavailable_reason() is None else None
+                except SdtrtError:
+                    infos[name] = None
+            if infos[name] is not None:
+                full = registry.status(st.id, infos[name])
+                ok, reason = full.ok, full.reason
+        m = st.manifest
+        rows.append({
+            "id": st.id, "ok": ok, "reason": reason,
+            "family": m.key.family if m else None,
+            "profiles": list(m.key.profiles) if m else [],
+            "backend": f"{m.key.backend} {m.key.backend_version}" if m else None,
+            "device": m.key.device if m else None,
+            "size": sum(f.size for f in m.files) if m else None,
+            "checkpoint": m.source_checkpoint.get("name") if m else None,
+        })
+    lines = [f"{'OK   ' if r['ok'] else 'STALE'} {r['id']}  {r['family'] or '?'}  {r['backend'] or '?'}  "
+             f"{', '.join(r['profiles'])}" + ("" if r["ok"] else f"  ({r['reason']})") for r in rows]
+    _emit(args, {"cache": str(args.cache), "engines": rows}, "\n".join(lines) or f"no engines in {args.cache}")
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    from sdtrt.registry import Registry
+
+    Registry(args.cache).delete(args.id)
+    _emit(args, {"deleted": args.id}, f"deleted {args.id}")
+    return 0
+
+
+def _check_text(rows: Sequence[Any]) -> str:
+    head = f"{'shape':<18} {'max|diff|':>11} {'max|out|':>10} {'rel':>9} {'torch ms':>9} {'engine ms':>10}"
+    return "\n".join([head] + [
+        f"{r.shape:<18} {r.max_abs_diff:11.3e} {r.max_abs_out:10.4f} {r.rel_diff:9.2e} {r.torch_ms:9.2f} "
+        f"{r.engine_ms:10.2f}" for r in rows])
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from sdtrt.check import check_engine
+    from sdtrt.profiles import Shape
+
+    rows = check_engine(args.cache, args.id, args.checkpoint, [Shape.parse(s) for s in args.shape],
+                        config=args.config)
+    _emit(args, {"id": args.id, "rows": [r.to_dict() for r in rows]}, _check_text(rows))
+    return 0
+
+
+#: The demo's profile and shapes: batches 1-4, sizes that are multiples of 8 but not of 64, 75 and 150 tokens.
+DEMO_PROFILE = "1x64x64x75:2x128x192x75:4x256x256x150"
+DEMO_SHAPES = ("1x64x64x75", "2x136x200x150", "4x256x248x75")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from sdtrt.check import check_engine
+    from sdtrt.pipeline import build_engine
+    from sdtrt.profiles import Profile, Shape
+    from sdtrt.tiny import write_tiny_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="sdtrt-demo-") as tmp:
+        work = Path(args.out) if args.out else Path(tmp)
+        ckpt = args.checkpoint or write_tiny_checkpoint(args.family, work / "models")
+        cache = args.cache if args.cache_given else work / "engines"
+        outcome = build_engine(ckpt, [Profile.parse(DEMO_PROFILE)], cache, config=args.config,
+                               backend=args.backend, progress=_progress(args))
+        m = outcome.manifest
+        rows = check_engine(cache, m.id, ckpt, [Shape.parse(s) for s in DEMO_SHAPES], config=args.config)
+        data = {"id": m.id, "backend": f"{m.key.backend} {m.key.backend_version}", "device": m.key.device,
+                "family": m.key.family, "rows": [r.to_dict() for r in rows]}
+        text = (f"engine {m.id}: {m.key.family} on {m.key.backend} {m.key.backend_version} ({m.key.device}), "
+                f"profile {DEMO_PROFILE}\n" + _check_text(rows))
+        _emit(args, data, text)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    from sdtrt.backends import NAMES
+
+    p = argparse.ArgumentParser(prog="python -m sdtrt", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser, cache: bool = True) -> None:
+        sp.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+        if cache:
+            sp.add_argument("--cache", type=Path, default=None,
+                            help=f"engine cache folder (default ${CACHE_ENV} or {default_cache()})")
+
+    def ckpt(sp: argparse.ArgumentParser, positional: bool = True) -> None:
+        if positional:
+            sp.add_argument("checkpoint", type=Path, help="A1111 .safetensors checkpoint")
+        sp.add_argument("--config", type=Path, default=None, help="config yaml (default: <checkpoint>.yaml)")
+
+    sp = sub.add_parser("export", help="export the UNet to ONNX")
+    ckpt(sp)
+    sp.add_argument("--out", type=Path, required=True)
+    sp.add_argument("--dtype", choices=("float32", "float16"), default="float16")
+    sp.add_argument("--opset", type=int, default=17)
+    common(sp, cache=False)
+    sp.set_defaults(func=cmd_export)
+
+    sp = sub.add_parser("build", help="build an engine into the cache and print its id")
+    ckpt(sp)
+    sp.add_argument("--backend", choices=("auto", *NAMES), default="auto")
+    sp.add_argument("--profile", action="append", required=True,
+                    help="BxHxWxT or min:opt:max (batch = images, pixels, tokens); repeat for more profiles")
+    sp.add_argument("--dtype", choices=("float32", "float16"), default=None,
+                    help="graph precision (default: float32 on CPU, float16 on GPUs)")
+    common(sp)
+    sp.set_defaults(func=cmd_build)
+
+    sp = sub.add_parser("list", help="list engines with ok/stale and the reason")
+    common(sp)
+    sp.set_defaults(func=cmd_list)
+
+    sp = sub.add_parser("delete", help="delete an engine")
+    sp.add_argument("id")
+    common(sp)
+    sp.set_defaults(func=cmd_delete)
+
+    sp = sub.add_parser("check", help="compare an engine with the PyTorch UNet")
+    sp.add_argument("id")
+    sp.add_argument("--checkpoint", type=Path, required=True)
+    ckpt(sp, positional=False)
+    sp.add_argument("--shape", action="append", required=True, help="BxHxWxT; repeat")
+    common(sp)
+    sp.set_defaults(func=cmd_check)
+
+    sp = sub.add_parser("demo", help="build an engine for an embedded tiny model and check it")
+    sp.add_argument("checkpoint", type=Path, nargs="?", default=None)
+    ckpt(sp, positional=False)
+    sp.add_argument("--family", default="sd1", help="tiny model family when no checkpoint is given")
+    sp.add_argument("--backend", choices=("auto", *NAMES), default="auto")
+    sp.add_argument("--out", type=Path, default=None, help="keep the tiny model and engine here")
+    common(sp)
+    sp.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if hasattr(args, "cache"):
+        args.cache_given = args.cache is not None
+        args.cache = args.cache or default_cache()
+    try:
+        return int(args.func(args))
+    except SdtrtError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

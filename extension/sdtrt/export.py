@@ -1,0 +1,274 @@
+"""ONNX export of a UNet, from a clean module, with initializers named after the UNet's state-dict keys.
+
+The graph has inputs `sample` (N, C, h, w), `timesteps` (N,) float32, `encoder_hidden_states` (N, 77k, ctx) and,
+for SDXL, `y` (N, 2816|2560); output `latent`. Batch, latent size and token count are dynamic. Weights keep their
+PyTorch names because constant folding is off (a Linear's weight reaches MatMul through a Transpose), so any weight
+can later be refit by name. The graph's dtype is the export dtype: an fp16 graph carries its own precision (fp32
+GroupNorm through Casts), which is what strongly typed TensorRT 11 and TensorRT-RTX need.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdtrt.backends.base import ProgressCallback, no_progress
+from sdtrt.constants import (
+    CHUNK_LEN,
+    DEFAULT_OPSET,
+    INPUT_CONTEXT,
+    INPUT_SAMPLE,
+    INPUT_TIMESTEPS,
+    INPUT_Y,
+    MIN_OPSET,
+    OUTPUT_LATENT,
+)
+from sdtrt.errors import ExportError
+from sdtrt.profiles import TensorIO
+
+#: Above this many bytes of weights the ONNX is written with one external data file (protobuf stops at 2 GiB).
+EXTERNAL_DATA_THRESHOLD = 1 << 30
+ONNX_NAME = "unet.onnx"
+WEIGHTS_NAME = "weights.json"
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """dtype: "float32" (exact; what ONNX Runtime on CPU runs) or "float16" (TensorRT, GPUs).
+    opset: >= 17 so LayerNorm stays one node."""
+
+    dtype: str = "float32"
+    opset: int = DEFAULT_OPSET
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ExportError(f"export dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
+        if self.opset < MIN_OPSET:
+            raise ExportError(f"opset {self.opset} is too old; use {MIN_OPSET} or newer")
+
+    def to_dict(self) -> dict[str, object]:
+        return {"dtype": self.dtype, "opset": self.opset, "exporter": f"torchscript/torch-{torch.__version__}"}
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    onnx_path: Path
+    weight_names: list[str]
+    external_data: bool
+
+
+def _math_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Any = None, dropout_p: float = 0.0,
+               is_causal: bool = False, scale: float | None = None, **_: Any) -> torch.Tensor:
+    """Plain matmul-softmax-matmul: the pattern TensorRT fuses into its attention kernels."""
+    if attn_mask is not None or is_causal or dropout_p:
+        raise ExportError("attention masks, causal attention and dropout are not expected in an SD UNet export")
+    s = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    return torch.softmax((q @ k.transpose(-2, -1)) * s, dim=-1) @ v
+
+
+@contextlib.contextmanager
+def plain_attention() -> Iterator[None]:
+    """Replace torch's SDPA with the plain pattern while tracing; restored even when export fails."""
+    orig = torch.nn.functional.scaled_dot_product_attention
+    torch.nn.functional.scaled_dot_product_attention = _math_sdpa  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = orig
+
+
+@contextlib.contextmanager
+def clean_module(unet: torch.nn.Module, dtype: torch.dtype) -> Iterator[torch.nn.Module]:
+    """A CPU copy of `unet` in `dtype` in eval mode, without touching the original's weights.
+
+    The original is moved to the CPU (lossless) to make the copy without doubling device memory, and moved back,
+    with its training flag, in `finally`."""
+    params = list(unet.parameters())
+    device = params[0].device if params else torch.device("cpu")
+    training = unet.training
+    try:
+        unet.to("cpu")
+        work = copy.deepcopy(unet).to(dtype).eval().requires_grad_(False)
+        yield work
+    finally:
+        unet.to(device)
+        unet.train(training)
+
+
+def sample_inputs(io: TensorIO, dtype: torch.dtype, *, batch: int = 2, latent_hw: tuple[int, int] = (16, 24),
+                  chunks: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Example inputs for tracing. Latent sizes differ in h and w and batch is 2, so no dimension is traced
+    as a constant by accident."""
+    g = torch.Generator().manual_seed(seed)
+    feeds = {
+        INPUT_SAMPLE: torch.randn(batch, io.in_channels, *latent_hw, generator=g).to(dtype),
+        INPUT_TIMESTEPS: torch.rand(batch, generator=g) * 999,
+        INPUT_CONTEXT: torch.randn(batch, chunks * CHUNK_LEN, io.context_dim, generator=g).to(dtype),
+    }
+    if io.y_dim is not None:
+        feeds[INPUT_Y] = torch.randn(batch, io.y_dim, generator=g).to(dtype)
+    return feeds
+
+
+class _Forward(torch.nn.Module):
+    """Positional wrapper so the graph's inputs come in a fixed order with fixed names."""
+
+    def __init__(self, unet: torch.nn.Module, with_y: bool):
+        super().__init__()
+        self.unet = unet
+        self.with_y = with_y
+
+    def forward(self, sample: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                y: torch.Tensor | None = None) -> torch.Tensor:
+        if self.with_y:
+            return self.unet(sample, timesteps, context, y=y)
+        return self.unet(sample, timesteps, context)
+
+
+def _rename_from_wrapper(model: Any, prefix: str = "unet.") -> None:
+    """Strip the wrapper's `unet.` prefix from initializer names and their uses."""
+    renames = {i.name: i.name[len(prefix):] for i in model.graph.initializer if i.name.startswith(prefix)}
+    for init in model.graph.initializer:
+        init.name = renames.get(init.name, init.name)
+    for node in model.graph.node:
+        for idx, name in enumerate(node.input):
+            if name in renames:
+                node.input[idx] = renames[name]
+
+
+def _constants_to_nodes(model: Any, keep: set[str]) -> list[str]:
+    """Turn initializers that are not UNet weights (folded shape constants) into Constant nodes, so every
+    initializer of the graph is a refittable, named weight. Returns the names moved."""
+    import onnx
+
+    moved = []
+    for init in list(model.graph.initializer):
+        if init.name in keep:
+            continue
+        node = onnx.helper.make_node("Constant", [], [init.name], value=init, name=f"const_{len(moved)}")
+        model.graph.node.insert(0, node)
+        model.graph.initializer.remove(init)
+        moved.append(init.name)
+    return moved
+
+
+def export_unet(
+    unet: torch.nn.Module,
+    io: TensorIO,
+    out_dir: Path,
+    settings: ExportSettings = ExportSettings(),
+    *,
+    state_dict_keys: set[str] | None = None,
+    hooks: Sequence[Callable[[], AbstractContextManager[Any]]] = (),
+    progress: ProgressCallback = no_progress,
+) -> ExportResult:
+    """Export `unet` (forward(x, timesteps, context[, y])) to `out_dir/unet.onnx` plus `weights.json`.
+
+    `hooks` are context-manager factories entered around the trace (the WebUI adapter turns A1111's attention
+    optimizations off and its resizing `cat` on); each is exited in reverse order even when export fails.
+    """
+    import onnx
+
+    dtype = DTYPES[settings.dtype]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    keys = state_dict_keys if state_dict_keys is not None else set(unet.state_dict().keys())
+    names = [INPUT_SAMPLE, INPUT_TIMESTEPS, INPUT_CONTEXT] + ([INPUT_Y] if io.y_dim is not None else [])
+    axes: dict[str, dict[int, str]] = {
+        INPUT_SAMPLE: {0: "batch", 2: "height", 3: "width"},
+        INPUT_TIMESTEPS: {0: "batch"},
+        INPUT_CONTEXT: {0: "batch", 1: "context"},
+        OUTPUT_LATENT: {0: "batch", 2: "height", 3: "width"},
+    }
+    if io.y_dim is not None:
+        axes[INPUT_Y] = {0: "batch"}
+    progress("export", 0.0)
+    with tempfile.TemporaryDirectory(prefix="sdtrt-export-", dir=out_dir) as tmp:
+        raw = Path(tmp) / ONNX_NAME
+        try:
+            with contextlib.ExitStack() as stack:
+                work = stack.enter_context(clean_module(unet, dtype))
+                stack.enter_context(plain_attention())
+                for hook in hooks:
+                    stack.enter_context(hook())
+                feeds = sample_inputs(io, dtype)
+                with torch.no_grad():
+                    torch.onnx.export(
+                        _Forward(work, io.y_dim is not None),
+                        tuple(feeds[n] for n in names),
+                        str(raw),
+                        dynamo=False,
+                        opset_version=settings.opset,
+                        do_constant_folding=False,
+                        input_names=names,
+                        output_names=[OUTPUT_LATENT],
+                        dynamic_axes=axes,
+                    )
+                del work
+        except ExportError:
+            raise
+        except Exception as e:  # the exporter raises many types; the user needs the cause, not the trace
+            raise ExportError(f"ONNX export failed: {type(e).__name__}: {e}") from e
+        progress("export", 0.6)
+        model = onnx.load(str(raw), load_external_data=True)
+    _rename_from_wrapper(model)
+    _constants_to_nodes(model, keys)
+    weight_names = [i.name for i in model.graph.initializer]
+    unknown = sorted(set(weight_names) - keys)
+    if unknown:
+        raise ExportError(f"exported weights not named after UNet state-dict keys: {unknown[:5]}")
+    onnx_path = out_dir / ONNX_NAME
+    data_name = ONNX_NAME + ".data"
+    nbytes = sum(_init_nbytes(i) for i in model.graph.initializer)
+    external = nbytes > EXTERNAL_DATA_THRESHOLD
+    if external:
+        onnx.save_model(model, str(onnx_path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=1024, convert_attribute=False)
+    else:
+        onnx.save_model(model, str(onnx_path))
+    (out_dir / WEIGHTS_NAME).write_text(json.dumps(
+        {i.name: {"shape": list(i.dims), "dtype": onnx.helper.tensor_dtype_to_np_dtype(i.data_type).name}
+         for i in model.graph.initializer}, indent=1))
+    progress("export", 1.0)
+    return ExportResult(onnx_path, weight_names, external)
+
+
+def _init_nbytes(init: Any) -> int:
+    import onnx
+
+    n = 1
+    for d in init.dims:
+        n *= d
+    return n * onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+
+
+def onnx_files(onnx_path: Path) -> list[Path]:
+    """The ONNX file and its external data file, if any."""
+    data = onnx_path.with_name(onnx_path.name + ".data")
+    return [onnx_path] + ([data] if data.exists() else [])
+
+
+def copy_onnx(onnx_path: Path, dest_dir: Path) -> list[str]:
+    """Copy (hard-link when possible) an exported ONNX and its data into `dest_dir`; returns file names."""
+    names = []
+    for src in onnx_files(onnx_path):
+        dst = Path(dest_dir) / src.name
+        try:
+            dst.hardlink_to(src)
+        except OSError:
+            shutil.copy2(src, dst)
+        names.append(src.name)
+    return names

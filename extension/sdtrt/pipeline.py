@@ -1,0 +1,99 @@
+"""From checkpoint to published engine, and from published engine to a loaded session: the headless path the CLI,
+the WebUI tab and the REST API share."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdtrt.backends import get_backend
+from sdtrt.backends.base import Backend, BackendInfo, BuildOptions, BuildResult, ProgressCallback, no_progress
+from sdtrt.checkpoint import build_unet, file_sha256, open_checkpoint
+from sdtrt.export import ExportSettings, export_unet
+from sdtrt.families import ModelInfo
+from sdtrt.profiles import Profile, engine_ranges
+from sdtrt.registry import EngineKey, Manifest, Registry
+
+
+def default_dtype(info: BackendInfo) -> str:
+    """fp32 where the engine runs on a CPU (exact, and fast there); fp16 on GPUs."""
+    return "float32" if info.device == "cpu" else "float16"
+
+
+def supports_stripping(backend: Backend) -> bool:
+    return backend.name in ("tensorrt", "tensorrt-rtx")
+
+
+def make_key(info: ModelInfo, profiles: Sequence[Profile], backend: Backend, settings: ExportSettings,
+             options: BuildOptions) -> EngineKey:
+    """Everything that goes into an engine, and nothing else: the checkpoint's weights are not part of it,
+    because engines are refittable and filled from any checkpoint of the same architecture."""
+    binfo = backend.info()
+    io = info.io
+    return EngineKey(
+        family=info.family_id,
+        arch_hash=info.arch_hash,
+        io={"in_channels": io.in_channels, "context_dim": io.context_dim, "y_dim": io.y_dim},
+        profiles=tuple(str(p) for p in profiles),
+        backend=binfo.name,
+        backend_version=binfo.version,
+        device=binfo.device,
+        compute_capability=binfo.compute_capability,
+        refit_mode="refit" if options.refit else "none",
+        weights="stripped" if options.strip_weights and options.refit and supports_stripping(backend) else "embedded",
+        export=settings.to_dict(),
+    )
+
+
+@dataclass(frozen=True)
+class BuildOutcome:
+    manifest: Manifest
+    built: bool  # False when an identical engine was already in the cache
+
+
+def build_engine(
+    checkpoint: Path,
+    profiles: Sequence[Profile],
+    cache: Path,
+    *,
+    config: Path | None = None,
+    backend: str = "auto",
+    dtype: str | None = None,
+    options: BuildOptions | None = None,
+    progress: ProgressCallback = no_progress,
+) -> BuildOutcome:
+    """Export and build an engine for `checkpoint` with `profiles` into the cache, or reuse an identical one."""
+    if not profiles:
+        from sdtrt.errors import ProfileError
+
+        raise ProfileError("give at least one profile (e.g. --profile 1x512x512x75)")
+    ckpt, sd = open_checkpoint(checkpoint, config)
+    be = get_backend(backend)
+    settings = ExportSettings(dtype=dtype or default_dtype(be.info()))
+    options = options or BuildOptions(cache_dir=Path(cache) / ".cache")
+    key = make_key(ckpt.info, profiles, be, settings, options)
+    engine_profiles = [engine_ranges(p, ckpt.info.io) for p in profiles]
+    registry = Registry(cache)
+    calls = []
+
+    def produce(tmp: Path) -> BuildResult:
+        calls.append(time.perf_counter())
+        unet = build_unet(ckpt.info, sd)
+        onnx_dir = tmp / "onnx"
+        exported = export_unet(unet, ckpt.info.io, onnx_dir, settings, state_dict_keys=set(sd),
+                               progress=lambda ph, f: progress(ph, 0.3 * f))
+        del unet
+        result = be.build(exported.onnx_path, engine_profiles, tmp, options,
+                          progress=lambda ph, f: progress(ph, 0.3 + 0.7 * f))
+        # the ONNX was an intermediate unless the backend kept it as its engine (hard links survive this)
+        for f in onnx_dir.iterdir():
+            f.unlink()
+        onnx_dir.rmdir()
+        return result
+
+    source = {"name": ckpt.path.name, "sha256": file_sha256(ckpt.path)}
+    manifest = registry.build(key, source, produce)
+    progress("done", 1.0)
+    return BuildOutcome(manifest, built=bool(calls))

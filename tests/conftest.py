@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny random-weight checkpoints of every family, written once per session."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+EXT = Path(__file__).resolve().parents[1] / "extension"
+if str(EXT) not in sys.path:
+    sys.path.insert(0, str(EXT))
+
+from sdtrt.tiny import TINY, write_tiny_checkpoint  # noqa: E402
+
+FAMILIES = sorted(TINY)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("tiny-models")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_dir: Path):  # type: ignore[no-untyped-def]
+    """tiny_checkpoint(family, seed=0) -> path of an A1111-format .safetensors with its yaml beside it."""
+    made: dict[tuple[str, int], Path] = {}
+
+    def make(family: str, seed: int = 0) -> Path:
+        if (family, seed) not in made:
+            made[(family, seed)] = write_tiny_checkpoint(family, tiny_dir, seed, stem=f"{family}-s{seed}")
+        return made[(family, seed)]
+
+    return make
