@@ -15,6 +15,7 @@ import json
 import math
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -199,12 +200,15 @@ def export_unet(
     with tempfile.TemporaryDirectory(prefix="sdtrt-export-", dir=out_dir) as tmp:
         raw = Path(tmp) / ONNX_NAME
         try:
-            with contextlib.ExitStack() as stack:
+            with contextlib.ExitStack() as stack, warnings.catch_warnings():
                 work = stack.enter_context(clean_module(unet, dtype))
                 stack.enter_context(plain_attention())
                 for hook in hooks:
                     stack.enter_context(hook())
                 feeds = sample_inputs(io, dtype)
+                # Head sizes become constants of the graph on purpose (they are fixed per layer); the tracer
+                # warns about every such Python number, which would only bury real warnings.
+                warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
                 with torch.no_grad():
                     torch.onnx.export(
                         _Forward(work, io.y_dim is not None),

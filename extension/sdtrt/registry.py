@@ -295,7 +295,7 @@ class Manifest:
             engine_id = validate_engine_id(d["id"])
             datetime.fromisoformat(d["created"].replace("Z", "+00:00"))
             seconds = d.get("build_seconds")
-            if type(seconds) not in (int, float) or not 0 <= seconds < float("inf"):
+            if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not 0 <= seconds < float("inf"):
                 raise ValueError(f"field 'build_seconds' must be a non-negative number, got {seconds!r}")
             source = _require_dict(d.get("source_checkpoint"), "field 'source_checkpoint'")
             _check_str(source, "name", nonempty=False)
@@ -353,6 +353,11 @@ class _Inspection:
     manifest: Manifest | None
     reason: str | None
     inode: int
+    manifest_problem: bool = False
+
+    def error(self, text: str) -> StaleEngine:
+        """ManifestError when the manifest itself is the problem, StaleEngine otherwise."""
+        return (ManifestError if self.manifest_problem else StaleEngine)(f"{text}: {self.reason}")
 
 
 def _cc_label(cc: str | None) -> str:
@@ -370,12 +375,7 @@ def stale_reason(key: EngineKey, current: BackendInfo | None) -> str | None:
     if current is None:
         return None
     built = key.backend_info()
-    if (built.name, built.version, built.device, built.compute_capability) == (
-        current.name,
-        current.version,
-        current.device,
-        current.compute_capability,
-    ):
+    if built == current:
         return None
     return f"built with {_describe(built)}; this machine has {_describe(current)}"
 
@@ -388,7 +388,7 @@ def _check_source(source: Mapping[str, Any]) -> dict[str, Any]:
         _check_str(d, "sha256", optional=True, nonempty=False)
     except (TypeError, ValueError) as e:
         raise BuildError(f"source_checkpoint must be {{'name': str, 'sha256': str | None}}: {e}") from None
-    return d
+    return dict(d)
 
 
 def _host() -> str:
@@ -424,7 +424,7 @@ class _Heartbeat:
             except OSError:
                 pass
 
-    def __enter__(self) -> _Heartbeat:
+    def __enter__(self) -> _Heartbeat:  # noqa: PYI034
         self._thread.start()
         return self
 
@@ -472,14 +472,14 @@ class Registry:
     def _not_found(self, engine_id: str) -> EngineNotFound:
         known = self._known_ids()
         listing = ", ".join(known[:20]) + (f" and {len(known) - 20} more" if len(known) > 20 else "")
-        return EngineNotFound(
-            f"no engine {engine_id!r} in {self.root}; known engines: {listing or 'none'}"
-        )
+        return EngineNotFound(f"no engine {engine_id!r} in {self.root}; known engines: {listing or 'none'}")
 
     def _inspect(self, engine_id: str, *, deep: bool) -> _Inspection:
         """Check one entry: manifest parses and matches the folder, every file is a regular file of the recorded
         size and (deep) sha256. Returns the reason instead of raising; raises EngineNotFound if absent."""
         d = self.engine_dir(engine_id)
+        if not _ENGINE_DIR_RE.match(engine_id):  # e.g. an operator's "logs" folder: never an engine
+            raise self._not_found(engine_id)
         try:
             st = os.lstat(d)
         except FileNotFoundError:
@@ -493,17 +493,18 @@ class Registry:
             with open(d / MANIFEST_NAME, "rb") as f:
                 raw = f.read(MAX_MANIFEST_BYTES + 1)
         except FileNotFoundError:
-            return _Inspection(None, "no manifest.json (an incomplete folder, not made by sd-webui-trt)", ino)
+            return _Inspection(None, "no manifest.json (an incomplete folder, not made by sd-webui-trt)", ino, True)
         except OSError as e:
-            return _Inspection(None, f"cannot read manifest.json: {e}", ino)
+            return _Inspection(None, f"cannot read manifest.json: {e}", ino, True)
         if len(raw) > MAX_MANIFEST_BYTES:
-            return _Inspection(None, f"manifest.json is larger than {MAX_MANIFEST_BYTES} bytes", ino)
+            return _Inspection(None, f"manifest.json is larger than {MAX_MANIFEST_BYTES} bytes", ino, True)
         try:
             m = Manifest.from_json(raw)
         except ManifestError as e:
-            return _Inspection(None, str(e), ino)
+            return _Inspection(None, str(e), ino, True)
         if m.id != engine_id:
-            return _Inspection(m, f"folder {engine_id} holds the manifest of {m.id} (renamed or copied by hand)", ino)
+            reason = f"folder {engine_id} holds the manifest of {m.id} (renamed or copied by hand)"
+            return _Inspection(m, reason, ino, True)
         for entry in m.files:
             p = d / entry.name
             try:
@@ -516,8 +517,10 @@ class Registry:
                 return _Inspection(m, f"{entry.name} is not a regular file (symlink or folder)", ino)
             if fst.st_size != entry.size:
                 return _Inspection(
-                    m, f"{entry.name} is {fst.st_size} bytes but the manifest says size {entry.size} (truncated "
-                    "or replaced)", ino
+                    m,
+                    f"{entry.name} is {fst.st_size} bytes but the manifest says size {entry.size} (truncated "
+                    "or replaced)",
+                    ino,
                 )
             if deep:
                 try:
@@ -526,8 +529,10 @@ class Registry:
                     return _Inspection(m, f"cannot read {entry.name}: {e}", ino)
                 if digest != entry.sha256:
                     return _Inspection(
-                        m, f"{entry.name} has sha256 {digest[:16]}... but the manifest says {entry.sha256[:16]}... "
-                        "(corrupted or replaced)", ino
+                        m,
+                        f"{entry.name} has sha256 {digest[:16]}... but the manifest says {entry.sha256[:16]}... "
+                        "(corrupted or replaced)",
+                        ino,
                     )
         return _Inspection(m, None, ino)
 
@@ -536,7 +541,7 @@ class Registry:
         (listing known ids) or StaleEngine."""
         r = self._inspect(engine_id, deep=False)
         if r.reason is not None or r.manifest is None:
-            raise StaleEngine(f"engine {engine_id}: {r.reason}")
+            raise r.error(f"engine {engine_id}")
         return r.manifest
 
     def status(self, engine_id: str, current: BackendInfo | None = None) -> EngineStatus:
@@ -552,7 +557,7 @@ class Registry:
         deserialization. Raises EngineNotFound or StaleEngine with the reason. Never moves or deletes."""
         r = self._inspect(engine_id, deep=True)
         if r.reason is not None or r.manifest is None:
-            raise StaleEngine(f"engine {engine_id} must not be loaded: {r.reason}")
+            raise r.error(f"engine {engine_id} must not be loaded")
         reason = stale_reason(r.manifest.key, current)
         if reason is not None:
             raise StaleEngine(f"engine {engine_id} is stale: {reason}; rebuild it for this machine")
@@ -563,7 +568,7 @@ class Registry:
         """Remove an engine: rename it to a temp name first, so readers see all of it or none of it. Open files
         stay readable on POSIX; what rmtree cannot remove now (NFS silly-renames) `cleanup` removes later."""
         d = self.engine_dir(engine_id)
-        if not os.path.lexists(d):
+        if not _ENGINE_DIR_RE.match(engine_id) or not os.path.lexists(d):
             raise self._not_found(engine_id)
         gone = self._side_dir("tmp", engine_id)
         try:
@@ -660,10 +665,8 @@ class Registry:
             finally:
                 if lock is not None:
                     lock.release()
-        except BuildError:
+        except SdtrtError:  # the backend's own errors (ExportError, BackendUnavailable...) keep their type
             raise
-        except SdtrtError as e:  # e.g. a ManifestError while reading back our own manifest: still a failed build
-            raise BuildError(f"building engine {engine_id} failed: {e}") from e
         except Exception as e:
             raise BuildError(f"building engine {engine_id} failed: {type(e).__name__}: {e}") from e
 
@@ -704,7 +707,10 @@ class Registry:
                 extra=_json_copy(_require_dict(dict(result.extra), "BuildResult.extra"), "BuildResult.extra"),
             )
             text = manifest.to_json()
-            Manifest.from_json(text)  # never publish what we could not read back
+            try:
+                Manifest.from_json(text)  # never publish what we could not read back
+            except ManifestError as e:
+                raise BuildError(f"the manifest of {engine_id} does not read back: {e}") from e
             atomic_write_bytes(tmp / MANIFEST_NAME, text.encode())
             fsync_dir(tmp)
             published = self._publish(tmp, engine_id, manifest)
@@ -831,6 +837,6 @@ class Registry:
                 out.append(self.status(entry.name, current))
             except EngineNotFound:
                 continue  # deleted while we looked
-            except Exception as e:  # one unreadable entry must not hide the others
+            except Exception as e:  # noqa: BLE001 - one unreadable entry must not hide the others
                 out.append(EngineStatus(entry.name, None, False, f"cannot inspect: {type(e).__name__}: {e}"))
         return out

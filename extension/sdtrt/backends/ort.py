@@ -1,8 +1,10 @@
 """ONNX Runtime backend: the engine is the exported ONNX itself; CPU everywhere, CUDA provider when present.
 
 It follows the same contract as TensorRT (profiles are enforced by the caller, weights are refit by name) so CI
-proves export, profiles and weight handling end to end without a GPU. Refit recreates the session with
-`SessionOptions.add_initializer` overrides, which replace initializers by name.
+proves export, profiles and weight handling end to end without a GPU. Refit recreates the session from the model
+with the named initializers replaced. (`SessionOptions.add_initializer` is not used: ONNX Runtime constant-folds
+some original initializers, e.g. behind a Transpose, before applying such overrides, which silently mixes old
+and new weights.)
 """
 
 from __future__ import annotations
@@ -36,25 +38,46 @@ def _providers() -> list[str]:
 
 
 class OrtRunner(EngineRunner):
+    #: Above this, a refitted model goes through a temporary file with external data (protobuf stops at 2 GiB).
+    IN_MEMORY_LIMIT = 1 << 30
+
     def __init__(self, onnx_path: Path):
         import onnx
         import onnxruntime as ort
 
         self._ort = ort
         self._path = onnx_path
-        model = onnx.load(str(onnx_path), load_external_data=False)
-        self._weights = {i.name: tuple(i.dims) for i in model.graph.initializer}
-        self._overrides: dict[str, Any] = {}  # name -> OrtValue, kept alive while the session lives
+        header = onnx.load(str(onnx_path), load_external_data=False)
+        self._weights = {i.name: tuple(i.dims) for i in header.graph.initializer}
+        table = {onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.FLOAT16: torch.float16}
+        self._dtypes = {i.name: table.get(i.data_type, torch.float32) for i in header.graph.initializer}
+        self._overrides: dict[str, Any] = {}  # name -> numpy array in the initializer's dtype
         self._session = self._make_session({})
         self._inputs = {i.name: i.type for i in self._session.get_inputs()}
 
     def _make_session(self, overrides: Mapping[str, Any]) -> Any:
+        import tempfile
+
+        import onnx
+        from onnx import numpy_helper
+
         opts = self._ort.SessionOptions()
         opts.log_severity_level = 3
-        for name, value in overrides.items():
-            opts.add_initializer(name, value)
         try:
-            return self._ort.InferenceSession(str(self._path), sess_options=opts, providers=_providers())
+            if not overrides:
+                return self._ort.InferenceSession(str(self._path), sess_options=opts, providers=_providers())
+            model = onnx.load(str(self._path), load_external_data=True)
+            for init in model.graph.initializer:
+                if init.name in overrides:
+                    init.CopyFrom(numpy_helper.from_array(overrides[init.name], init.name))
+            if model.ByteSize() < self.IN_MEMORY_LIMIT:
+                return self._ort.InferenceSession(model.SerializeToString(), sess_options=opts,
+                                                  providers=_providers())
+            with tempfile.TemporaryDirectory(prefix="sdtrt-refit-") as tmp:
+                path = Path(tmp) / "unet.onnx"
+                onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                                location="unet.onnx.data")
+                return self._ort.InferenceSession(str(path), sess_options=opts, providers=_providers())
         except Exception as e:  # onnxruntime raises its own exception types
             raise StaleEngine(f"ONNX Runtime cannot load {self._path.name}: {e}") from e
 
@@ -78,21 +101,13 @@ class OrtRunner(EngineRunner):
             n = bad[0]
             raise RefitError(f"weight {n} has shape {tuple(weights[n].shape)}, the engine expects {self._weights[n]}")
         overrides = dict(self._overrides)
-        dtypes = self._initializer_dtypes()
         for name, t in weights.items():
-            arr = t.detach().to("cpu", dtypes[name]).contiguous().numpy()
-            overrides[name] = self._ort.OrtValue.ortvalue_from_numpy(arr)
-        session = self._make_session(overrides)  # raises before anything changes
+            overrides[name] = t.detach().to("cpu", self._dtypes[name]).contiguous().numpy()
+        try:
+            session = self._make_session(overrides)  # raises before anything changes
+        except StaleEngine as e:
+            raise RefitError(str(e)) from e
         self._session, self._overrides = session, overrides
-
-    def _initializer_dtypes(self) -> dict[str, torch.dtype]:
-        import onnx
-
-        if not hasattr(self, "_dtypes"):
-            model = onnx.load(str(self._path), load_external_data=False)
-            table = {onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.FLOAT16: torch.float16}
-            self._dtypes = {i.name: table.get(i.data_type, torch.float32) for i in model.graph.initializer}
-        return self._dtypes
 
     def close(self) -> None:
         self._session = None
