@@ -178,4 +178,4 @@ def test_demo_runs_as_a_fresh_process(tmp_path: Path) -> None:
     data = json.loads(proc.stdout)
     assert len(data["rows"]) == 3
     assert all(r["max_abs_diff"] <= 1e-4 * r["max_abs_out"] for r in data["rows"])
-    assert not (tmp_path / ".cache").exists()  # the demo cleans up after itself
+    assert not (tmp_path / ".cache" / "sd-webui-trt").exists()  # the demo leaves no engine cache behind
