@@ -121,7 +121,11 @@ def _bound(module_name: str) -> ModuleType:
                 raise BackendUnavailable(f"cannot load {__file__} for {module_name}")
             copy = importlib.util.module_from_spec(spec)
             sys.modules[qualname] = copy
-            spec.loader.exec_module(copy)
+            try:
+                spec.loader.exec_module(copy)
+            except BaseException:
+                del sys.modules[qualname]
+                raise
             vars(copy)["trt"] = library
             _BOUND[module_name] = copy
         return copy
