@@ -46,7 +46,7 @@ def _last_id(cache: Path, family: str) -> str:
     return ids[0]
 
 
-@pytest.mark.parametrize("family", ["sd1", "sd1-inpaint", "sd2-v", "sdxl-base", "sdxl-refiner"])
+@pytest.mark.parametrize("family", ["sd1", "sd1-inpaint", "sd2", "sd2-v", "sdxl-base", "sdxl-refiner"])
 def test_check_matches_pytorch_through_the_cli(family: str, built, tiny_checkpoint, capsys) -> None:
     cache, engine_id = built(family)
     code, out, err = run(capsys, "check", engine_id, "--checkpoint", str(tiny_checkpoint(family)),

@@ -144,3 +144,32 @@ def test_export_settings_are_validated() -> None:
         ExportSettings(opset=13)
     with pytest.raises(ExportError, match="bfloat"):
         ExportSettings(dtype="bfloat8")
+
+
+def test_large_models_use_one_external_data_file(tiny_checkpoint, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above the threshold (2 GB for real models; lowered here) weights go to one `unet.onnx.data` file that
+    ONNX Runtime and the TensorRT-RTX parser both find."""
+    import onnxruntime as ort
+
+    import sdtrt.export as export
+
+    monkeypatch.setattr(export, "EXTERNAL_DATA_THRESHOLD", 0)
+    ckpt, sd = open_checkpoint(tiny_checkpoint("sd1"))
+    unet = build_unet(ckpt.info, sd)
+    result = export_unet(unet, ckpt.info.io, tmp_path, ExportSettings(), state_dict_keys=set(sd))
+    data = tmp_path / "unet.onnx.data"
+    assert result.external_data and data.is_file()
+    assert data.stat().st_size > 4 * sum(v.numel() for v in sd.values()) * 0.9
+    assert result.onnx_path.stat().st_size < data.stat().st_size / 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["unet.onnx", "unet.onnx.data", "weights.json"]
+    x, t, c = torch.randn(2, 4, 9, 13), torch.tensor([1.0, 900.0]), torch.randn(2, 77, 768)
+    got = ort.InferenceSession(str(result.onnx_path), providers=["CPUExecutionProvider"]).run(
+        None, {"sample": x.numpy(), "timesteps": t.numpy(), "encoder_hidden_states": c.numpy()})[0]
+    with torch.no_grad():
+        expected = unet(x, t, c).numpy()
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+    if pytest.importorskip("tensorrt_rtx"):
+        from sdtrt.backends.tensorrt import parse_onnx
+
+        assert parse_onnx(result.onnx_path, "tensorrt_rtx") == []

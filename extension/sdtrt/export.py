@@ -209,6 +209,9 @@ def export_unet(
                 # Head sizes become constants of the graph on purpose (they are fixed per layer); the tracer
                 # warns about every such Python number, which would only bury real warnings.
                 warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+                # The TorchScript exporter is chosen on purpose: with constant folding off it keeps every weight
+                # under its parameter name and takes dynamic_axes; its deprecation notice is not actionable here.
+                warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx.*")
                 with torch.no_grad():
                     torch.onnx.export(
                         _Forward(work, io.y_dim is not None),
