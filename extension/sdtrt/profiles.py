@@ -127,9 +127,6 @@ class Profile:
             return str(self.min)
         return f"{self.min}:{self.opt}:{self.max}"
 
-    def to_json(self) -> str:
-        return str(self)
-
 
 @dataclass(frozen=True)
 class TensorIO:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
-
 import torch
 
 from sdtrt.backends import backend_class
@@ -81,6 +79,3 @@ class EngineSession:
     def close(self) -> None:
         self.runner.close()
 
-
-def engine_dir(registry: Registry, engine_id: str) -> Path:
-    return registry.engine_dir(engine_id)
