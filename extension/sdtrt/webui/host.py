@@ -1,0 +1,101 @@
+"""What the WebUI glue needs from its host (A1111), as one small interface, plus the extension's settings.
+
+The A1111 implementation lives in scripts/; tests implement it over a fake host. Everything else in
+sdtrt.webui talks to a `Host`, never to `modules.*`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+#: Setting keys (A1111 `shared.opts`) and their defaults. One place for both.
+OPT_ENABLED = "sdtrt_enabled"
+OPT_BACKEND = "sdtrt_backend"
+OPT_CACHE_DIR = "sdtrt_cache_dir"
+OPT_FALLBACK = "sdtrt_fallback"
+
+BACKEND_CHOICES = ("auto", "tensorrt", "tensorrt-rtx", "onnxruntime")
+#: pytorch: run calls no engine covers on the PyTorch UNet and say so once; error: fail the generation instead.
+FALLBACK_CHOICES = ("pytorch", "error")
+CACHE_ENV = "SDTRT_CACHE"
+
+#: Label prefix of our entries in the SD Unet dropdown.
+LABEL_PREFIX = "[TRT]"
+
+
+@dataclass(frozen=True)
+class Settings:
+    enabled: bool = True
+    backend: str = "auto"
+    cache_dir: str = ""  # empty: the default (models/Unet-sdtrt, or $SDTRT_CACHE)
+    fallback: str = "pytorch"
+
+    @classmethod
+    def from_options(cls, get: Callable[[str, Any], Any]) -> Settings:
+        """Read settings through `get(key, default)`, repairing values a hand-edited config may hold."""
+        d = cls()
+        backend = str(get(OPT_BACKEND, d.backend) or d.backend)
+        fallback = str(get(OPT_FALLBACK, d.fallback) or d.fallback)
+        return cls(
+            enabled=bool(get(OPT_ENABLED, d.enabled)),
+            backend=backend if backend in BACKEND_CHOICES else d.backend,
+            cache_dir=str(get(OPT_CACHE_DIR, d.cache_dir) or "").strip(),
+            fallback=fallback if fallback in FALLBACK_CHOICES else d.fallback,
+        )
+
+    def cache_path(self, models_dir: Path) -> Path:
+        if self.cache_dir:
+            return Path(os.path.expanduser(self.cache_dir))
+        env = os.environ.get(CACHE_ENV)
+        return Path(env) if env else Path(models_dir) / "Unet-sdtrt"
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """A checkpoint as the host lists it. `model_name` is what "Automatic" matches on."""
+
+    title: str
+    model_name: str
+    filename: str
+    sha256: str | None = None
+    config: str | None = None  # yaml beside the checkpoint, when any
+
+
+class Host(Protocol):
+    """The host operations the extension uses. Implementations must not raise from the read-only queries."""
+
+    def settings(self) -> Settings: ...
+
+    def models_dir(self) -> Path: ...
+
+    def device(self) -> torch.device: ...
+
+    def torch_unet(self) -> torch.nn.Module | None:
+        """The loaded model's PyTorch UNet, or None when no model is loaded (never loads one)."""
+
+    def torch_forward(self, unet: torch.nn.Module) -> Callable[..., torch.Tensor]:
+        """The UNet's own forward, bypassing the host's routing to the active SdUnet."""
+
+    def lowvram(self) -> bool: ...
+
+    def loaded_checkpoint(self) -> CheckpointRef | None: ...
+
+    def checkpoints(self) -> list[CheckpointRef]: ...
+
+    def resolve_checkpoint(self, name: str) -> CheckpointRef:
+        """A listed checkpoint by title, name or model_name; raises SdtrtError naming the choices otherwise."""
+
+    def refresh_unet_list(self) -> None: ...
+
+    def generation_lock(self) -> AbstractContextManager[object]:
+        """Held while building on a GPU so a build never competes with a generation for memory."""
+
+    def tell_user(self, p: object, text: str) -> None:
+        """Show `text` with the generation's result (A1111: p.comment)."""

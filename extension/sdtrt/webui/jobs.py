@@ -1,0 +1,148 @@
+"""Engine builds as jobs: one runs at a time on one worker thread, the others wait in FIFO order. Each job has
+an id, a state, a progress fraction and phase, and its result or error, readable from any thread."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sdtrt.errors import SdtrtError
+
+log = logging.getLogger("sdtrt")
+
+QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
+_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+#: Finished jobs kept for GET /jobs/{id}; older ones are forgotten first.
+KEEP_FINISHED = 200
+
+
+class JobNotFound(SdtrtError, KeyError):
+    """No job with that id (or an id that is not one)."""
+
+
+class JobCancelled(SdtrtError):
+    """Raised inside a job's progress callback once it was cancelled."""
+
+
+@dataclass
+class Job:
+    id: str
+    request: dict[str, Any]
+    state: str = QUEUED
+    phase: str = "queued"
+    progress: float = 0.0
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    cancel_requested: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "state": self.state, "phase": self.phase, "progress": round(self.progress, 4),
+            "request": self.request, "result": self.result, "error": self.error,
+            "engine_id": (self.result or {}).get("engine_id"),
+            "created": self.created, "started": self.started, "finished": self.finished,
+        }
+
+
+#: work(job, progress) -> result dict. progress(phase, fraction) raises JobCancelled after cancel().
+Work = Callable[[Job, Callable[[str, float], None]], dict[str, Any]]
+
+
+class JobQueue:
+    def __init__(self) -> None:
+        self._jobs: dict[str, Job] = {}
+        self._work: dict[str, Work] = {}
+        self._queue: queue.Queue[str] = queue.Queue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, request: dict[str, Any], work: Work) -> Job:
+        job = Job(uuid.uuid4().hex, request)
+        with self._lock:
+            self._jobs[job.id] = job
+            self._work[job.id] = work
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="sdtrt-builds", daemon=True)
+                self._thread.start()
+        self._queue.put(job.id)
+        return job
+
+    def get(self, job_id: object) -> Job:
+        if not isinstance(job_id, str) or not _ID_RE.match(job_id):
+            raise JobNotFound(f"invalid job id {job_id!r}: a job id is 32 hexadecimal digits")
+        with self._lock:
+            job = self._jobs.get(job_id)
+        if job is None:
+            raise JobNotFound(f"no job {job_id}")
+        return job
+
+    def list(self) -> list[Job]:
+        with self._lock:
+            return sorted(self._jobs.values(), key=lambda j: j.created)
+
+    def cancel(self, job_id: str) -> Job:
+        job = self.get(job_id)
+        with self._lock:
+            if job.state == QUEUED:
+                job.state, job.phase, job.finished = CANCELLED, "cancelled", time.time()
+            elif job.state == RUNNING:
+                job.cancel_requested = True
+        return job
+
+    def wait(self, job_id: str, timeout: float | None = None, poll: float = 0.05) -> Job:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        job = self.get(job_id)
+        while job.state in (QUEUED, RUNNING):
+            if deadline is not None and time.monotonic() > deadline:
+                break
+            time.sleep(poll)
+        return job
+
+    def _run(self) -> None:
+        while True:
+            job_id = self._queue.get()
+            with self._lock:
+                job = self._jobs[job_id]
+                work = self._work.pop(job_id)
+                if job.state != QUEUED:
+                    continue
+                job.state, job.started, job.phase = RUNNING, time.time(), "starting"
+
+            def progress(phase: str, fraction: float, job: Job = job) -> None:
+                if job.cancel_requested:
+                    raise JobCancelled(f"job {job.id} was cancelled")
+                job.phase, job.progress = phase, max(job.progress, min(1.0, max(0.0, float(fraction))))
+
+            state: str = DONE
+            error: str | None = None
+            result: dict[str, Any] | None = None
+            try:
+                result = work(job, progress)
+            except JobCancelled:
+                state, error, result = CANCELLED, None, None
+            except SdtrtError as e:
+                state, error, result = FAILED, str(e), None
+            except Exception as e:
+                log.exception("sdtrt: build job %s failed", job.id)
+                state, error, result = FAILED, f"{type(e).__name__}: {e}", None
+            with self._lock:
+                job.state, job.error, job.result, job.finished = state, error, result, time.time()
+                job.phase = state
+                if state == DONE:
+                    job.progress = 1.0
+                self._forget_old()
+
+    def _forget_old(self) -> None:
+        finished = [j for j in self._jobs.values() if j.state not in (QUEUED, RUNNING)]
+        for j in sorted(finished, key=lambda j: j.created)[:-KEEP_FINISHED or None]:
+            del self._jobs[j.id]

@@ -1,0 +1,466 @@
+"""The engine service behind the WebUI glue: which engines the SD Unet dropdown offers, the UNet server each
+option creates, PyTorch fallback and its notices, counters, and build jobs. One instance per process
+(`service()`); it survives A1111's "Reload UI", which re-executes scripts/ but keeps this module."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdtrt.backends import backend_class
+from sdtrt.backends.base import BackendInfo
+from sdtrt.errors import BackendUnavailable, EngineNotFound, ProfileError, SdtrtError
+from sdtrt.profiles import Profile
+from sdtrt.registry import Manifest, Registry, stale_reason, validate_engine_id
+from sdtrt.runtime import EngineSession
+from sdtrt.webui.host import BACKEND_CHOICES, LABEL_PREFIX, CheckpointRef, Host, Settings
+from sdtrt.webui.jobs import Job, JobQueue
+from sdtrt.webui.serving import Counters, EngineSlot, UnetServer, WeightSource
+
+log = logging.getLogger("sdtrt")
+
+
+class EngineInUse(SdtrtError):
+    """The engine serves the active SD Unet; switch SD Unet to None (or another engine) first."""
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One entry of the SD Unet dropdown: `model_name` is the checkpoint "Automatic" picks it for (None: only
+    when chosen by label); `engine_ids` are tried in order for each call."""
+
+    label: str
+    model_name: str | None
+    engine_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class LoadedArch:
+    family: str | None
+    arch_hash: str | None
+    problem: str | None  # why no engine can serve this model (unknown architecture), else None
+
+
+@dataclass
+class Generation:
+    p: object
+    settings: Settings
+    told: set[str]
+
+
+def engine_size(manifest: Manifest) -> int:
+    return sum(f.size for f in manifest.files)
+
+
+class EngineService:
+    def __init__(self) -> None:
+        self.host: Host | None = None
+        self.counters = Counters()
+        self.jobs = JobQueue()
+        self._lock = threading.RLock()
+        self._registry: Registry | None = None
+        self._sessions: dict[str, EngineSession] = {}
+        self._infos: dict[str, BackendInfo | str] = {}
+        self._arch: tuple[int, LoadedArch] | None = None
+        self._sha: dict[tuple[str, int, int], str] = {}
+        self.generation: Generation | None = None
+        self.active: UnetServer | None = None
+        self.active_label: str | None = None
+        self._unet_moved = False
+
+    # ---- host and settings ----------------------------------------------------------------------------------
+    def attach(self, host: Host) -> None:
+        self.host = host
+
+    def _host(self) -> Host:
+        if self.host is None:
+            raise SdtrtError("sdtrt is not attached to a WebUI host")
+        return self.host
+
+    def settings(self) -> Settings:
+        if self.generation is not None:
+            return self.generation.settings
+        return self._host().settings()
+
+    def registry(self) -> Registry:
+        host = self._host()
+        root = host.settings().cache_path(host.models_dir())
+        with self._lock:
+            if self._registry is None or self._registry.root != root:
+                self.close_sessions()
+                self._registry = Registry(root)
+            return self._registry
+
+    def backend_info(self, name: str) -> BackendInfo | str:
+        """The running backend's identity, or the reason it cannot run here (cached: probing may touch the GPU)."""
+        with self._lock:
+            if name not in self._infos:
+                try:
+                    cls = backend_class(name)
+                    reason = cls.unavailable_reason()
+                    self._infos[name] = reason if reason is not None else cls().info()
+                except SdtrtError as e:
+                    self._infos[name] = str(e)
+            return self._infos[name]
+
+    # ---- engine table -------------------------------------------------------------------------------------
+    def engine_rows(self) -> list[dict[str, Any]]:
+        """Every engine in the cache with ok/stale and the reason, for the tab and GET /engines."""
+        rows = []
+        for st in self.registry().list():
+            m = st.manifest
+            reason = st.reason
+            if m is not None and reason is None:
+                info = self.backend_info(m.key.backend)
+                reason = (f"backend {m.key.backend} cannot run here: {info}" if isinstance(info, str)
+                          else stale_reason(m.key, info))
+            rows.append({
+                "id": st.id,
+                "ok": reason is None,
+                "reason": reason,
+                "family": m.key.family if m else None,
+                "profiles": list(m.key.profiles) if m else [],
+                "backend": m.key.backend if m else None,
+                "backend_version": m.key.backend_version if m else None,
+                "device": m.key.device if m else None,
+                "dtype": m.key.export.get("dtype") if m else None,
+                "size_bytes": engine_size(m) if m else None,
+                "checkpoint": m.source_checkpoint.get("name") if m else None,
+                "created": m.created if m else None,
+                "active": self.active is not None and any(s.id == st.id for s in self.active.slots),
+            })
+        return rows
+
+    def usable_manifests(self) -> list[Manifest]:
+        backend = self.settings().backend
+        out = []
+        for st in self.registry().list():
+            m = st.manifest
+            if m is None or not st.ok or (backend != "auto" and m.key.backend != backend):
+                continue
+            info = self.backend_info(m.key.backend)
+            if isinstance(info, str) or stale_reason(m.key, info) is not None:
+                continue
+            out.append(m)
+        return out
+
+    # ---- the loaded model ---------------------------------------------------------------------------------
+    def loaded_arch(self) -> LoadedArch | None:
+        """Family and architecture hash of the host's loaded UNet, from its weights' shapes (cached per model)."""
+        host = self._host()
+        unet = host.torch_unet()
+        if unet is None:
+            return None
+        if self._arch is not None and self._arch[0] == id(unet):
+            return self._arch[1]
+        from sdtrt.families import ConfigHints, detect, read_config
+
+        ckpt = host.loaded_checkpoint()
+        try:
+            hints = read_config(Path(ckpt.config)) if ckpt and ckpt.config else ConfigHints()
+        except SdtrtError:
+            hints = ConfigHints()
+        try:
+            info = detect(unet.state_dict(), hints)
+            arch = LoadedArch(info.family_id, info.arch_hash, None)
+        except SdtrtError as e:
+            arch = LoadedArch(None, None, f"the loaded model cannot use an engine: {e}")
+        self._arch = (id(unet), arch)
+        return arch
+
+    def _file_sha256(self, filename: str) -> str:
+        from sdtrt.checkpoint import file_sha256
+
+        st = os.stat(filename)
+        key = (filename, st.st_size, st.st_mtime_ns)
+        if key not in self._sha:
+            self._sha[key] = file_sha256(Path(filename))
+        return self._sha[key]
+
+    def checkpoint_sha256(self, ref: CheckpointRef) -> str | None:
+        if ref.sha256:
+            return ref.sha256
+        try:
+            return self._file_sha256(ref.filename)
+        except OSError:
+            return None
+
+    # ---- SD Unet options ----------------------------------------------------------------------------------
+    def unet_options(self) -> list[OptionSpec]:
+        """Per checkpoint with engines built from it: `[TRT] <model_name>` (what "Automatic" picks). For the loaded
+        checkpoint without one of its own: `[TRT] <model_name>` over same-architecture engines, refitted with its
+        weights. Per usable engine: `[TRT] <engine id>`, picked by name only."""
+        host = self._host()
+        manifests = self.usable_manifests()
+        if not manifests:
+            return []
+        by_arch: dict[str, list[Manifest]] = {}
+        for m in manifests:
+            by_arch.setdefault(m.key.arch_hash, []).append(m)
+        specs: list[OptionSpec] = []
+        seen: set[str] = set()
+
+        def add(model_name: str, own: Sequence[Manifest], arch_hash: str) -> None:
+            if model_name in seen:
+                return
+            rest = [m for m in by_arch.get(arch_hash, []) if m not in own]
+            seen.add(model_name)
+            specs.append(OptionSpec(f"{LABEL_PREFIX} {model_name}", model_name, tuple(m.id for m in [*own, *rest])))
+
+        for ref in host.checkpoints():
+            base = os.path.basename(ref.filename)
+            own = [m for m in manifests if (ref.sha256 and m.source_checkpoint.get("sha256") == ref.sha256)
+                   or m.source_checkpoint.get("name") == base]
+            if own:
+                add(ref.model_name, own, own[0].key.arch_hash)
+        loaded = host.loaded_checkpoint()
+        arch = self.loaded_arch()
+        if loaded is not None and arch is not None and arch.arch_hash in by_arch:
+            add(loaded.model_name, [], arch.arch_hash)
+        for m in manifests:
+            specs.append(OptionSpec(f"{LABEL_PREFIX} {m.id}", None, (m.id,)))
+        return specs
+
+    # ---- serving ------------------------------------------------------------------------------------------
+    def _open_session(self, engine_id: str) -> EngineSession:
+        with self._lock:
+            session = self._sessions.get(engine_id)
+            if session is None:
+                session = self._in_device(lambda: EngineSession.open(self.registry(), engine_id))
+                self._sessions[engine_id] = session
+            return session
+
+    def _in_device(self, fn: Any) -> Any:
+        device = self._host().device()
+        if device.type == "cuda" and torch.cuda.is_available():
+            with torch.cuda.device(device):
+                return fn()
+        return fn()
+
+    def close_sessions(self, keep: Sequence[str] = ()) -> None:
+        with self._lock:
+            for engine_id in [i for i in self._sessions if i not in keep]:
+                with contextlib.suppress(Exception):
+                    self._sessions.pop(engine_id).close()
+
+    def make_server(self, spec: OptionSpec) -> UnetServer:
+        """The server an SdUnet delegates to. Never raises: a problem becomes the reason every call of this
+        option runs on PyTorch (and the user is told), so a generation never fails on activation."""
+        slots: list[EngineSlot] = []
+        unusable: str | None = None
+        weights: WeightSource | None = None
+        try:
+            registry = self.registry()
+            manifests = [registry.get(validate_engine_id(i)) for i in spec.engine_ids]
+            arch = self.loaded_arch()
+            if arch is None:
+                unusable = "no model is loaded"
+            elif arch.problem is not None:
+                unusable = arch.problem
+            else:
+                fitting = [m for m in manifests if m.key.arch_hash == arch.arch_hash]
+                if not fitting:
+                    fams = ", ".join(sorted({m.key.family for m in manifests}))
+                    unusable = (f"the engine is for {fams}; the loaded checkpoint is {arch.family} with another "
+                                "architecture. Pick the engine of this checkpoint or build one in the TensorRT tab")
+                slots = [EngineSlot(m, self._open_session) for m in fitting]
+                weights = self._weights_for_loaded()
+        except SdtrtError as e:
+            unusable = str(e)
+        except Exception as e:
+            log.exception("sdtrt: cannot prepare %s", spec.label)
+            unusable = f"{type(e).__name__}: {e}"
+        if unusable is not None:
+            self.counters.error(unusable)
+        server = UnetServer(slots, fallback=self.torch_fallback, counters=self.counters, notify=self.notify,
+                            weights=weights, policy=self.settings().fallback, unusable=unusable,
+                            enabled=lambda: self.settings().enabled)
+        return server
+
+    def _weights_for_loaded(self) -> WeightSource | None:
+        """Weights come from the checkpoint file when it is safetensors (free of merged LoRA and host patches),
+        else from the host's UNet."""
+        host = self._host()
+        ref = host.loaded_checkpoint()
+        if ref is None:
+            return None
+        sha = self.checkpoint_sha256(ref) or f"loaded:{ref.title}"
+
+        def load() -> Mapping[str, torch.Tensor]:
+            if ref.filename.endswith(".safetensors"):
+                from sdtrt.checkpoint import read_unet_state_dict
+
+                return read_unet_state_dict(Path(ref.filename))
+            unet = host.torch_unet()
+            if unet is None:
+                raise SdtrtError("no model is loaded to take weights from")
+            return unet.state_dict()
+
+        return WeightSource(sha, load)
+
+    def activate(self, server: UnetServer, label: str) -> None:
+        with self._lock:
+            self.active, self.active_label = server, label
+            self.close_sessions(keep=[s.id for s in server.slots])
+        if server.unusable is None and self.settings().enabled:
+            server.prepare()
+
+    def deactivate(self, server: UnetServer) -> None:
+        with self._lock:
+            if self.active is server:
+                self.active, self.active_label = None, None
+
+    def torch_fallback(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Run one call on the host's PyTorch UNet, first moving it back to the device (the host offloads it to
+        the CPU while an engine is active). It goes back to the CPU when the generation ends."""
+        host = self._host()
+        unet = host.torch_unet()
+        if unet is None:
+            raise SdtrtError("no PyTorch UNet to fall back to")
+        device = host.device()
+        if not host.lowvram():
+            param = next(unet.parameters(), None)
+            if param is not None and param.device != device:
+                unet.to(device)
+                self._unet_moved = True
+        return host.torch_forward(unet)(*args, **kwargs)
+
+    def notify(self, reason: str) -> None:
+        gen = self.generation
+        if gen is not None and reason in gen.told:
+            return
+        log.warning("sdtrt: running on PyTorch: %s", reason)
+        if gen is not None:
+            gen.told.add(reason)
+            self._host().tell_user(gen.p, f"TensorRT: some UNet calls ran on PyTorch: {reason}")
+
+    # ---- per generation -----------------------------------------------------------------------------------
+    def begin(self, p: object) -> None:
+        self.generation = Generation(p, self._host().settings(), set())
+
+    def end(self, p: object) -> None:
+        """After a generation: give the device memory the fallback used back to the engine."""
+        if self.generation is not None and self.generation.p is p:
+            self.generation = None
+        host = self._host()
+        if self._unet_moved and self.active is not None and self.active.enabled() and not host.lowvram():
+            unet = host.torch_unet()
+            if unet is not None:
+                unet.to("cpu")
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+        self._unet_moved = False
+        if self.active is None:
+            self.close_sessions()
+
+    # ---- builds and deletes -------------------------------------------------------------------------------
+    def submit_build(self, checkpoint: str, profiles: Sequence[str], backend: str = "auto",
+                     dtype: str | None = None, replaces: str | None = None) -> Job:
+        """Validate now (unknown checkpoint, bad profile, unknown backend raise), build later on the job thread."""
+        host = self._host()
+        if not isinstance(checkpoint, str) or not checkpoint:
+            raise SdtrtError("give the checkpoint to build for (its title or name as the WebUI lists it)")
+        ref = host.resolve_checkpoint(checkpoint)
+        if not isinstance(profiles, (list, tuple)) or not profiles:
+            raise ProfileError("give at least one profile, e.g. ['1x512x512x75']")
+        parsed = [Profile.parse(p) for p in profiles]
+        backend = backend or "auto"
+        if backend not in BACKEND_CHOICES:
+            raise BackendUnavailable(f"unknown backend {backend!r}; choose one of {', '.join(BACKEND_CHOICES)}")
+        if dtype not in (None, "float16", "float32"):
+            raise SdtrtError(f"dtype must be float16 or float32, not {dtype!r}")
+        cache = self.registry().root
+        request = {"checkpoint": ref.title, "profiles": [str(p) for p in parsed], "backend": backend,
+                   "dtype": dtype}
+
+        def work(job: Job, progress: Any) -> dict[str, Any]:
+            from sdtrt.backends import get_backend
+            from sdtrt.pipeline import build_engine
+
+            device = get_backend(backend).info().device
+            lock = host.generation_lock() if device != "cpu" else contextlib.nullcontext()
+            progress("waiting for the GPU" if device != "cpu" else "starting", 0.0)
+            with lock:
+                outcome = build_engine(Path(ref.filename), parsed, cache,
+                                       config=Path(ref.config) if ref.config else None,
+                                       backend=backend, dtype=dtype, progress=progress)
+            if replaces and replaces != outcome.manifest.id:
+                with contextlib.suppress(SdtrtError):
+                    self.delete(replaces)
+            self.refresh_list()
+            return {"engine_id": outcome.manifest.id, "built": outcome.built,
+                    "size_bytes": engine_size(outcome.manifest)}
+
+        return self.jobs.submit(request, work)
+
+    def rebuild(self, engine_id: str) -> Job:
+        """Rebuild a (stale) engine for this machine from its source checkpoint with the same profiles."""
+        m = self._manifest_any(engine_id)
+        name = m.source_checkpoint.get("name")
+        sha = m.source_checkpoint.get("sha256")
+        ref = next((c for c in self._host().checkpoints()
+                    if (sha and c.sha256 == sha) or os.path.basename(c.filename) == name), None)
+        if ref is None:
+            raise SdtrtError(f"engine {engine_id} was built from {name}, which the WebUI does not list any more")
+        backend = self.settings().backend
+        return self.submit_build(ref.title, list(m.key.profiles), backend, m.key.export.get("dtype"),
+                                 replaces=engine_id)
+
+    def _manifest_any(self, engine_id: str) -> Manifest:
+        """The manifest of an engine even when it is stale (for rebuilding)."""
+        validate_engine_id(engine_id)
+        st = self.registry().status(engine_id)
+        if st.manifest is None:
+            raise EngineNotFound(f"engine {engine_id} has no readable manifest ({st.reason}); delete it")
+        return st.manifest
+
+    def delete(self, engine_id: str) -> None:
+        validate_engine_id(engine_id)
+        with self._lock:
+            if self.active is not None and any(s.id == engine_id for s in self.active.slots):
+                raise EngineInUse(f"engine {engine_id} is in use by SD Unet '{self.active_label}'; set SD Unet "
+                                  "to None (or another engine) and generate once, then delete it")
+            session = self._sessions.pop(engine_id, None)
+            if session is not None:
+                session.close()
+            self.registry().delete(engine_id)
+        self.refresh_list()
+
+    def refresh_list(self) -> None:
+        with contextlib.suppress(Exception):
+            self._host().refresh_unet_list()
+
+    def status(self) -> dict[str, Any]:
+        s = self._host().settings()
+        active = None
+        if self.active is not None:
+            active = {"label": self.active_label, "engines": [slot.id for slot in self.active.slots],
+                      "loaded": [slot.id for slot in self.active.slots if slot.session is not None],
+                      "backends": sorted({slot.manifest.key.backend for slot in self.active.slots}),
+                      "unusable": self.active.unusable}
+        jobs = self.jobs.list()
+        return {
+            "enabled": s.enabled, "backend": s.backend, "fallback": s.fallback,
+            "cache_dir": str(self.registry().root), "active": active, "counters": self.counters.snapshot(),
+            "jobs": {"queued": sum(j.state == "queued" for j in jobs), "running": sum(j.state == "running" for j in jobs)},
+        }
+
+
+_SERVICE: EngineService | None = None
+_SERVICE_LOCK = threading.Lock()
+
+
+def service() -> EngineService:
+    global _SERVICE
+    with _SERVICE_LOCK:
+        if _SERVICE is None:
+            _SERVICE = EngineService()
+        return _SERVICE

@@ -1,0 +1,222 @@
+"""Serving the sampler's UNet calls: per call, the first engine profile that covers the call's shapes runs it;
+a call no profile covers runs on the PyTorch UNet instead (or fails, by policy), and the user is told once.
+
+Host-agnostic: the PyTorch forward, the weights and the notices come in as callables.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from sdtrt.constants import CHUNK_LEN, INPUT_CONTEXT, INPUT_SAMPLE, INPUT_TIMESTEPS, INPUT_Y, LATENT_FACTOR
+from sdtrt.errors import NoMatchingProfile, SdtrtError
+from sdtrt.profiles import Dims, Profile, TensorIO, TensorRange, engine_ranges, select_profile
+from sdtrt.registry import Manifest
+from sdtrt.runtime import EngineSession
+
+log = logging.getLogger("sdtrt")
+
+
+@dataclass
+class Counters:
+    """What /sdtrt/v1/status reports. Updated from the generation thread, read from the API thread."""
+
+    engine_calls: int = 0
+    fallback_calls: int = 0
+    fallback_reasons: dict[str, int] = field(default_factory=dict)
+    refits: int = 0
+    last_error: str | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def engine_call(self) -> None:
+        with self._lock:
+            self.engine_calls += 1
+
+    def fallback(self, reason: str) -> None:
+        with self._lock:
+            self.fallback_calls += 1
+            self.fallback_reasons[reason] = self.fallback_reasons.get(reason, 0) + 1
+
+    def refit(self) -> None:
+        with self._lock:
+            self.refits += 1
+
+    def error(self, text: str) -> None:
+        with self._lock:
+            self.last_error = text
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "engine_calls": self.engine_calls,
+                "fallback_calls": self.fallback_calls,
+                "fallback_reasons": dict(self.fallback_reasons),
+                "refits": self.refits,
+                "last_error": self.last_error,
+            }
+
+
+def manifest_io(manifest: Manifest) -> TensorIO:
+    io = manifest.key.io
+    return TensorIO(int(io["in_channels"]), int(io["context_dim"]),
+                    None if io.get("y_dim") is None else int(io["y_dim"]))
+
+
+@dataclass
+class WeightSource:
+    """The weights an engine must hold for the loaded checkpoint: identified by `sha256`, read only on refit."""
+
+    sha256: str
+    load: Callable[[], Mapping[str, torch.Tensor]]
+
+
+class EngineSlot:
+    """One engine a server may use. Its profile ranges come from the manifest, so choosing a profile never
+    loads anything; the engine is opened (verified, loaded, refitted) the first time a call fits it."""
+
+    def __init__(self, manifest: Manifest, opener: Callable[[str], EngineSession]):
+        self.manifest = manifest
+        self.io = manifest_io(manifest)
+        self.profiles = [Profile.parse(p) for p in manifest.key.profiles]
+        self.ranges: list[dict[str, TensorRange]] = [engine_ranges(p, self.io) for p in self.profiles]
+        self._opener = opener
+        self.session: EngineSession | None = None
+        self.broken: str | None = None
+
+    @property
+    def id(self) -> str:
+        return self.manifest.id
+
+    def profile_for(self, dims: Mapping[str, Dims]) -> int | None:
+        return select_profile(self.ranges, dict(dims))
+
+    def open(self, weights: WeightSource | None, counters: Counters) -> EngineSession:
+        if self.session is None:
+            self.session = self._opener(self.id)
+        if (weights is not None and self.session.weights_from != weights.sha256
+                and self.session.load_weights(weights.load(), weights.sha256)):
+            counters.refit()
+        return self.session
+
+
+def describe_call(dims: Mapping[str, Dims]) -> str:
+    """A call's shapes in user units: 'batch 2, 512x768 px, 77 tokens-rows (1 chunk)'."""
+    n, _, h, w = dims[INPUT_SAMPLE]
+    rows = dims[INPUT_CONTEXT][1]
+    chunks = -(-rows // CHUNK_LEN)
+    return f"{n} rows, {h * LATENT_FACTOR}x{w * LATENT_FACTOR} px, {chunks} prompt chunk{'s' if chunks > 1 else ''}"
+
+
+class UnetServer:
+    """The callable behind an SdUnet: `server(x, timesteps, context, y=...)` returns what the torch UNet would.
+
+    fallback(x, timesteps, context, *args, **kwargs) runs the PyTorch UNet; notify(reason) tells the user (the
+    caller deduplicates); policy "error" raises instead of falling back when no profile covers a call.
+    """
+
+    def __init__(
+        self,
+        slots: list[EngineSlot],
+        *,
+        fallback: Callable[..., torch.Tensor],
+        counters: Counters,
+        notify: Callable[[str], None],
+        weights: WeightSource | None = None,
+        policy: str = "pytorch",
+        unusable: str | None = None,
+        enabled: Callable[[], bool] = lambda: True,
+    ):
+        self.slots = slots
+        self.fallback = fallback
+        self.counters = counters
+        self.notify = notify
+        self.weights = weights
+        self.policy = policy
+        self.unusable = unusable  # a reason every call goes to PyTorch (wrong family, failed activation)
+        self.enabled = enabled
+
+    def prepare(self) -> None:
+        """Open the first engine now (at activation) so the first sampling step does not pay for the load."""
+        for slot in self.slots:
+            if slot.broken is None:
+                self._open(slot)
+                return
+
+    def _open(self, slot: EngineSlot) -> EngineSession | None:
+        try:
+            return slot.open(self.weights, self.counters)
+        except SdtrtError as e:
+            slot.broken = f"engine {slot.id} cannot be used: {e}"
+        except Exception as e:  # noqa: BLE001 - a broken engine must never fail the generation
+            slot.broken = f"engine {slot.id} failed to load: {type(e).__name__}: {e}"
+        self.counters.error(slot.broken)
+        log.error("sdtrt: %s", slot.broken)
+        return None
+
+    def _to_pytorch(self, reason: str, args: tuple[Any, ...], kwargs: dict[str, Any], *, user: bool = True
+                    ) -> torch.Tensor:
+        self.counters.fallback(reason)
+        if user:
+            self.notify(reason)
+        return self.fallback(*args, **kwargs)
+
+    def __call__(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, *args: Any,
+                 **kwargs: Any) -> torch.Tensor:
+        call = (x, timesteps, context, *args)
+        if not self.enabled():
+            return self._to_pytorch("sdtrt is switched off", call, kwargs, user=False)
+        if self.unusable is not None:
+            return self._to_pytorch(self.unusable, call, kwargs)
+        y = kwargs.get("y")
+        extra = sorted(k for k, v in kwargs.items() if k != "y" and v is not None)
+        if args or extra:
+            # ControlNet-style residuals or other extensions' arguments: the engine has no inputs for them
+            return self._to_pytorch(f"the UNet call carries extra inputs the engine lacks ({', '.join(extra) or 'positional'})",
+                                    call, kwargs)
+        dims: dict[str, Dims] = {
+            INPUT_SAMPLE: tuple(x.shape), INPUT_TIMESTEPS: tuple(timesteps.shape), INPUT_CONTEXT: tuple(context.shape),
+        }
+        if y is not None:
+            dims[INPUT_Y] = tuple(y.shape)
+        for slot in self.slots:
+            if slot.broken is not None or (slot.io.y_dim is None) != (y is None):
+                continue
+            index = slot.profile_for(dims)
+            if index is None:
+                continue
+            session = self._open(slot)
+            if session is None:
+                continue
+            try:
+                out = session.runner.infer(_feeds(x, timesteps, context, y), index)
+            except Exception as e:  # noqa: BLE001 - fall back rather than fail a generation
+                slot.broken = f"engine {slot.id} failed during a call: {type(e).__name__}: {e}"
+                self.counters.error(slot.broken)
+                log.error("sdtrt: %s", slot.broken)
+                return self._to_pytorch(slot.broken, call, kwargs)
+            self.counters.engine_call()
+            return out.to(device=x.device, dtype=x.dtype)
+        broken = [s.broken for s in self.slots if s.broken]
+        if broken and all(s.broken for s in self.slots):
+            reason = broken[0]
+        else:
+            covered = "; ".join(f"{s.id}: {', '.join(map(str, s.profiles))}" for s in self.slots) or "none"
+            reason = f"no engine profile covers this call ({describe_call(dims)}); profiles: {covered}"
+        if self.policy == "error":
+            raise NoMatchingProfile(reason + ". Build an engine with a profile for this size in the TensorRT "
+                                    "tab, or set the sdtrt fallback policy to 'pytorch'.")
+        return self._to_pytorch(reason, call, kwargs)
+
+
+def _feeds(x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None
+           ) -> dict[str, torch.Tensor]:
+    feeds = {INPUT_SAMPLE: x, INPUT_TIMESTEPS: timesteps, INPUT_CONTEXT: context}
+    if y is not None:
+        feeds[INPUT_Y] = y
+    return feeds

@@ -1,0 +1,245 @@
+"""A1111 glue for sd-webui-trt: the Host adapter over `modules.*`, SD Unet options, the always-on script that
+brackets each generation, settings, the TensorRT tab and the /sdtrt/v1 routes. The logic lives in sdtrt.webui."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+_ROOT = Path(__file__).resolve().parents[1]
+if str(_ROOT / "extension") not in sys.path:
+    sys.path.insert(0, str(_ROOT / "extension"))
+
+from modules import script_callbacks, scripts, sd_unet, shared
+
+from sdtrt.errors import SdtrtError
+from sdtrt.webui import host as H
+from sdtrt.webui.service import OptionSpec, service
+
+log = logging.getLogger("sdtrt")
+
+
+def _loaded_model() -> Any:
+    """The loaded model without triggering A1111's lazy load (None while none is loaded)."""
+    from modules import sd_models
+
+    return getattr(sd_models.model_data, "sd_model", None)
+
+
+def _ref(info: Any) -> H.CheckpointRef:
+    from modules import sd_models_config
+
+    config = sd_models_config.find_checkpoint_config_near_filename(info)
+    return H.CheckpointRef(title=info.title, model_name=info.model_name, filename=info.filename,
+                           sha256=getattr(info, "sha256", None), config=config)
+
+
+class A1111Host:
+    def settings(self) -> H.Settings:
+        data = shared.opts.data
+        return H.Settings.from_options(lambda key, default: data.get(key, default))
+
+    def models_dir(self) -> Path:
+        from modules import paths
+
+        return Path(paths.models_path)
+
+    def device(self) -> Any:
+        from modules import devices
+
+        return devices.device
+
+    def torch_unet(self) -> Any:
+        model = _loaded_model()
+        return None if model is None else model.model.diffusion_model
+
+    def torch_forward(self, unet: Any) -> Any:
+        from modules import sd_hijack
+
+        original = sd_hijack.ldm_original_forward
+        try:
+            import sgm.modules.diffusionmodules.openaimodel as sgm_openaimodel
+
+            if isinstance(unet, sgm_openaimodel.UNetModel):
+                original = sd_hijack.sgm_original_forward
+        except ImportError:
+            pass
+        return functools.partial(original, unet)
+
+    def lowvram(self) -> bool:
+        model = _loaded_model()
+        return bool(getattr(model, "lowvram", False))
+
+    def loaded_checkpoint(self) -> H.CheckpointRef | None:
+        model = _loaded_model()
+        info = getattr(model, "sd_checkpoint_info", None)
+        return None if info is None else _ref(info)
+
+    def checkpoints(self) -> list[H.CheckpointRef]:
+        from modules import sd_models
+
+        return [_ref(info) for info in list(sd_models.checkpoints_list.values())]
+
+    def resolve_checkpoint(self, name: str) -> H.CheckpointRef:
+        from modules import sd_models
+
+        info = sd_models.checkpoint_aliases.get(name)
+        if info is None:
+            info = next((i for i in sd_models.checkpoints_list.values() if name in (i.model_name, i.name_for_extra)),
+                        None)
+        if info is None:
+            known = ", ".join(sorted(i.title for i in sd_models.checkpoints_list.values())) or "none"
+            raise SdtrtError(f"unknown checkpoint {name!r}; the WebUI lists: {known}")
+        return _ref(info)
+
+    def refresh_unet_list(self) -> None:
+        sd_unet.list_unets()
+
+    def generation_lock(self) -> Any:
+        from modules import call_queue
+
+        return call_queue.queue_lock
+
+    def tell_user(self, p: Any, text: str) -> None:
+        if hasattr(p, "comment"):
+            p.comment(text)
+        elif isinstance(getattr(p, "comments", None), dict):
+            p.comments[text] = 1
+
+
+class TrtUnet(sd_unet.SdUnet):
+    """What A1111 routes every UNet forward to while one of our options is selected."""
+
+    def __init__(self, spec: OptionSpec):
+        super().__init__()
+        self.spec = spec
+        self.server: Any = None
+
+    def activate(self) -> None:
+        svc = service()
+        self.server = svc.make_server(self.spec)  # never raises: problems become PyTorch fallback
+        try:
+            svc.activate(self.server, self.spec.label)
+        except Exception as e:
+            log.exception("sdtrt: activating %s failed", self.spec.label)
+            self.server.unusable = f"activation failed: {e}"
+
+    def forward(self, x: Any, timesteps: Any, context: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.server is None:  # a host that forgot activate()
+            self.activate()
+        return self.server(x, timesteps, context, *args, **kwargs)
+
+    def deactivate(self) -> None:
+        if self.server is not None:
+            service().deactivate(self.server)
+
+
+class TrtOption(sd_unet.SdUnetOption):
+    def __init__(self, spec: OptionSpec):
+        self.spec = spec
+        self.label = spec.label
+        self.model_name = spec.model_name
+
+    def create_unet(self) -> TrtUnet:
+        return TrtUnet(self.spec)
+
+
+class TrtScript(scripts.Script):
+    """Always on: brackets each generation so settings are read once per generation (override_settings apply)
+    and fallback notices reach that generation's result."""
+
+    def title(self) -> str:
+        return "TensorRT"
+
+    def show(self, is_img2img: bool) -> Any:
+        return scripts.AlwaysVisible
+
+    def ui(self, is_img2img: bool) -> list[Any]:
+        return []
+
+    def process(self, p: Any, *args: Any) -> None:
+        service().begin(p)
+
+    def postprocess(self, p: Any, processed: Any, *args: Any) -> None:
+        service().end(p)
+
+
+# ---- callbacks ----------------------------------------------------------------------------------------------
+def on_list_unets(unet_list: list[Any]) -> None:
+    try:
+        unet_list.extend(TrtOption(spec) for spec in service().unet_options())
+    except Exception:
+        log.exception("sdtrt: cannot list engines")
+
+
+def on_model_loaded(sd_model: Any) -> None:
+    """Offer the engines of the new checkpoint. Mid-generation (SDXL refiner, hires checkpoint) A1111 reloads
+    with another config and does not re-apply the SD Unet; we do, so that model runs on its engine too."""
+    svc = service()
+    svc.refresh_list()
+    if svc.generation is not None:
+        try:
+            sd_unet.apply_unet()
+        except Exception:
+            log.exception("sdtrt: re-applying SD Unet after a model load failed")
+
+
+def on_ui_settings() -> None:
+    import gradio as gr
+
+    section = ("sdtrt", "TensorRT")
+    options = {
+        H.OPT_ENABLED: shared.OptionInfo(True, "Run the UNet on TensorRT engines when an engine is selected in "
+                                         "SD Unet (off: PyTorch, as without this extension)", section=section),
+        H.OPT_BACKEND: shared.OptionInfo("auto", "Engine backend", gr.Dropdown,
+                                         {"choices": list(H.BACKEND_CHOICES)}, section=section),
+        H.OPT_CACHE_DIR: shared.OptionInfo("", "Engine cache folder (empty: models/Unet-sdtrt or $SDTRT_CACHE); "
+                                           "may be shared between machines", section=section,
+                                           onchange=service().refresh_list),
+        H.OPT_FALLBACK: shared.OptionInfo("pytorch", "When no engine profile covers a UNet call", gr.Radio,
+                                          {"choices": list(H.FALLBACK_CHOICES)}, section=section),
+    }
+    for key, info in options.items():
+        shared.opts.add_option(key, info)
+
+
+def on_ui_tabs() -> list[Any]:
+    from modules import sd_models
+
+    from sdtrt.webui.tab import create_tab
+
+    def titles() -> list[str]:
+        return sorted(i.title for i in sd_models.checkpoints_list.values())
+
+    def current() -> str | None:
+        ref = A1111Host().loaded_checkpoint()
+        return ref.title if ref else None
+
+    return [(create_tab(service(), titles, current), "TensorRT", "sdtrt")]
+
+
+def on_app_started(demo: Any, app: Any) -> None:
+    from sdtrt.webui.api import mount, parse_api_auth
+
+    mount(app, service(), parse_api_auth(getattr(shared.cmd_opts, "api_auth", None)))
+
+
+def on_script_unloaded() -> None:
+    """Reload UI re-executes this file: hand the UNet back to PyTorch so no instance of the old classes stays."""
+    if isinstance(sd_unet.current_unet, TrtUnet):
+        try:
+            sd_unet.apply_unet("None")
+        except Exception:
+            log.exception("sdtrt: deactivating before reload failed")
+
+
+service().attach(A1111Host())
+script_callbacks.on_list_unets(on_list_unets)
+script_callbacks.on_model_loaded(on_model_loaded)
+script_callbacks.on_ui_settings(on_ui_settings)
+script_callbacks.on_ui_tabs(on_ui_tabs)
+script_callbacks.on_app_started(on_app_started)
+script_callbacks.on_script_unloaded(on_script_unloaded)
