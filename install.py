@@ -1,54 +1,91 @@
-"""A1111 runs this at launch (and when the extension is installed) with the WebUI's Python.
+"""A1111 runs this with the WebUI's Python (`python install.py`, PYTHONPATH = the WebUI) at launch and when the
+extension is installed from the Extensions tab, unless --skip-install.
 
-It installs only what is missing, never uninstalls the user's packages, keeps the WebUI's own pins (numpy,
-protobuf) so onnx/onnxruntime cannot upgrade them, and does nothing (works offline) when all is present.
-TensorRT itself is opt-in: set SDTRT_INSTALL_TENSORRT=1 (or =rtx for TensorRT-RTX) to have it installed here.
+It installs only what is missing, through A1111's own `launch.run_pip` (so --skip-install, INDEX_URL and
+--prefer-binary are honoured), never uninstalls or upgrades the user's packages (the WebUI's numpy, protobuf
+and torch are held as pip constraints), and does nothing, so works offline, when all is present.
+
+What it installs:
+- always: onnx, onnxruntime (the CPU backend and fallback; onnxruntime-gpu counts as present), safetensors;
+- with an NVIDIA GPU: TensorRT for the CUDA major version of the WebUI's torch (tensorrt-cu12 / -cu13).
+SDTRT_INSTALL_TENSORRT overrides the GPU choice: "auto" (default), "tensorrt", "rtx" (TensorRT-RTX instead),
+"0" (no GPU backend).
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from importlib import metadata
 
-import launch  # provided by the WebUI
-
-#: (import/distribution name, pip requirement)
+#: (name checked with launch.is_installed, pip requirement)
 REQUIRED = [("onnx", "onnx>=1.12"), ("onnxruntime", "onnxruntime>=1.16"), ("safetensors", "safetensors>=0.4")]
 #: distributions whose installed version must not move
 HOST_PINS = ("numpy", "protobuf", "torch")
+ENV = "SDTRT_INSTALL_TENSORRT"
 
 
-def _pins() -> list[str]:
+def host_pins(version: Callable[[str], str] = metadata.version) -> list[str]:
     out = []
     for dist in HOST_PINS:
         try:
-            out.append(f"{dist}=={metadata.version(dist)}")
+            out.append(f"{dist}=={version(dist)}")
         except metadata.PackageNotFoundError:
             pass
     return out
 
 
-def _install(requirement: str, desc: str) -> None:
+def torch_cuda() -> tuple[bool, int | None]:
+    """(an NVIDIA GPU is usable, CUDA major version of the WebUI's torch)."""
+    try:
+        import torch
+    except ImportError:
+        return False, None
+    cuda = getattr(torch.version, "cuda", None)
+    major = int(cuda.split(".")[0]) if cuda else None
+    try:
+        gpu = major is not None and torch.cuda.is_available()
+    except Exception:  # noqa: BLE001 - a broken driver means no GPU backend, not a failed launch
+        gpu = False
+    return gpu, major
+
+
+def plan(is_installed: Callable[[str], bool], gpu: bool, cuda_major: int | None, choice: str) -> list[str]:
+    """The pip requirements to install, in order; empty when everything is present."""
+    wanted = [req for name, req in REQUIRED if not is_installed(name)]
+    choice = (choice or "auto").strip().lower()
+    if choice in ("0", "no", "none", "false", "off"):
+        return wanted
+    major = cuda_major if cuda_major in (12, 13) else 12
+    if choice == "rtx":
+        if not is_installed("tensorrt_rtx"):
+            wanted.append(f"tensorrt-rtx-cu{major}")
+    elif (choice in ("1", "yes", "true", "tensorrt") or (choice == "auto" and gpu)) and not is_installed("tensorrt"):
+        wanted.append(f"tensorrt-cu{major}")
+    return wanted
+
+
+def install(requirement: str, run_pip: Callable[[str, str], object], pins: list[str]) -> None:
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
-        f.write("\n".join(_pins()) + "\n")
+        f.write("\n".join(pins) + "\n")
         constraints = f.name
     try:
-        launch.run_pip(f'install "{requirement}" -c "{constraints}"', desc)
+        run_pip(f'install "{requirement}" -c "{constraints}"', f"sd-webui-trt requirement: {requirement}")
     finally:
         os.unlink(constraints)
 
 
 def main() -> None:
-    for name, req in REQUIRED:
-        if not launch.is_installed(name):
-            _install(req, f"sd-webui-trt requirement: {req}")
-    want = os.environ.get("SDTRT_INSTALL_TENSORRT", "").strip().lower()
-    if want in ("1", "true", "yes", "tensorrt") and not launch.is_installed("tensorrt"):
-        _install("tensorrt", "sd-webui-trt: TensorRT")
-    elif want == "rtx" and not launch.is_installed("tensorrt_rtx"):
-        cuda = "cu13" if (getattr(__import__("torch").version, "cuda", None) or "").startswith("13") else "cu12"
-        _install(f"tensorrt-rtx-{cuda}", "sd-webui-trt: TensorRT-RTX")
+    import launch  # provided by the WebUI
+
+    wanted = plan(launch.is_installed, *torch_cuda(), os.environ.get(ENV, "auto"))
+    if not wanted:
+        return
+    pins = host_pins()
+    for requirement in wanted:
+        install(requirement, launch.run_pip, pins)
 
 
-main()
+if __name__ == "__main__":
+    main()
