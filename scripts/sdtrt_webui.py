@@ -163,6 +163,9 @@ class TrtScript(scripts.Script):
     def process(self, p: Any, *args: Any) -> None:
         service().begin(p)
 
+    def process_before_every_sampling(self, p: Any, *args: Any, **kwargs: Any) -> None:
+        service().before_sampling()
+
     def postprocess(self, p: Any, processed: Any, *args: Any) -> None:
         service().end(p)
 

@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 import torch
-from webui_support import DictHost, fresh_service
 
 from sdtrt.errors import NoMatchingProfile, SdtrtError
 from sdtrt.pipeline import build_engine
@@ -19,6 +18,7 @@ from sdtrt.profiles import Profile
 from sdtrt.webui import tab
 from sdtrt.webui.jobs import CANCELLED, DONE, FAILED, JobNotFound, JobQueue
 from sdtrt.webui.service import EngineService, OptionSpec
+from webui_support import DictHost, fresh_service
 
 PROFILE = "1x64x64x75:1x64x64x75:2x64x96x150"
 
@@ -351,7 +351,7 @@ def test_tab_build_reports_progress_until_done(svc: EngineService) -> None:
     seen: list[float] = []
     msg = tab.run_build(svc, "sd1-s1", "1x64x64x75\n1x128x128x75", "onnxruntime",
                         lambda f, d: seen.append(f), poll=0.01)
-    assert msg.startswith("Built engine") or msg.startswith("Already in the cache"), msg
+    assert msg.startswith(("Built engine", "Already in the cache")), msg
     assert seen == sorted(seen) and seen and seen[-1] <= 1.0
     rows = tab.table(svc.engine_rows())
     assert any("1x128x128x75" in r[3] and r[1].startswith("ok") for r in rows)
@@ -359,3 +359,22 @@ def test_tab_build_reports_progress_until_done(svc: EngineService) -> None:
     engine_id = msg.split("engine ")[1].split(" ")[0]
     assert tab.delete_engine(svc, engine_id) == f"Deleted {engine_id}."
     assert tab.delete_engine(svc, "../x").startswith("Not deleted: invalid engine id")
+
+
+def test_instance_forward_override_gets_the_pytorch_unet_on_the_device(host: DictHost, svc: EngineService) -> None:
+    """ControlNet replaces forward on the UNet instance and then runs the torch blocks itself."""
+    assert host.unet is not None
+    server = svc.make_server(option(svc, "sd1-s0"))
+    svc.activate(server, "x")
+    moved: list[str] = []
+    host.device = lambda: torch.device("meta")  # type: ignore[method-assign]  # a device the UNet is not on
+    host.unet.to = lambda d: moved.append(str(d)) or host.unet  # type: ignore[method-assign, assignment]
+    p = object()
+    svc.begin(p)
+    svc.before_sampling()
+    assert moved == []  # no override: the PyTorch UNet stays offloaded
+    host.unet.forward = lambda *a, **k: None  # type: ignore[method-assign]
+    svc.before_sampling()
+    assert moved == ["meta"] and "ControlNet" in host.told[-1][1]
+    svc.end(p)
+    assert moved[-1] == "cpu"  # offloaded again after the generation

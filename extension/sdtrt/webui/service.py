@@ -361,6 +361,22 @@ class EngineService:
         if self.active is None:
             self.close_sessions()
 
+    def before_sampling(self) -> None:
+        """Before each sampling pass: an extension that replaced the UNet's forward on the instance (ControlNet
+        with active units) runs the UNet's blocks itself, bypassing the engine; give it the PyTorch UNet on the
+        device instead of failing with tensors on two devices."""
+        host = self._host()
+        unet = host.torch_unet()
+        if self.active is None or unet is None or "forward" not in vars(unet):
+            return
+        if not host.lowvram():
+            param = next(unet.parameters(), None)
+            if param is not None and param.device != host.device():
+                unet.to(host.device())
+                self._unet_moved = True
+        self.notify("another extension (e.g. ControlNet) replaced the UNet's forward; while it runs the UNet's "
+                    "blocks itself, those steps run on PyTorch")
+
     # ---- builds and deletes -------------------------------------------------------------------------------
     def submit_build(self, checkpoint: str, profiles: Sequence[str], backend: str = "auto",
                      dtype: str | None = None, replaces: str | None = None) -> Job:
