@@ -26,13 +26,21 @@ HOST_PINS = ("numpy", "protobuf", "torch")
 ENV = "SDTRT_INSTALL_TENSORRT"
 
 
-def host_pins(version: Callable[[str], str] = metadata.version) -> list[str]:
+def host_pins(version: Callable[[str], str] = metadata.version, *, relaxed: bool = False) -> list[str]:
+    """Constraints that keep the WebUI's packages where they are. `relaxed` lets numpy and protobuf move within
+    their minor version only (A1111 1.10 pins protobuf 3.20.0, and no onnx wheel for Python 3.11 accepts it,
+    while 3.20.3 has one); torch never moves."""
     out = []
     for dist in HOST_PINS:
         try:
-            out.append(f"{dist}=={version(dist)}")
+            v = version(dist)
         except metadata.PackageNotFoundError:
-            pass
+            continue
+        parts = v.split("+")[0].split(".")
+        if relaxed and dist != "torch" and len(parts) >= 2 and all(p.isdigit() for p in parts[:2]):
+            out.append(f"{dist}>={v},<{parts[0]}.{int(parts[1]) + 1}")
+        else:
+            out.append(f"{dist}=={v}")
     return out
 
 
@@ -76,15 +84,27 @@ def install(requirement: str, run_pip: Callable[[str, str], object], pins: list[
         os.unlink(constraints)
 
 
+def install_held(requirement: str, run_pip: Callable[[str, str], object],
+                 version: Callable[[str], str] = metadata.version) -> bool:
+    """Install with the host's exact pins; failing that, with numpy/protobuf free within their minor version.
+    Returns False (after saying what to do) when both fail: the WebUI still starts, on PyTorch."""
+    for relaxed in (False, True):
+        try:
+            install(requirement, run_pip, host_pins(version, relaxed=relaxed))
+            return True
+        except RuntimeError as e:
+            last = e
+    print(f"sd-webui-trt: could not install {requirement} without changing the WebUI's packages ({last}). "
+          f"Install it by hand into the WebUI's Python (python -m pip install \"{requirement}\"); the WebUI runs "
+          "on PyTorch until then.")
+    return False
+
+
 def main() -> None:
     import launch  # provided by the WebUI
 
-    wanted = plan(launch.is_installed, *torch_cuda(), os.environ.get(ENV, "auto"))
-    if not wanted:
-        return
-    pins = host_pins()
-    for requirement in wanted:
-        install(requirement, launch.run_pip, pins)
+    for requirement in plan(launch.is_installed, *torch_cuda(), os.environ.get(ENV, "auto")):
+        install_held(requirement, launch.run_pip)
 
 
 if __name__ == "__main__":

@@ -191,18 +191,22 @@ def on_model_loaded(sd_model: Any) -> None:
 
 
 def on_ui_settings() -> None:
-    import gradio as gr
+    try:
+        import gradio as gr
 
+        dropdown, radio = gr.Dropdown, gr.Radio
+    except ImportError:  # API-only hosts without gradio: the settings still exist, with default components
+        dropdown = radio = None
     section = ("sdtrt", "TensorRT")
     options = {
         H.OPT_ENABLED: shared.OptionInfo(True, "Run the UNet on TensorRT engines when an engine is selected in "
                                          "SD Unet (off: PyTorch, as without this extension)", section=section),
-        H.OPT_BACKEND: shared.OptionInfo("auto", "Engine backend", gr.Dropdown,
+        H.OPT_BACKEND: shared.OptionInfo("auto", "Engine backend", dropdown,
                                          {"choices": list(H.BACKEND_CHOICES)}, section=section),
         H.OPT_CACHE_DIR: shared.OptionInfo("", "Engine cache folder (empty: models/Unet-sdtrt or $SDTRT_CACHE); "
                                            "may be shared between machines", section=section,
                                            onchange=service().refresh_list),
-        H.OPT_FALLBACK: shared.OptionInfo("pytorch", "When no engine profile covers a UNet call", gr.Radio,
+        H.OPT_FALLBACK: shared.OptionInfo("pytorch", "When no engine profile covers a UNet call", radio,
                                           {"choices": list(H.FALLBACK_CHOICES)}, section=section),
     }
     for key, info in options.items():

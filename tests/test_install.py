@@ -67,6 +67,29 @@ def test_main_uses_launch_run_pip_with_host_pins_as_constraints(monkeypatch: pyt
     assert not any(Path(t).exists() for t in tmp)  # constraint files cleaned up
 
 
+def test_pins_relax_within_the_minor_version_only_after_a_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A1111 1.10 pins protobuf 3.20.0; no onnx wheel for Python 3.11 accepts it, 3.20.3 has one."""
+    inst = load_install()
+    versions = {"numpy": "1.26.2", "protobuf": "3.20.0", "torch": "2.1.2+cu121"}
+    assert inst.host_pins(versions.__getitem__) == ["numpy==1.26.2", "protobuf==3.20.0", "torch==2.1.2+cu121"]
+    assert inst.host_pins(versions.__getitem__, relaxed=True) == [
+        "numpy>=1.26.2,<1.27", "protobuf>=3.20.0,<3.21", "torch==2.1.2+cu121"]
+    tried: list[str] = []
+
+    def run_pip(command: str, desc: str) -> None:
+        tried.append(Path(command.split('-c "')[1].rstrip('"')).read_text())
+        if "protobuf==3.20.0" in tried[-1]:
+            raise RuntimeError("Couldn't install onnx")
+
+    assert inst.install_held("onnx>=1.12", run_pip, versions.__getitem__)
+    assert len(tried) == 2 and "protobuf>=3.20.0,<3.21" in tried[1] and "torch==2.1.2+cu121" in tried[1]
+
+    def always_fails(command: str, desc: str) -> None:
+        raise RuntimeError("no network")
+
+    assert not inst.install_held("onnx>=1.12", always_fails, versions.__getitem__)  # reported, launch goes on
+
+
 def test_nothing_to_do_runs_without_network_or_pip(monkeypatch: pytest.MonkeyPatch) -> None:
     inst = load_install()
     launch = types.SimpleNamespace(is_installed=present("onnx", "onnxruntime", "safetensors"),
