@@ -378,3 +378,14 @@ def test_instance_forward_override_gets_the_pytorch_unet_on_the_device(host: Dic
     assert moved == ["meta"] and "ControlNet" in host.told[-1][1]
     svc.end(p)
     assert moved[-1] == "cpu"  # offloaded again after the generation
+
+
+def test_fallback_reasons_are_bounded() -> None:
+    from sdtrt.webui.serving import MAX_REASONS, Counters
+
+    c = Counters()
+    for i in range(MAX_REASONS + 10):
+        c.fallback(f"size {i}")
+    snap = c.snapshot()
+    assert snap["fallback_calls"] == MAX_REASONS + 10 and len(snap["fallback_reasons"]) == MAX_REASONS + 1
+    assert snap["fallback_reasons"]["other reasons"] == 10

@@ -21,6 +21,8 @@ from sdtrt.registry import Manifest
 from sdtrt.runtime import EngineSession
 
 log = logging.getLogger("sdtrt")
+#: Distinct fallback reasons kept in the counters (a long-running server sees many sizes).
+MAX_REASONS = 64
 
 
 @dataclass
@@ -41,6 +43,8 @@ class Counters:
     def fallback(self, reason: str) -> None:
         with self._lock:
             self.fallback_calls += 1
+            if reason not in self.fallback_reasons and len(self.fallback_reasons) >= MAX_REASONS:
+                reason = "other reasons"
             self.fallback_reasons[reason] = self.fallback_reasons.get(reason, 0) + 1
 
     def refit(self) -> None:
