@@ -104,10 +104,16 @@ class A1111Host:
         return call_queue.queue_lock
 
     def tell_user(self, p: Any, text: str) -> None:
+        """In the UI's generation info (comments) and, for API clients, in `info` and the PNG infotext."""
         if hasattr(p, "comment"):
             p.comment(text)
         elif isinstance(getattr(p, "comments", None), dict):
             p.comments[text] = 1
+        params = getattr(p, "extra_generation_params", None)
+        if isinstance(params, dict):
+            note = text.split(": ", 1)[-1]
+            previous = params.get("TensorRT fallback")
+            params["TensorRT fallback"] = f"{previous}; {note}" if previous else note
 
 
 class TrtUnet(sd_unet.SdUnet):

@@ -170,6 +170,7 @@ def test_hires_second_pass_outside_every_profile_falls_back_and_says_so(boot, ti
     result, _, delta = compare(host, enable_hr=True, hr_scale=3.0, hr_second_pass_steps=2, denoising_strength=0.5)
     assert delta["engine_calls"] == STEPS and delta["fallback_calls"] >= 2
     assert "TensorRT: some UNet calls ran on PyTorch" in result.comments and "192x192 px" in result.comments
+    assert "192x192 px" in result.js() and "TensorRT fallback" in result.info  # API clients see it too
     assert result.comments.count("TensorRT:") == 1  # told once, not per step
     assert next(ref(host).parameters()).device.type == "cpu"  # given back after the generation
 

@@ -247,19 +247,28 @@ def export_unet(
     else:
         onnx.save_model(model, str(onnx_path))
     (out_dir / WEIGHTS_NAME).write_text(json.dumps(
-        {i.name: {"shape": list(i.dims), "dtype": onnx.helper.tensor_dtype_to_np_dtype(i.data_type).name}
+        {i.name: {"shape": list(i.dims), "dtype": _np_dtype(i.data_type).name}
          for i in model.graph.initializer}, indent=1))
     progress("export", 1.0)
     return ExportResult(onnx_path, weight_names, external)
 
 
 def _init_nbytes(init: Any) -> int:
-    import onnx
-
     n = 1
     for d in init.dims:
         n *= d
-    return n * onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+    return n * _np_dtype(init.data_type).itemsize
+
+
+def _np_dtype(data_type: int) -> Any:
+    """numpy dtype of an ONNX tensor type; onnx < 1.13 (A1111's protobuf pin allows only 1.12) has only onnx.mapping."""
+    import onnx
+
+    if hasattr(onnx.helper, "tensor_dtype_to_np_dtype"):
+        return onnx.helper.tensor_dtype_to_np_dtype(data_type)
+    import numpy as np
+
+    return np.dtype(onnx.mapping.TENSOR_TYPE_TO_NP_TYPE[data_type])
 
 
 def onnx_files(onnx_path: Path) -> list[Path]:

@@ -135,6 +135,10 @@ def create_tab(svc: EngineService, checkpoint_titles: Callable[[], list[str]],
     def engine_ids() -> list[str]:
         return [r["id"] for r in svc.engine_rows()]
 
+    def table_value() -> dict[str, Any]:
+        # with headers: gradio 3.41 drops them for an empty list (and shows 1..9 instead)
+        return {"headers": HEADERS, "data": table(svc.engine_rows())}
+
     with gr.Blocks(analytics_enabled=False) as ui:
         with gr.Row():
             with gr.Column(scale=3):
@@ -160,7 +164,7 @@ def create_tab(svc: EngineService, checkpoint_titles: Callable[[], list[str]],
                 message = gr.Textbox(label="Result", interactive=False, elem_id="sdtrt_message")
             with gr.Column(scale=4):
                 gr.Markdown("### Engines")
-                engines = gr.Dataframe(headers=HEADERS, value=table(svc.engine_rows()), interactive=False,
+                engines = gr.Dataframe(headers=HEADERS, value=table_value(), interactive=False,
                                        wrap=True, elem_id="sdtrt_engines")
                 with gr.Row():
                     to_delete = gr.Dropdown(label="Engine", choices=engine_ids(), elem_id="sdtrt_delete_id")
@@ -170,7 +174,7 @@ def create_tab(svc: EngineService, checkpoint_titles: Callable[[], list[str]],
                     rebuild = gr.Button("Rebuild stale engines", elem_id="sdtrt_rebuild")
 
         def refreshed() -> tuple[Any, Any]:
-            return gr.update(value=table(svc.engine_rows())), gr.update(choices=engine_ids())
+            return gr.update(value=table_value()), gr.update(choices=engine_ids())
 
         def on_preset(name: str) -> str:
             return "\n".join(PRESETS.get(name, ()))
