@@ -1,5 +1,5 @@
 """The fake A1111 host (tests/fake_a1111, harness tests/fakehost.py) reproduces the behaviours of
-/work/shared/reference/a1111-interfaces.md §7 that an sd_unet extension depends on. Every test drives the host
+the A1111 interface reference (shared/reference/a1111-interfaces.md) §7 that an sd_unet extension depends on. Every test drives the host
 through the test extension in tests/fake_a1111_ext (an SdUnetOption per checkpoint whose SdUnet forwards to the
 original torch forward and records its calls, plus an always-on script that records every hook)."""
 
