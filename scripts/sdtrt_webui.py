@@ -228,8 +228,12 @@ def on_ui_tabs() -> list[Any]:
         return sorted(i.title for i in sd_models.checkpoints_list.values())
 
     def current() -> str | None:
+        """The loaded checkpoint, or the one the WebUI is about to load (the UI is built before the model)."""
         ref = A1111Host().loaded_checkpoint()
-        return ref.title if ref else None
+        if ref is not None:
+            return ref.title
+        info = sd_models.checkpoint_aliases.get(shared.opts.data.get("sd_model_checkpoint", ""))
+        return info.title if info is not None else None
 
     return [(create_tab(service(), titles, current), "TensorRT", "sdtrt")]
 

@@ -264,6 +264,9 @@ def test_fallback_policy_error_fails_with_advice(boot, tiny_checkpoint) -> None:
     with pytest.raises(Exception, match="no engine profile covers"):
         gen(host, width=256, height=256, override_settings={"sdtrt_fallback": "error"})
     assert host.opts.data["sdtrt_fallback"] == "pytorch"
+    before = counters()["fallback_calls"]
+    gen(host, width=256, height=256)  # same active engine: the restored policy applies at once
+    assert counters()["fallback_calls"] - before == STEPS
 
 
 # ---- REST API and tab ---------------------------------------------------------------------------------------

@@ -76,8 +76,8 @@ def check_engine(cache: Path, engine_id: str, checkpoint: Path, shapes: Sequence
             c = torch.randn(dims[INPUT_CONTEXT], generator=g).to(device, dtype)
             y = torch.randn(dims[INPUT_Y], generator=g).to(device, dtype) if INPUT_Y in dims else None
             with torch.no_grad():
-                ref, torch_ms = _time(lambda: unet(x, t, c, y=y), repeats)
-                out, engine_ms = _time(lambda: session(x, t, c, y), repeats)
+                ref, torch_ms = _time(lambda x=x, t=t, c=c, y=y: unet(x, t, c, y=y), repeats)
+                out, engine_ms = _time(lambda x=x, t=t, c=c, y=y: session(x, t, c, y), repeats)
             diff = (out.float().to(ref.device) - ref.float()).abs().max().item()
             scale = ref.float().abs().max().item()
             rows.append(CheckRow(str(shape), diff, scale, diff / scale if scale else float("inf"), torch_ms,

@@ -225,7 +225,7 @@ class SpatialTransformer(nn.Module):
         self.proj_out: nn.Module = nn.Linear(inner, channels) if use_linear else nn.Conv2d(inner, channels, 1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
+        b, _, h, w = x.shape
         x_in = x
         x = self.norm(x)
         if not self.use_linear:

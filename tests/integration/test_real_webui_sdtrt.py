@@ -174,7 +174,7 @@ def test_switched_off_per_request_is_pytorch(host: WebUIHost, engine_id: str, re
     assert delta["engine_calls"] == 0, delta
     assert pixels == reference, "sdtrt_enabled=false must give the PyTorch image bit for bit"
     assert FALLBACK_TEXT not in out["info"]  # switched off is not a fallback to tell the user about
-    assert host.get("/sdapi/v1/options")["sdtrt_enabled"] is True  # restored after the request
+    assert host.get("/sdtrt/v1/status")["enabled"] is True  # restored after the request
     _, _, delta = generate(host, "Automatic")  # and on again for the next request
     assert delta["engine_calls"] == STEPS, delta
 
@@ -202,18 +202,35 @@ def test_hires_pass_outside_the_profile_falls_back_and_says_so(host: WebUIHost, 
     assert counters(host)["last_error"] is None  # a fallback is not an error
 
 
+def hires_request(override: dict[str, Any]) -> dict[str, Any]:
+    return {"prompt": PROMPT, "steps": STEPS, "width": 64, "height": 64, "sampler_name": "Euler", "seed": SEED,
+            "enable_hr": True, "hr_scale": 3, "hr_upscaler": "Latent", "hr_second_pass_steps": 2,
+            "denoising_strength": 0.5, "override_settings": override}
+
+
 def test_fallback_policy_error_fails_the_hires_request(host: WebUIHost, engine_id: str) -> None:
+    generate(host, "None")  # the engine is activated afresh by the next request, with its settings
     before = counters(host)
-    status, answer = host.request("POST", "/sdapi/v1/txt2img", {
-        "prompt": PROMPT, "steps": STEPS, "width": 64, "height": 64, "sampler_name": "Euler", "seed": SEED,
-        "enable_hr": True, "hr_scale": 3, "hr_upscaler": "Latent", "hr_second_pass_steps": 2,
-        "denoising_strength": 0.5, "override_settings": {"sd_unet": "Automatic", "sdtrt_fallback": "error"}})
-    assert status != 200, answer
-    assert "profile" in json.dumps(answer), answer
-    assert counters(host)["fallback_calls"] == before["fallback_calls"]
-    assert host.get("/sdapi/v1/options")["sdtrt_fallback"] == "pytorch"
+    status, answer = host.request("POST", "/sdapi/v1/txt2img",
+                                  hires_request({"sd_unet": "Automatic", "sdtrt_fallback": "error"}))
+    assert status == 500, answer
+    assert answer["error"] == "NoMatchingProfile" and "192x192 px" in answer["errors"], answer
+    after = counters(host)
+    assert after["fallback_calls"] == before["fallback_calls"]
+    assert after["engine_calls"] - before["engine_calls"] == STEPS  # the first pass ran on the engine
+    assert host.get("/sdtrt/v1/status")["fallback"] == "pytorch"  # restored after the failed request
     _, _, delta = generate(host, "Automatic")  # the server still serves
     assert delta["engine_calls"] == STEPS, delta
+
+
+def test_fallback_policy_override_does_not_outlive_its_request(host: WebUIHost, engine_id: str) -> None:
+    generate(host, "None")
+    status, _ = host.request("POST", "/sdapi/v1/txt2img",
+                             hires_request({"sd_unet": "Automatic", "sdtrt_fallback": "error"}))
+    assert status == 500  # activated by this request, with its "error" policy
+    assert host.get("/sdtrt/v1/status")["fallback"] == "pytorch"  # the setting is restored...
+    status, answer = host.request("POST", "/sdapi/v1/txt2img", hires_request({"sd_unet": "Automatic"}))
+    assert status == 200, str(answer)[:300]  # ...and the still-active engine falls back again
 
 
 def test_delete_is_refused_while_active_then_allowed(host: WebUIHost, engine_id: str) -> None:
@@ -238,23 +255,19 @@ def test_api_auth_guards_the_sdtrt_routes(webui_factory: Callable[..., WebUIHost
     h = webui_factory(config=sdtrt_config(tmp_path_factory.mktemp("sdtrt-cache-auth")),
                       extra_args=["--api-auth", f"{cred[0]}:{cred[1]}"], auth=cred, wait_model=False)
     try:
-        routes = [("GET", "/sdtrt/v1/engines", None), ("GET", "/sdtrt/v1/status", None),
-                  ("GET", "/sdtrt/v1/jobs", None),
-                  ("POST", "/sdtrt/v1/engines", {"checkpoint": "no-such-model", "profiles": [PROFILE]}),
-                  ("DELETE", "/sdtrt/v1/engines/sd1-onnxruntime-0123456789abcdef", None)]
-        for method, path, body in routes:
-            for anonymous in (None, ("u", "wrong"), ("x", "p")):
-                status, answer = host_request(h, method, path, body, anonymous)
-                assert status == 401, (method, path, anonymous, status, answer)
-        expected = {"/sdtrt/v1/engines": {"GET": 200, "POST": 400, "DELETE": 404}}
-        for method, path, body in routes:
-            status, answer = host_request(h, method, path, body, cred)
-            assert status == expected.get(path, {}).get(method, 200), (method, path, status, answer)
+        # (method, path, body, status with the right credentials)
+        routes = [("GET", "/sdtrt/v1/engines", None, 200), ("GET", "/sdtrt/v1/status", None, 200),
+                  ("GET", "/sdtrt/v1/jobs", None, 200),
+                  ("GET", "/sdtrt/v1/jobs/0123456789abcdef", None, 404),
+                  ("POST", "/sdtrt/v1/engines", {"checkpoint": "no-such-model", "profiles": [PROFILE]}, 400),
+                  ("DELETE", "/sdtrt/v1/engines/sd1-onnxruntime-0123456789abcdef", None, 404)]
+        for method, path, body, expected in routes:
+            for wrong in (None, ("u", "wrong"), ("x", "p")):
+                status, answer = h.request(method, path, body, auth=wrong, timeout=60)
+                assert status == 401, (method, path, wrong, status, answer)
+            status, answer = h.request(method, path, body, auth=cred, timeout=60)
+            assert status == expected, (method, path, status, answer)
         assert h.get("/sdtrt/v1/engines") == {"engines": []}
-        assert host_request(h, "GET", "/sdapi/v1/options", None, None)[0] == 401  # A1111's own routes agree
+        assert h.request("GET", "/sdapi/v1/sd-models", auth=None)[0] == 401  # A1111's own routes agree
     finally:
         h.stop()
-
-
-def host_request(h: WebUIHost, method: str, path: str, body: Any, auth: tuple[str, str] | None) -> tuple[int, Any]:
-    return h.request(method, path, body, auth=auth, timeout=60)

@@ -281,7 +281,7 @@ class EngineService:
         if unusable is not None:
             self.counters.error(unusable)
         server = UnetServer(slots, fallback=self.torch_fallback, counters=self.counters, notify=self.notify,
-                            weights=weights, policy=self.settings().fallback, unusable=unusable,
+                            weights=weights, policy=lambda: self.settings().fallback, unusable=unusable,
                             enabled=lambda: self.settings().enabled)
         return server
 

@@ -121,7 +121,8 @@ class UnetServer:
     """The callable behind an SdUnet: `server(x, timesteps, context, y=...)` returns what the torch UNet would.
 
     fallback(x, timesteps, context, *args, **kwargs) runs the PyTorch UNet; notify(reason) tells the user (the
-    caller deduplicates); policy "error" raises instead of falling back when no profile covers a call.
+    caller deduplicates); policy() "error" raises instead of falling back when no profile covers a call. Policy and
+    enabled are read per call: a per-request override must neither be missed nor outlive its request.
     """
 
     def __init__(
@@ -132,7 +133,7 @@ class UnetServer:
         counters: Counters,
         notify: Callable[[str], None],
         weights: WeightSource | None = None,
-        policy: str = "pytorch",
+        policy: Callable[[], str] = lambda: "pytorch",
         unusable: str | None = None,
         enabled: Callable[[], bool] = lambda: True,
     ):
@@ -212,7 +213,7 @@ class UnetServer:
         else:
             covered = "; ".join(f"{s.id}: {', '.join(map(str, s.profiles))}" for s in self.slots) or "none"
             reason = f"no engine profile covers this call ({describe_call(dims)}); profiles: {covered}"
-        if self.policy == "error":
+        if self.policy() == "error":
             raise NoMatchingProfile(reason + ". Build an engine with a profile for this size in the TensorRT "
                                     "tab, or set the sdtrt fallback policy to 'pytorch'.")
         return self._to_pytorch(reason, call, kwargs)

@@ -88,7 +88,8 @@ def run_build(svc: EngineService, checkpoint: str, profiles_text: str, backend: 
     while True:
         job = svc.jobs.get(job.id)
         if job.state == QUEUED:
-            progress(0.0, "waiting for another build to finish")
+            busy = any(j.state == RUNNING and j.id != job.id for j in svc.jobs.list())
+            progress(0.0, "waiting for another build to finish" if busy else "queued")
         elif job.state == RUNNING:
             progress(job.progress, job.phase)
         else:
@@ -111,7 +112,10 @@ def rebuild_stale(svc: EngineService, progress: Callable[[float, str], None], po
             progress((n + f) / len(stale), f"{engine_id}: {phase}")
 
         try:
-            lines.append(run_build(svc, "", "", "", scaled, poll, submit=lambda i=engine_id: svc.rebuild(i)))
+            def submit(engine_id: str = engine_id) -> Job:
+                return svc.rebuild(engine_id)
+
+            lines.append(run_build(svc, "", "", "", scaled, poll, submit=submit))
         except SdtrtError as e:
             lines.append(f"{engine_id}: {e}")
     return "\n".join(lines)
