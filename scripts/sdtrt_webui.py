@@ -103,6 +103,13 @@ class A1111Host:
 
         return call_queue.queue_lock
 
+    def network_key(self) -> Any:
+        return network_key()
+
+    def network_weights(self, base: Any) -> dict[str, Any]:
+        unet = self.torch_unet()
+        return {} if unet is None else network_weights(unet, base)
+
     def tell_user(self, p: Any, text: str) -> None:
         """In the UI's generation info (comments) and, for API clients, in `info` and the PNG infotext."""
         if hasattr(p, "comment"):
@@ -114,6 +121,66 @@ class A1111Host:
             note = text.split(": ", 1)[-1]
             previous = params.get("TensorRT fallback")
             params["TensorRT fallback"] = f"{previous}; {note}" if previous else note
+
+
+def _lora() -> Any:
+    """A1111's built-in Lora (`networks`), or None when that extension is disabled."""
+    try:
+        import networks
+    except ImportError:
+        return None
+    return networks
+
+
+def network_key() -> tuple[Any, ...]:
+    """What decides the UNet weights of the active networks (A1111 keys its own merge on nearly the same tuple;
+    the text-encoder strength is left out because it does not touch the UNet)."""
+    lora = _lora()
+    if lora is None:
+        return ()
+    return tuple((n.name, n.unet_multiplier, n.dyn_dim, getattr(n, "mtime", None)) for n in lora.loaded_networks)
+
+
+def network_weights(unet: Any, base: Any) -> dict[str, Any]:
+    """New values of every UNet weight the active networks change, computed by A1111's own network modules
+    (`calc_updown`, every type its Lora supports) and merged the way its `network_apply_weights` merges:
+    net after net, in the update's dtype, 4->9 channel padding for inpainting input convs."""
+    import torch
+
+    from sdtrt.refit import merge
+
+    lora = _lora()
+    if lora is None or not lora.loaded_networks:
+        return {}
+    paths = {getattr(m, "network_layer_name", None): name for name, m in unet.named_modules()}
+    layers: dict[str, list[Any]] = {}
+    for net in lora.loaded_networks:
+        for layer_name, module in net.modules.items():
+            if layer_name in paths:
+                layers.setdefault(layer_name, []).append(module)
+    names = [f"{paths[layer]}.{part}" for layer in layers for part in ("weight", "bias")]
+    bases = base(names)
+    out: dict[str, Any] = {}
+    for layer, modules in layers.items():
+        w_name, b_name = f"{paths[layer]}.weight", f"{paths[layer]}.bias"
+        if w_name not in bases:
+            continue  # a layer without a weight (A1111 skips it too)
+        weight, bias = bases[w_name], bases.get(b_name)
+        for module in modules:
+            with torch.no_grad():
+                updown, ex_bias = module.calc_updown(weight)
+            if weight.dim() == 4 and weight.shape[1] == 9 and updown.dim() == 4 and updown.shape[1] == 4:
+                updown = torch.nn.functional.pad(updown, (0, 0, 0, 0, 0, 5))
+            weight = merge(weight, updown)
+            if ex_bias is not None:
+                if bias is None:
+                    raise SdtrtError(f"network {module.network.name} adds a bias to {paths[layer]}, which has none "
+                                     "in the engine")
+                bias = merge(bias, ex_bias)
+        out[w_name] = weight
+        if bias is not None and b_name in bases and bias is not bases[b_name]:
+            out[b_name] = bias
+    return out
 
 
 class TrtUnet(sd_unet.SdUnet):
@@ -168,6 +235,10 @@ class TrtScript(scripts.Script):
 
     def process(self, p: Any, *args: Any) -> None:
         service().begin(p)
+
+    def after_extra_networks_activate(self, p: Any, *args: Any, **kwargs: Any) -> None:
+        """Fired right after A1111 loaded this pass's LoRAs (again for the hires pass): refit before sampling."""
+        service().apply_networks()
 
     def process_before_every_sampling(self, p: Any, *args: Any, **kwargs: Any) -> None:
         service().before_sampling()

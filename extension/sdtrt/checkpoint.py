@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -85,8 +86,10 @@ def find_config(path: Path, explicit: Path | None = None) -> Path | None:
     return near if near.is_file() else None
 
 
-def read_unet_state_dict(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """The UNet weights of an A1111 checkpoint, keyed like the UNet module (prefix removed).
+def read_unet_state_dict(path: Path, device: str = "cpu", names: Sequence[str] | None = None
+                         ) -> dict[str, torch.Tensor]:
+    """The UNet weights of an A1111 checkpoint, keyed like the UNet module (prefix removed); only `names` when
+    given (unknown names are left out).
 
     A file holding only a UNet (keys starting with `input_blocks.`) is accepted as is."""
     from safetensors import SafetensorError, safe_open
@@ -94,12 +97,14 @@ def read_unet_state_dict(path: Path, device: str = "cpu") -> dict[str, torch.Ten
     header = check_safetensors(path)
     keys = [k for k in header if k != "__metadata__"]
     prefixed = [k for k in keys if k.startswith(UNET_PREFIX)]
+    wanted = None if names is None else set(names)
     try:
         with safe_open(str(path), framework="pt", device=device) as f:
             if prefixed:
-                return {k[len(UNET_PREFIX):]: f.get_tensor(k) for k in prefixed}
+                return {k[len(UNET_PREFIX):]: f.get_tensor(k) for k in prefixed
+                        if wanted is None or k[len(UNET_PREFIX):] in wanted}
             if any(k.startswith("input_blocks.") for k in keys):
-                return {k: f.get_tensor(k) for k in keys}
+                return {k: f.get_tensor(k) for k in keys if wanted is None or k in wanted}
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{Path(path).name} could not be read: {e}") from None
     raise CheckpointError(

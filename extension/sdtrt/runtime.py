@@ -3,8 +3,8 @@ per call from the call's shapes."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass, field
 
 import torch
 
@@ -13,6 +13,7 @@ from sdtrt.backends.base import EngineRunner
 from sdtrt.constants import INPUT_CONTEXT, INPUT_SAMPLE, INPUT_TIMESTEPS, INPUT_Y
 from sdtrt.errors import NoMatchingProfile, StaleEngine
 from sdtrt.profiles import Dims, Profile, TensorIO, TensorRange, engine_ranges, select_profile
+from sdtrt.refit import BaseLoader, RefitPlan, WeightTracker
 from sdtrt.registry import Manifest, Registry
 
 
@@ -24,6 +25,7 @@ class EngineSession:
     ranges: list[dict[str, TensorRange]]
     io: TensorIO
     weights_from: str | None  # sha256 of the checkpoint whose weights are in the engine
+    deltas: WeightTracker = field(default_factory=WeightTracker)  # what differs from that checkpoint (LoRA)
 
     @classmethod
     def open(cls, registry: Registry, engine_id: str) -> EngineSession:
@@ -56,7 +58,32 @@ class EngineSession:
             raise RefitError(f"the checkpoint lacks {len(missing)} engine weights, e.g. {missing[:3]}")
         self.runner.refit({n: state_dict[n] for n in names})
         self.weights_from = checkpoint_sha256
+        self.deltas.reset()
         return True
+
+    def apply_deltas(self, key: Hashable, deltas: Mapping[str, torch.Tensor], base: BaseLoader) -> RefitPlan | None:
+        """Make the engine hold the checkpoint's weights with the names in `deltas` replaced by the given values
+        (what a LoRA set makes of them); names the previous set changed go back to base. `base` loads weights of
+        the checkpoint in `weights_from`. Returns the applied plan, None when nothing to do. On a RefitError the
+        engine's weights are unknown: the caller must reload it."""
+        if self.weights_from is None:
+            from sdtrt.errors import RefitError
+
+            raise RefitError("the engine holds no checkpoint weights yet; load a checkpoint's weights first")
+        if key == self.deltas.key:
+            return None
+        unknown = sorted(set(deltas) - self.runner.weight_names())
+        if unknown:
+            from sdtrt.errors import RefitError
+
+            raise RefitError(f"{len(unknown)} weight updates name no engine weight, e.g. {unknown[:3]}")
+        plan = self.deltas.plan(key, deltas, base)
+        if plan is None:
+            return None
+        if plan.weights:
+            self.runner.refit(plan.weights, fill=base)
+        self.deltas.applied(plan)
+        return plan
 
     def profile_for(self, dims: dict[str, Dims]) -> int | None:
         return select_profile(self.ranges, dims)

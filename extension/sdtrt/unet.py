@@ -81,7 +81,10 @@ class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 whatever the tensor dtype (LDM's GroupNorm32)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight.float() if self.weight is not None else None
+        if self.weight is None or self.weight.dtype == torch.float32:
+            # through nn.GroupNorm.forward, as LDM does: hosts that patch it (A1111's Lora) see this layer
+            return super().forward(x.float()).to(x.dtype)
+        w = self.weight.float()
         b = self.bias.float() if self.bias is not None else None
         return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
 

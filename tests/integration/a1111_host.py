@@ -53,6 +53,7 @@ DEFAULT_CONFIG: dict[str, Any] = {"sd_unet": "Automatic", "live_previews_enable"
 
 #: Lines A1111 v1.10 prints once the start-up checkpoint load has ended (modules/sd_models.py, initialize.py).
 MODEL_LOADED = "Model loaded in "
+STARTED = "Startup time:"
 MODEL_FAILED = "Stable diffusion model failed to load"
 
 
@@ -220,7 +221,10 @@ class WebUIHost:
             if self.proc.poll() is not None:
                 raise HostError(f"the WebUI exited with rc {self.proc.returncode} before answering\n"
                                 f"{self.log_tail()}")
-            if not api_up:
+            # No request before A1111 says it started: in UI mode the server answers while webui() still adds
+            # the API middleware, and a request in that window makes starlette refuse it ("Cannot add middleware
+            # after an application has started") and the WebUI exits.
+            if not api_up and STARTED in self.log_text_since_start():
                 try:
                     api_up = self.request("GET", "/sdapi/v1/sd-models", timeout=5)[0] == 200
                 except (OSError, urllib.error.URLError):

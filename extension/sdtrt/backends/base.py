@@ -84,9 +84,11 @@ class EngineRunner(ABC):
         """Names of every refittable weight (equal to UNet state-dict keys)."""
 
     @abstractmethod
-    def refit(self, weights: Mapping[str, torch.Tensor]) -> None:
-        """Replace the named weights (state-dict layout and names). Raises RefitError; on error the previous
-        weights stay in place."""
+    def refit(self, weights: Mapping[str, torch.Tensor],
+              fill: Callable[[Sequence[str]], Mapping[str, torch.Tensor]] | None = None) -> None:
+        """Replace the named weights (state-dict layout and names); any others keep their values. `fill(names)`
+        supplies current values of weights the backend needs along with the given ones (TensorRT asks for every
+        weight it fused with a given one). Raises RefitError."""
 
     def close(self) -> None:
         """Free device memory. Safe to call twice."""

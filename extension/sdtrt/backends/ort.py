@@ -9,7 +9,7 @@ and new weights.)
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -92,7 +92,8 @@ class OrtRunner(EngineRunner):
     def weight_names(self) -> set[str]:
         return set(self._weights)
 
-    def refit(self, weights: Mapping[str, torch.Tensor]) -> None:
+    def refit(self, weights: Mapping[str, torch.Tensor],
+              fill: Callable[[Sequence[str]], Mapping[str, torch.Tensor]] | None = None) -> None:
         unknown = sorted(set(weights) - set(self._weights))
         if unknown:
             raise RefitError(f"the engine has no weights named {unknown[:5]}" + (" ..." if len(unknown) > 5 else ""))

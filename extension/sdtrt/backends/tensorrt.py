@@ -26,7 +26,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, ClassVar, cast
@@ -706,7 +706,8 @@ class _Runner(EngineRunner):
             self._weight_names = set(self._new_refitter().get_all_weights())
         return set(self._weight_names)
 
-    def refit(self, weights: Mapping[str, torch.Tensor]) -> None:
+    def refit(self, weights: Mapping[str, torch.Tensor],
+              fill: Callable[[Sequence[str]], Mapping[str, torch.Tensor]] | None = None) -> None:
         """Set the given weights from GPU memory and refit. A fresh Refitter per call: a refitter keeps pointers
         to the weights it was given, which are gone after this call."""
         engine, _ = self._live()
@@ -727,8 +728,17 @@ class _Runner(EngineRunner):
             if not refitter.set_named_weights(name, w, trt.TensorLocation.DEVICE):
                 raise RefitError(f"weight {name!r} was refused: {self._messages.text()}")
             keep.append(data)
-        _, stream = self._stream()  # after the copies above: a private stream must wait for them
         missing = sorted(refitter.get_missing_weights())
+        if missing and fill is not None:  # partners of given weights in fused layers: their current values
+            for name, tensor in fill(missing).items():
+                prototype = refitter.get_weights_prototype(name)
+                data = tensor.to(device=self._device, dtype=_torch_dtype(prototype.dtype)).contiguous()
+                if not refitter.set_named_weights(name, trt.Weights(prototype.dtype, data.data_ptr(), data.numel()),
+                                                  trt.TensorLocation.DEVICE):
+                    raise RefitError(f"weight {name!r} was refused: {self._messages.text()}")
+                keep.append(data)
+            missing = sorted(refitter.get_missing_weights())
+        _, stream = self._stream()  # after the copies above: a private stream must wait for them
         if missing:
             raise RefitError(
                 f"the engine also needs {len(missing)} weights that were not given, e.g. "

@@ -7,7 +7,7 @@ sdtrt.webui talks to a `Host`, never to `modules.*`.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,3 +99,11 @@ class Host(Protocol):
 
     def tell_user(self, p: object, text: str) -> None:
         """Show `text` with the generation's result (A1111: p.comment)."""
+
+    def network_key(self) -> Hashable:
+        """Identity of the active LoRA set and strengths (() when none); equal keys mean equal weight updates."""
+
+    def network_weights(self, base: Callable[[Sequence[str]], Mapping[str, torch.Tensor]]
+                       ) -> Mapping[str, torch.Tensor]:
+        """{UNet weight name: new value} for every weight the active LoRA set changes, computed by the host's own
+        code from the base weights `base(names)` of the checkpoint in the engine."""

@@ -23,7 +23,7 @@ from sdtrt.registry import Manifest, Registry, stale_reason, validate_engine_id
 from sdtrt.runtime import EngineSession
 from sdtrt.webui.host import BACKEND_CHOICES, LABEL_PREFIX, CheckpointRef, Host, Settings
 from sdtrt.webui.jobs import Job, JobQueue
-from sdtrt.webui.serving import Counters, EngineSlot, UnetServer, WeightSource
+from sdtrt.webui.serving import Counters, EngineSlot, NetworkSet, UnetServer, WeightSource
 
 log = logging.getLogger("sdtrt")
 
@@ -245,6 +245,13 @@ class EngineService:
                 return fn()
         return fn()
 
+    def _evict_session(self, engine_id: str, session: EngineSession) -> None:
+        with self._lock:
+            if self._sessions.get(engine_id) is session:
+                del self._sessions[engine_id]
+        with contextlib.suppress(Exception):
+            session.close()
+
     def close_sessions(self, keep: Sequence[str] = ()) -> None:
         with self._lock:
             for engine_id in [i for i in self._sessions if i not in keep]:
@@ -271,7 +278,7 @@ class EngineService:
                     fams = ", ".join(sorted({m.key.family for m in manifests}))
                     unusable = (f"the engine is for {fams}; the loaded checkpoint is {arch.family} with another "
                                 "architecture. Pick the engine of this checkpoint or build one in the TensorRT tab")
-                slots = [EngineSlot(m, self._open_session) for m in fitting]
+                slots = [EngineSlot(m, self._open_session, self._evict_session) for m in fitting]
                 weights = self._weights_for_loaded()
         except SdtrtError as e:
             unusable = str(e)
@@ -294,15 +301,16 @@ class EngineService:
             return None
         sha = self.checkpoint_sha256(ref) or f"loaded:{ref.title}"
 
-        def load() -> Mapping[str, torch.Tensor]:
+        def load(names: Sequence[str] | None) -> Mapping[str, torch.Tensor]:
             if ref.filename.endswith(".safetensors"):
                 from sdtrt.checkpoint import read_unet_state_dict
 
-                return read_unet_state_dict(Path(ref.filename))
+                return read_unet_state_dict(Path(ref.filename), names=names)
             unet = host.torch_unet()
             if unet is None:
                 raise SdtrtError("no model is loaded to take weights from")
-            return unet.state_dict()
+            sd = unet.state_dict()
+            return sd if names is None else {n: sd[n] for n in names if n in sd}
 
         return WeightSource(sha, load)
 
@@ -345,6 +353,27 @@ class EngineService:
     # ---- per generation -----------------------------------------------------------------------------------
     def begin(self, p: object) -> None:
         self.generation = Generation(p, self._host().settings(), set())
+        if self.active is not None:
+            self.active.problem = None
+
+    def apply_networks(self) -> None:
+        """After the host activated this pass's extra networks: put its LoRA set into the engine before the first
+        UNet call (no refit when the set and strengths are unchanged). A failure sends this generation to PyTorch
+        with the reason; the next generation tries again."""
+        server = self.active
+        if server is None or server.unusable is not None or not self.settings().enabled:
+            return
+        host = self._host()
+        try:
+            key = host.network_key()
+            if server.networks is not None and server.networks.key == key:
+                return server.set_networks(server.networks)  # engines loaded since keep it too (no-op otherwise)
+            server.set_networks(NetworkSet(key, host.network_weights))
+        except Exception as e:
+            reason = f"the LoRA weights could not be put into the engine: {type(e).__name__}: {e}"
+            log.exception("sdtrt: %s", reason)
+            self.counters.error(reason)
+            server.problem = reason
 
     def end(self, p: object) -> None:
         """After a generation: give the device memory the fallback used back to the engine."""

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,7 @@ import torch
 from sdtrt.constants import CHUNK_LEN, INPUT_CONTEXT, INPUT_SAMPLE, INPUT_TIMESTEPS, INPUT_Y, LATENT_FACTOR
 from sdtrt.errors import NoMatchingProfile, SdtrtError
 from sdtrt.profiles import Dims, Profile, TensorIO, TensorRange, engine_ranges, select_profile
+from sdtrt.refit import BaseLoader
 from sdtrt.registry import Manifest
 from sdtrt.runtime import EngineSession
 
@@ -33,6 +35,7 @@ class Counters:
     fallback_calls: int = 0
     fallback_reasons: dict[str, int] = field(default_factory=dict)
     refits: int = 0
+    last_refit: dict[str, Any] | None = None
     last_error: str | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -47,9 +50,10 @@ class Counters:
                 reason = "other reasons"
             self.fallback_reasons[reason] = self.fallback_reasons.get(reason, 0) + 1
 
-    def refit(self) -> None:
+    def refit(self, names: int = 0, seconds: float = 0.0) -> None:
         with self._lock:
             self.refits += 1
+            self.last_refit = {"weights": names, "seconds": round(seconds, 4)}
 
     def error(self, text: str) -> None:
         with self._lock:
@@ -62,6 +66,7 @@ class Counters:
                 "fallback_calls": self.fallback_calls,
                 "fallback_reasons": dict(self.fallback_reasons),
                 "refits": self.refits,
+                "last_refit": self.last_refit,
                 "last_error": self.last_error,
             }
 
@@ -74,18 +79,39 @@ def manifest_io(manifest: Manifest) -> TensorIO:
 
 @dataclass
 class WeightSource:
-    """The weights an engine must hold for the loaded checkpoint: identified by `sha256`, read only on refit."""
+    """The weights an engine must hold for the loaded checkpoint: identified by `sha256`, read only on refit.
+    load(None) gives every UNet weight, load(names) just those."""
 
     sha256: str
-    load: Callable[[], Mapping[str, torch.Tensor]]
+    load: Callable[[Sequence[str] | None], Mapping[str, torch.Tensor]]
+
+
+@dataclass
+class NetworkSet:
+    """Weight updates on top of the checkpoint (A1111's LoRA networks): `key` identifies the set and strengths
+    (equal keys: equal weights); compute(base) returns {UNet weight name: new value} for the weights it changes."""
+
+    key: Hashable
+    compute: Callable[[BaseLoader], Mapping[str, torch.Tensor]]
+    _deltas: Mapping[str, torch.Tensor] | None = None
+
+    def deltas(self, base: BaseLoader) -> Mapping[str, torch.Tensor]:
+        if self._deltas is None:
+            self._deltas = self.compute(base)
+        return self._deltas
+
+
+NO_NETWORKS = NetworkSet((), lambda base: {})
 
 
 class EngineSlot:
     """One engine a server may use. Its profile ranges come from the manifest, so choosing a profile never
     loads anything; the engine is opened (verified, loaded, refitted) the first time a call fits it."""
 
-    def __init__(self, manifest: Manifest, opener: Callable[[str], EngineSession]):
+    def __init__(self, manifest: Manifest, opener: Callable[[str], EngineSession],
+                 on_evict: Callable[[str, EngineSession], None] = lambda engine_id, session: session.close()):
         self.manifest = manifest
+        self._on_evict = on_evict
         self.io = manifest_io(manifest)
         self.profiles = [Profile.parse(p) for p in manifest.key.profiles]
         self.ranges: list[dict[str, TensorRange]] = [engine_ranges(p, self.io) for p in self.profiles]
@@ -97,16 +123,34 @@ class EngineSlot:
     def id(self) -> str:
         return self.manifest.id
 
+    def evict(self) -> None:
+        """Forget the loaded engine (its weights are in an unknown state); the next use loads it afresh."""
+        session, self.session = self.session, None
+        if session is not None:
+            self._on_evict(self.id, session)
+
     def profile_for(self, dims: Mapping[str, Dims]) -> int | None:
         return select_profile(self.ranges, dict(dims))
 
-    def open(self, weights: WeightSource | None, counters: Counters) -> EngineSession:
+    def open(self, weights: WeightSource | None, counters: Counters, networks: NetworkSet | None = None
+             ) -> EngineSession:
+        """Load if needed, then make the engine hold the loaded checkpoint's weights plus `networks`."""
         if self.session is None:
             self.session = self._opener(self.id)
-        if (weights is not None and self.session.weights_from != weights.sha256
-                and self.session.load_weights(weights.load(), weights.sha256)):
-            counters.refit()
-        return self.session
+        session = self.session
+        nets = networks or NO_NETWORKS
+        if weights is None or (session.weights_from == weights.sha256 and session.deltas.key == nets.key):
+            return session  # the per-call path: nothing to do
+        if session.weights_from != weights.sha256:
+            start = time.perf_counter()
+            if session.load_weights(weights.load(None), weights.sha256):
+                counters.refit(len(session.runner.weight_names()), time.perf_counter() - start)
+        if session.deltas.key != nets.key:
+            start = time.perf_counter()
+            plan = session.apply_deltas(nets.key, nets.deltas(weights.load), weights.load)
+            if plan is not None and plan.weights:
+                counters.refit(len(plan.weights), time.perf_counter() - start)
+        return session
 
 
 def describe_call(dims: Mapping[str, Dims]) -> str:
@@ -145,6 +189,21 @@ class UnetServer:
         self.policy = policy
         self.unusable = unusable  # a reason every call goes to PyTorch (wrong family, failed activation)
         self.enabled = enabled
+        self.networks: NetworkSet | None = None
+        self.problem: str | None = None  # why this generation runs on PyTorch (a failed LoRA refit); reset per generation
+
+    def set_networks(self, networks: NetworkSet) -> None:
+        """Put a LoRA set into every loaded engine now (before the first call of a pass); engines loaded later get
+        it on load. Raises what the update or refit raised; a failed engine is dropped to be reloaded clean."""
+        self.networks = networks
+        for slot in self.slots:
+            if slot.session is None or slot.broken is not None:
+                continue
+            try:
+                slot.open(self.weights, self.counters, networks)
+            except Exception:
+                slot.evict()
+                raise
 
     def prepare(self) -> None:
         """Open the first engine now (at activation) so the first sampling step does not pay for the load."""
@@ -155,7 +214,7 @@ class UnetServer:
 
     def _open(self, slot: EngineSlot) -> EngineSession | None:
         try:
-            return slot.open(self.weights, self.counters)
+            return slot.open(self.weights, self.counters, self.networks)
         except SdtrtError as e:
             slot.broken = f"engine {slot.id} cannot be used: {e}"
         except Exception as e:  # noqa: BLE001 - a broken engine must never fail the generation
@@ -176,8 +235,8 @@ class UnetServer:
         call = (x, timesteps, context, *args)
         if not self.enabled():
             return self._to_pytorch("sdtrt is switched off", call, kwargs, user=False)
-        if self.unusable is not None:
-            return self._to_pytorch(self.unusable, call, kwargs)
+        if self.unusable is not None or self.problem is not None:
+            return self._to_pytorch(self.unusable or self.problem or "", call, kwargs)
         y = kwargs.get("y")
         extra = sorted(k for k, v in kwargs.items() if k != "y" and v is not None)
         if args or extra:
