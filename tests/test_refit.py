@@ -27,7 +27,7 @@ def engine(tiny_checkpoint, tmp_path_factory: pytest.TempPathFactory):  # type: 
 
 @pytest.fixture
 def session(engine):  # type: ignore[no-untyped-def]
-    ckpt, cache, engine_id = engine
+    _, cache, engine_id = engine
     s = EngineSession.open(Registry(cache), engine_id)
     yield s
     s.close()
@@ -105,7 +105,7 @@ def test_updates_naming_no_engine_weight_change_nothing(engine, session: EngineS
 
 def test_tracker_plans_only_what_changes() -> None:
     base = {"a": torch.zeros(2), "b": torch.ones(2), "c": torch.full((2,), 2.0)}
-    loader = lambda names: {n: base[n] for n in names}  # noqa: E731
+    def loader(names): return {n: base[n] for n in names}  # type: ignore[no-untyped-def]
     t = WeightTracker()
     p1 = t.plan("one", {"a": torch.tensor([5.0, 5.0])}, loader)
     assert p1 is not None and set(p1.weights) == {"a"}

@@ -1,7 +1,10 @@
-"""LoRA module type (lora_up/lora_down[/alpha], or lora_A/lora_B): updown = up @ down, reshaped to the layer."""
+"""LoRA module type (v1.10.1 network_lora.py): `lora_up.weight`/`lora_down.weight` (or `lora_A`/`lora_B` = down/up),
+optional `lora_mid.weight` (LoCon CP decomposition), `alpha`, `scale`, `bias`, `dora_scale`. Conv layers get a conv
+down (the layer's kernel) and a 1x1 up; updown = up @ down (sliced to dyn_dim), or the CP rebuild with mid."""
 
 from __future__ import annotations
 
+import lyco_helpers
 import network
 import torch
 from modules import devices
@@ -24,7 +27,7 @@ class NetworkModuleLora(network.NetworkModule):
         super().__init__(net, weights)
         self.up_model = self.create_module(weights.w, "lora_up.weight")
         self.down_model = self.create_module(weights.w, "lora_down.weight")
-        self.mid_model = None
+        self.mid_model = self.create_module(weights.w, "lora_mid.weight", none_ok=True)
         self.dim = weights.w["lora_down.weight"].shape[0]
 
     def create_module(self, weights, key, none_ok=False):  # type: ignore[no-untyped-def]
@@ -34,10 +37,11 @@ class NetworkModuleLora(network.NetworkModule):
         is_linear = type(self.sd_module) in [torch.nn.Linear, torch.nn.modules.linear.NonDynamicallyQuantizableLinear,
                                              torch.nn.MultiheadAttention]
         is_conv = type(self.sd_module) in [torch.nn.Conv2d]
+        # (the real file's operator precedence kept: `is_conv and key == ... or key == "dyn_up"`)
         if is_linear:
             weight = weight.reshape(weight.shape[0], -1)
             module = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
-        elif is_conv and key == "lora_down.weight":
+        elif is_conv and key == "lora_down.weight" or key == "dyn_up":
             if len(weight.shape) == 2:
                 weight = weight.reshape(weight.shape[0], -1, 1, 1)
             if weight.shape[2] != 1 or weight.shape[3] != 1:
@@ -45,7 +49,10 @@ class NetworkModuleLora(network.NetworkModule):
                                          self.sd_module.stride, self.sd_module.padding, bias=False)
             else:
                 module = torch.nn.Conv2d(weight.shape[1], weight.shape[0], (1, 1), bias=False)
-        elif is_conv and key == "lora_up.weight":
+        elif is_conv and key == "lora_mid.weight":
+            module = torch.nn.Conv2d(weight.shape[1], weight.shape[0], self.sd_module.kernel_size,
+                                     self.sd_module.stride, self.sd_module.padding, bias=False)
+        elif is_conv and key == "lora_up.weight" or key == "dyn_down":
             module = torch.nn.Conv2d(weight.shape[1], weight.shape[0], (1, 1), bias=False)
         else:
             raise AssertionError(f"Lora layer {self.network_key} matched a layer with unsupported type: "
@@ -62,7 +69,18 @@ class NetworkModuleLora(network.NetworkModule):
         up = self.up_model.weight.to(orig_weight.device)
         down = self.down_model.weight.to(orig_weight.device)
         output_shape = [up.size(0), down.size(1)]
-        if len(down.shape) == 4:
-            output_shape += down.shape[2:]
-        updown = (up.reshape(up.size(0), -1) @ down.reshape(down.size(0), -1)).reshape(output_shape)
+        if self.mid_model is not None:
+            # cp-decomposition
+            mid = self.mid_model.weight.to(orig_weight.device)
+            updown = lyco_helpers.rebuild_cp_decomposition(up, down, mid)
+            output_shape += mid.shape[2:]
+        else:
+            if len(down.shape) == 4:
+                output_shape += down.shape[2:]
+            updown = lyco_helpers.rebuild_conventional(up, down, output_shape, self.network.dyn_dim)
         return self.finalize_updown(updown, orig_weight, output_shape)
+
+    def forward(self, x, y):  # type: ignore[no-untyped-def]
+        self.up_model.to(device=devices.device)
+        self.down_model.to(device=devices.device)
+        return y + self.up_model(self.down_model(x)) * self.multiplier() * self.calc_scale()

@@ -1,9 +1,14 @@
-"""Stand-in of the built-in Lora's networks.py: `loaded_networks`, `available_networks`, `available_network_aliases`,
-`load_networks(names, te_multipliers, unet_multipliers, dyn_dims)` (clears and refills `loaded_networks`; missing
-names only add a "Lora not found" comment), kohya/diffusers -> compvis key mapping, and the lazy in-place merge
-`network_apply_weights` (CPU backups, restore when the wanted set changes) used by the patched torch forwards.
-Networks stay loaded (and merged) after a request. Only the 'lora' module type and kohya safetensors are supported;
-`lora_functional` is not."""
+"""Stand-in of the built-in Lora's networks.py (v1.10.1): `loaded_networks`, `available_networks`,
+`available_network_aliases`, `load_networks(names, te_multipliers, unet_multipliers, dyn_dims)` (clears and refills
+`loaded_networks`; missing names only add a "Lora not found" comment), kohya/diffusers -> compvis key mapping
+(`convert_diffusers_name_to_compvis`, the `_[qkv]_proj`, `lora_unet` -> `diffusion_model`, `lora_te1_text_model`
+and `oft_unet` fallbacks; unmatched keys are only logged), every module type of the real one (lora incl. LoCon/CP/
+DoRA, hada, ia3, lokr, full, norm, glora, oft incl. BOFT; tried in that order), and the lazy in-place merge
+`network_apply_weights` (CPU backups, restore then sequential `calc_updown` per net when the wanted set changes,
+inpaint 4->9 channel pad, ex_bias into the bias, MultiheadAttention q/k/v/out modules, `fp16_weight`) used by the
+patched torch forwards, or `network_forward` with `opts.lora_functional`. Networks stay loaded (and merged) after
+a request. Not modelled: SD3 (`diffusers_weight_map`, QkvLinear) and bundled embeddings (`bundle_emb.*` keys are
+parsed out but never registered), the gradio "Lora not found" popup."""
 
 from __future__ import annotations
 
@@ -13,11 +18,27 @@ import re
 
 import lora_patches
 import network
+import network_full
+import network_glora
+import network_hada
+import network_ia3
+import network_lokr
 import network_lora
+import network_norm
+import network_oft
 import torch
 from modules import devices, errors, sd_hijack, sd_models, shared
 
-module_types = [network_lora.ModuleTypeLora()]
+module_types = [
+    network_lora.ModuleTypeLora(),
+    network_hada.ModuleTypeHada(),
+    network_ia3.ModuleTypeIa3(),
+    network_lokr.ModuleTypeLokr(),
+    network_full.ModuleTypeFull(),
+    network_norm.ModuleTypeNorm(),
+    network_glora.ModuleTypeGLora(),
+    network_oft.ModuleTypeOFT(),
+]
 
 re_digits = re.compile(r"\d+")
 re_x_proj = re.compile(r"(.*)_([qkv]_proj)$")
@@ -114,23 +135,50 @@ def load_network(name, network_on_disk):  # type: ignore[no-untyped-def]
     keys_failed_to_match = {}
     is_sd2 = "model_transformer_resblocks" in shared.sd_model.network_layer_mapping
     matched_networks: dict = {}
+    bundle_embeddings: dict = {}
     for key_network, weight in sd.items():
         key_network_without_network_parts, _, network_part = key_network.partition(".")
+        if key_network_without_network_parts == "bundle_emb":
+            emb_name, vec_name = network_part.split(".", 1)
+            emb_dict = bundle_embeddings.get(emb_name, {})
+            if vec_name.split(".")[0] == "string_to_param":
+                _, k2 = vec_name.split(".", 1)
+                emb_dict["string_to_param"] = {k2: weight}
+            else:
+                emb_dict[vec_name] = weight
+            bundle_embeddings[emb_name] = emb_dict
+
         key = convert_diffusers_name_to_compvis(key_network_without_network_parts, is_sd2)
         sd_module = shared.sd_model.network_layer_mapping.get(key, None)
         if sd_module is None:
             m = re_x_proj.match(key)
             if m:
                 sd_module = shared.sd_model.network_layer_mapping.get(m.group(1), None)
+
+        # SDXL loras seem to already have correct compvis keys, so only need to replace "lora_unet" with
+        # "diffusion_model"
         if sd_module is None and "lora_unet" in key_network_without_network_parts:
             key = key_network_without_network_parts.replace("lora_unet", "diffusion_model")
             sd_module = shared.sd_model.network_layer_mapping.get(key, None)
         elif sd_module is None and "lora_te1_text_model" in key_network_without_network_parts:
             key = key_network_without_network_parts.replace("lora_te1_text_model", "0_transformer_text_model")
             sd_module = shared.sd_model.network_layer_mapping.get(key, None)
+            # some SD1 Loras also have correct compvis keys
             if sd_module is None:
                 key = key_network_without_network_parts.replace("lora_te1_text_model", "transformer_text_model")
                 sd_module = shared.sd_model.network_layer_mapping.get(key, None)
+        # kohya_ss OFT module
+        elif sd_module is None and "oft_unet" in key_network_without_network_parts:
+            key = key_network_without_network_parts.replace("oft_unet", "diffusion_model")
+            sd_module = shared.sd_model.network_layer_mapping.get(key, None)
+
+        # KohakuBlueLeaf OFT module (as in the real file: `key` never holds a network part, so this never fires,
+        # and its second replace discards the first)
+        if sd_module is None and "oft_diag" in key:
+            key = key_network_without_network_parts.replace("lora_unet", "diffusion_model")
+            key = key_network_without_network_parts.replace("lora_te1_text_model", "0_transformer_text_model")
+            sd_module = shared.sd_model.network_layer_mapping.get(key, None)
+
         if sd_module is None:
             keys_failed_to_match[key_network] = key
             continue
@@ -145,8 +193,11 @@ def load_network(name, network_on_disk):  # type: ignore[no-untyped-def]
             if net_module is not None:
                 break
         if net_module is None:
-            raise AssertionError(f"Could not find a module type that would accept those keys: {', '.join(weights.w)}")
+            raise AssertionError(f"Could not find a module type (out of "
+                                 f"{', '.join([x.__class__.__name__ for x in module_types])}) that would accept "
+                                 f"those keys: {', '.join(weights.w)}")
         net.modules[key] = net_module
+    net.bundle_embeddings = {}  # fake: no textual_inversion, bundled embeddings are not created
     if keys_failed_to_match:
         logging.debug(f"Network {network_on_disk.filename} didn't match keys: {keys_failed_to_match}")  # noqa: LOG015
     return net
@@ -209,33 +260,49 @@ def load_networks(names, te_multipliers=None, unet_multipliers=None, dyn_dims=No
             print(f"\n{lora_not_found_message}\n")
 
 
+def allowed_layer_without_weight(layer):  # type: ignore[no-untyped-def]
+    if isinstance(layer, torch.nn.LayerNorm) and not layer.elementwise_affine:
+        return True
+    return False
+
+
+def store_weights_backup(weight):  # type: ignore[no-untyped-def]
+    if weight is None:
+        return None
+    return weight.to(devices.cpu, copy=True)
+
+
+def restore_weights_backup(obj, field, weight):  # type: ignore[no-untyped-def]
+    if weight is None:
+        setattr(obj, field, None)
+        return
+    getattr(obj, field).copy_(weight)
+
+
 def network_restore_weights_from_backup(self):  # type: ignore[no-untyped-def]
     weights_backup = getattr(self, "network_weights_backup", None)
     bias_backup = getattr(self, "network_bias_backup", None)
     if weights_backup is None and bias_backup is None:
         return
-    with torch.no_grad():
+    with torch.no_grad():  # (the real one relies on the caller's no_grad / requires_grad=False weights)
         if weights_backup is not None:
             if isinstance(self, torch.nn.MultiheadAttention):
-                self.in_proj_weight.copy_(weights_backup[0])
-                self.out_proj.weight.copy_(weights_backup[1])
+                restore_weights_backup(self, "in_proj_weight", weights_backup[0])
+                restore_weights_backup(self.out_proj, "weight", weights_backup[1])
             else:
-                self.weight.copy_(weights_backup)
-        if bias_backup is not None:
-            if isinstance(self, torch.nn.MultiheadAttention):
-                self.out_proj.bias.copy_(bias_backup)
-            else:
-                self.bias.copy_(bias_backup)
+                restore_weights_backup(self, "weight", weights_backup)
+        if isinstance(self, torch.nn.MultiheadAttention):
+            restore_weights_backup(self.out_proj, "bias", bias_backup)
         else:
-            if isinstance(self, torch.nn.MultiheadAttention):
-                self.out_proj.bias = None
-            else:
-                self.bias = None
+            restore_weights_backup(self, "bias", bias_backup)
 
 
 def network_apply_weights(self):  # type: ignore[no-untyped-def]
-    """Merge the loaded networks into this layer's weight in place (CPU backup first), once per change of
-    `tuple((name, te, unet, dyn) for loaded_networks)`; restores the backup when the set changes."""
+    """
+    Applies the currently selected set of networks to the weights of torch layer self.
+    If weights already have this particular set of networks applied, does nothing.
+    If not, restores original weights from backup and alters weights according to networks.
+    """
     network_layer_name = getattr(self, "network_layer_name", None)
     if network_layer_name is None:
         return
@@ -244,50 +311,116 @@ def network_apply_weights(self):  # type: ignore[no-untyped-def]
 
     weights_backup = getattr(self, "network_weights_backup", None)
     if weights_backup is None and wanted_names != ():
-        if current_names != ():
-            raise RuntimeError("no backup weights found and current weights are not unchanged")
+        if current_names != () and not allowed_layer_without_weight(self):
+            raise RuntimeError(f"{network_layer_name} - no backup weights found and current weights are not unchanged")
         if isinstance(self, torch.nn.MultiheadAttention):
-            weights_backup = (self.in_proj_weight.to(devices.cpu, copy=True),
-                              self.out_proj.weight.to(devices.cpu, copy=True))
+            weights_backup = (store_weights_backup(self.in_proj_weight), store_weights_backup(self.out_proj.weight))
         else:
-            weights_backup = self.weight.to(devices.cpu, copy=True)
+            weights_backup = store_weights_backup(self.weight)
         self.network_weights_backup = weights_backup
 
     bias_backup = getattr(self, "network_bias_backup", None)
     if bias_backup is None and wanted_names != ():
         if isinstance(self, torch.nn.MultiheadAttention) and self.out_proj.bias is not None:
-            bias_backup = self.out_proj.bias.to(devices.cpu, copy=True)
+            bias_backup = store_weights_backup(self.out_proj.bias)
         elif getattr(self, "bias", None) is not None:
-            bias_backup = self.bias.to(devices.cpu, copy=True)
+            bias_backup = store_weights_backup(self.bias)
         else:
             bias_backup = None
+        # Unlike weight which always has value, some modules don't have bias.
+        # Only report if bias is not None and current bias are not unchanged.
+        if bias_backup is not None and current_names != ():
+            raise RuntimeError("no backup bias found and current bias are not unchanged")
         self.network_bias_backup = bias_backup
 
     if current_names != wanted_names:
         network_restore_weights_from_backup(self)
+
         for net in loaded_networks:
             module = net.modules.get(network_layer_name, None)
-            if module is not None and hasattr(self, "weight") and not isinstance(self, torch.nn.MultiheadAttention):
+            if module is not None and hasattr(self, "weight"):
                 try:
                     with torch.no_grad():
-                        updown, ex_bias = module.calc_updown(self.weight)
-                        if len(self.weight.shape) == 4 and self.weight.shape[1] == 9:
-                            # inpainting model: zero pad updown to make channel 1 go from 4 to 9
+                        if getattr(self, "fp16_weight", None) is None:
+                            weight = self.weight
+                            bias = self.bias
+                        else:
+                            weight = self.fp16_weight.clone().to(self.weight.device)
+                            bias = getattr(self, "fp16_bias", None)
+                            if bias is not None:
+                                bias = bias.clone().to(self.bias.device)
+                        updown, ex_bias = module.calc_updown(weight)
+
+                        if len(weight.shape) == 4 and weight.shape[1] == 9:
+                            # inpainting model. zero pad updown to make channel[1]  4 to 9
                             updown = torch.nn.functional.pad(updown, (0, 0, 0, 0, 0, 5))
-                        self.weight.copy_((self.weight.to(dtype=updown.dtype) + updown).to(dtype=self.weight.dtype))
+
+                        self.weight.copy_((weight.to(dtype=updown.dtype) + updown).to(dtype=self.weight.dtype))
                         if ex_bias is not None and hasattr(self, "bias"):
                             if self.bias is None:
                                 self.bias = torch.nn.Parameter(ex_bias).to(self.weight.dtype)
                             else:
-                                self.bias.copy_((self.bias + ex_bias).to(dtype=self.bias.dtype))
+                                self.bias.copy_((bias + ex_bias).to(dtype=self.bias.dtype))
                 except RuntimeError as e:
                     logging.debug(f"Network {net.name} layer {network_layer_name}: {e}")  # noqa: LOG015
                     extra_network_lora.errors[net.name] = extra_network_lora.errors.get(net.name, 0) + 1
                 continue
+
+            module_q = net.modules.get(network_layer_name + "_q_proj", None)
+            module_k = net.modules.get(network_layer_name + "_k_proj", None)
+            module_v = net.modules.get(network_layer_name + "_v_proj", None)
+            module_out = net.modules.get(network_layer_name + "_out_proj", None)
+
+            if isinstance(self, torch.nn.MultiheadAttention) and module_q and module_k and module_v and module_out:
+                try:
+                    with torch.no_grad():
+                        # Send "real" orig_weight into MHA's lora module
+                        qw, kw, vw = self.in_proj_weight.chunk(3, 0)
+                        updown_q, _ = module_q.calc_updown(qw)
+                        updown_k, _ = module_k.calc_updown(kw)
+                        updown_v, _ = module_v.calc_updown(vw)
+                        del qw, kw, vw
+                        updown_qkv = torch.vstack([updown_q, updown_k, updown_v])
+                        updown_out, ex_bias = module_out.calc_updown(self.out_proj.weight)
+                        self.in_proj_weight += updown_qkv
+                        self.out_proj.weight += updown_out
+                    if ex_bias is not None:
+                        if self.out_proj.bias is None:
+                            self.out_proj.bias = torch.nn.Parameter(ex_bias)
+                        else:
+                            self.out_proj.bias += ex_bias
+                except RuntimeError as e:
+                    logging.debug(f"Network {net.name} layer {network_layer_name}: {e}")  # noqa: LOG015
+                    extra_network_lora.errors[net.name] = extra_network_lora.errors.get(net.name, 0) + 1
+                continue
+
             if module is None:
                 continue
+
+            logging.debug(f"Network {net.name} layer {network_layer_name}: couldn't find supported operation")  # noqa: LOG015
             extra_network_lora.errors[net.name] = extra_network_lora.errors.get(net.name, 0) + 1
+
         self.network_current_names = wanted_names
+
+
+def network_forward(org_module, input, original_forward):  # type: ignore[no-untyped-def]  # noqa: A002
+    """
+    Old way of applying Lora by executing operations during layer's forward.
+    Stacking many loras this way results in big performance degradation.
+    """
+    if len(loaded_networks) == 0:
+        return original_forward(org_module, input)
+    input = devices.cond_cast_unet(input)  # noqa: A001
+    network_restore_weights_from_backup(org_module)
+    network_reset_cached_weight(org_module)
+    y = original_forward(org_module, input)
+    network_layer_name = getattr(org_module, "network_layer_name", None)
+    for lora in loaded_networks:
+        module = lora.modules.get(network_layer_name, None)
+        if module is None:
+            continue
+        y = module.forward(input, y)
+    return y
 
 
 def network_reset_cached_weight(self):  # type: ignore[no-untyped-def]
@@ -298,8 +431,11 @@ def network_reset_cached_weight(self):  # type: ignore[no-untyped-def]
 
 def _forward(name):  # type: ignore[no-untyped-def]
     def forward(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        original_forward = getattr(originals, f"{name}_forward")
+        if name != "MultiheadAttention" and shared.opts.lora_functional:
+            return network_forward(self, *args, original_forward)
         network_apply_weights(self)
-        return getattr(originals, f"{name}_forward")(self, *args, **kwargs)
+        return original_forward(self, *args, **kwargs)
 
     def load_state_dict(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         network_reset_cached_weight(self)
