@@ -389,3 +389,44 @@ def test_fallback_reasons_are_bounded() -> None:
     snap = c.snapshot()
     assert snap["fallback_calls"] == MAX_REASONS + 10 and len(snap["fallback_reasons"]) == MAX_REASONS + 1
     assert snap["fallback_reasons"]["other reasons"] == 10
+
+
+# ---- networks (LoRA) ----------------------------------------------------------------------------------------
+def test_networks_are_refitted_once_per_set_and_a_failure_runs_the_generation_on_pytorch(
+        host: DictHost, svc: EngineService) -> None:
+    server = svc.make_server(option(svc, "sd1-s0"))
+    svc.activate(server, "x")
+    assert host.unet is not None
+    name = next(n for n, _ in host.unet.named_parameters() if n.endswith("attn2.to_v.weight"))
+    new = host.unet.state_dict()[name] * 1.5
+    host.net_key, host.net_weights = ("styleA", 0.8), lambda base: {name: new}
+    p = object()
+    svc.begin(p)
+    svc.apply_networks()
+    x, t, c = inputs(2, 8, 8, 77, context_dim(host))
+    with torch.no_grad():
+        original = host.unet.state_dict()[name].clone()
+        host.unet.state_dict()[name].copy_(new)
+        want = host.unet(x, t, c)
+        host.unet.state_dict()[name].copy_(original)
+    torch.testing.assert_close(server(x, t, c), want, rtol=1e-4, atol=1e-4)
+    assert svc.counters.snapshot()["last_refit"]["weights"] == 1
+    refits = svc.counters.snapshot()["refits"]
+    svc.apply_networks()  # same set again (e.g. the hires pass): nothing to do
+    assert svc.counters.snapshot()["refits"] == refits
+    svc.end(p)
+
+    def broken(base: Any) -> Any:
+        raise ValueError("lora_up has 7 rows, the layer 320")
+
+    host.net_key, host.net_weights = ("broken", 1.0), broken
+    p2 = object()
+    svc.begin(p2)
+    svc.apply_networks()
+    assert torch.equal(server(x, t, c), host.unet(x, t, c))  # this generation: PyTorch
+    assert "could not be put into the engine" in host.told[-1][1] and "7 rows" in host.told[-1][1]
+    svc.end(p2)
+    host.net_key, host.net_weights = (), lambda base: {}
+    svc.begin(object())
+    svc.apply_networks()
+    torch.testing.assert_close(server(x, t, c), host.unet(x, t, c), rtol=1e-4, atol=1e-4)  # next one: engine again

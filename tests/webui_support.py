@@ -29,6 +29,8 @@ class DictHost:
     refreshes: int = 0
     lock: Any = field(default_factory=threading.Lock)
     low: bool = False
+    net_key: Any = ()
+    net_weights: Callable[[Any], Any] = field(default=lambda base: {})
 
     def settings(self) -> Settings:
         return self.settings_
@@ -71,6 +73,12 @@ class DictHost:
 
     def tell_user(self, p: object, text: str) -> None:
         self.told.append((p, text))
+
+    def network_key(self) -> Any:
+        return self.net_key
+
+    def network_weights(self, base: Any) -> Any:
+        return self.net_weights(base)
 
     # ---- helpers for tests ------------------------------------------------------------------------------
     def add_checkpoint(self, path: Path, *, load: bool = False) -> CheckpointRef:
