@@ -14,6 +14,7 @@ from sdtrt.checkpoint import build_unet, file_sha256, open_checkpoint
 from sdtrt.constants import INPUT_CONTEXT, INPUT_SAMPLE, INPUT_TIMESTEPS, INPUT_Y
 from sdtrt.errors import NoMatchingProfile, SdtrtError
 from sdtrt.export import DTYPES
+from sdtrt.lora import LoraSpec
 from sdtrt.profiles import Shape, call_shapes
 from sdtrt.registry import Registry
 from sdtrt.runtime import EngineSession
@@ -47,8 +48,10 @@ def _time(fn: Callable[[], torch.Tensor], repeats: int) -> tuple[torch.Tensor, f
 
 
 def check_engine(cache: Path, engine_id: str, checkpoint: Path, shapes: Sequence[Shape], *,
-                 config: Path | None = None, seed: int = 0, repeats: int = 3) -> list[CheckRow]:
-    """Compare engine and PyTorch UNet at each shape (user units; CFG batch = 2 x images)."""
+                 config: Path | None = None, seed: int = 0, repeats: int = 3,
+                 loras: Sequence[LoraSpec] = ()) -> list[CheckRow]:
+    """Compare engine and PyTorch UNet at each shape (user units; CFG batch = 2 x images), both with the
+    checkpoint's weights (refitted into the engine) and the given LoRAs merged."""
     registry = Registry(cache)
     session = EngineSession.open(registry, engine_id)
     try:
@@ -59,6 +62,15 @@ def check_engine(cache: Path, engine_id: str, checkpoint: Path, shapes: Sequence
                 f"{ckpt.path.name} is {ckpt.info.describe()}"
             )
         session.load_weights(sd, file_sha256(ckpt.path))
+        if loras:
+            from sdtrt.lora import lora_weights, read_lora
+
+            def base(names: Sequence[str]) -> dict[str, torch.Tensor]:
+                return {n: sd[n] for n in names if n in sd}
+
+            changed = lora_weights([(spec, read_lora(spec.path)) for spec in loras], sd.keys(), base)
+            session.apply_deltas(tuple(str(spec) for spec in loras), changed, base)
+            sd = {**sd, **changed}
         dtype = DTYPES[str(session.manifest.key.export.get("dtype", "float32"))]
         device = "cuda" if session.manifest.key.device != "cpu" and torch.cuda.is_available() else "cpu"
         unet = build_unet(ckpt.info, sd).to(device, dtype)

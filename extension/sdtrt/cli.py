@@ -129,10 +129,11 @@ def _check_text(rows: Sequence[Any]) -> str:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from sdtrt.check import check_engine
+    from sdtrt.lora import LoraSpec
     from sdtrt.profiles import Shape
 
     rows = check_engine(args.cache, args.id, args.checkpoint, [Shape.parse(s) for s in args.shape],
-                        config=args.config)
+                        config=args.config, loras=[LoraSpec.parse(x) for x in args.lora])
     _emit(args, {"id": args.id, "rows": [r.to_dict() for r in rows]}, _check_text(rows))
     return 0
 
@@ -213,6 +214,8 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--checkpoint", type=Path, required=True)
     ckpt(sp, positional=False)
     sp.add_argument("--shape", action="append", required=True, help="BxHxWxT; repeat")
+    sp.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                    help="merge a LoRA/LoCon file into both the engine (refit) and the PyTorch UNet; repeat")
     common(sp)
     sp.set_defaults(func=cmd_check)
 
