@@ -95,7 +95,7 @@ def test_diffusers_style_names_map_like_a1111(setup, tiny_checkpoint, tmp_path) 
     assert diffusers_to_compvis("up_blocks_0_upsamplers_0_conv") == "output_blocks_2_1_conv"
     assert diffusers_to_compvis("up_blocks_1_upsamplers_0_conv") == "output_blocks_5_2_conv"
     assert diffusers_to_compvis("time_embedding_linear_2") == "time_embed_2"
-    cache, engine_id, _, _ = setup
+    del setup  # only for the tiny checkpoints
     _, sd = open_checkpoint(tiny_checkpoint("sd1", 0))
     layer = "input_blocks.1.1.proj_in"
     path = write_kohya(tmp_path / "d.safetensors", sd, [layer], names={layer: "down_blocks_0_attentions_0_proj_in"})

@@ -10,9 +10,9 @@ import enum
 import os
 from collections import namedtuple
 
-import torch.nn as nn
 import torch.nn.functional as F
 from modules import hashes, sd_models
+from torch import nn
 
 NetworkWeights = namedtuple("NetworkWeights", ["network_key", "sd_key", "w", "sd_module"])
 metadata_tags_order = {"ss_sd_model_name": 1, "ss_resolution": 2, "ss_clip_skip": 3, "ss_num_train_images": 10}

@@ -261,9 +261,7 @@ def load_networks(names, te_multipliers=None, unet_multipliers=None, dyn_dims=No
 
 
 def allowed_layer_without_weight(layer):  # type: ignore[no-untyped-def]
-    if isinstance(layer, torch.nn.LayerNorm) and not layer.elementwise_affine:
-        return True
-    return False
+    return isinstance(layer, torch.nn.LayerNorm) and not layer.elementwise_affine
 
 
 def store_weights_backup(weight):  # type: ignore[no-untyped-def]
@@ -403,14 +401,14 @@ def network_apply_weights(self):  # type: ignore[no-untyped-def]
         self.network_current_names = wanted_names
 
 
-def network_forward(org_module, input, original_forward):  # type: ignore[no-untyped-def]  # noqa: A002
+def network_forward(org_module, input, original_forward):  # type: ignore[no-untyped-def]
     """
     Old way of applying Lora by executing operations during layer's forward.
     Stacking many loras this way results in big performance degradation.
     """
     if len(loaded_networks) == 0:
         return original_forward(org_module, input)
-    input = devices.cond_cast_unet(input)  # noqa: A001
+    input = devices.cond_cast_unet(input)
     network_restore_weights_from_backup(org_module)
     network_reset_cached_weight(org_module)
     y = original_forward(org_module, input)
