@@ -32,3 +32,22 @@ def tiny_checkpoint(tiny_dir: Path):  # type: ignore[no-untyped-def]
         return made[(family, seed)]
 
     return make
+
+
+#: Profile of the engines the WebUI tests share: 1-4 rows, 64-128 px, 1-2 prompt chunks.
+WEBUI_PROFILE = "1x64x64x75:1x64x64x75:2x128x128x150"
+WEBUI_FAMILIES = ("sd1", "sd1-inpaint", "sd2-v", "sdxl-base", "sdxl-refiner")
+
+
+@pytest.fixture(scope="session")
+def engines(tiny_checkpoint, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:  # type: ignore[no-untyped-def]
+    """One onnxruntime engine per family, built from seed-0 checkpoints into a cache the WebUI tests share."""
+    from sdtrt.pipeline import build_engine
+    from sdtrt.profiles import Profile
+
+    cache = tmp_path_factory.mktemp("engines")
+    ids = {}
+    for family in WEBUI_FAMILIES:
+        out = build_engine(tiny_checkpoint(family, 0), [Profile.parse(WEBUI_PROFILE)], cache, backend="onnxruntime")
+        ids[family] = out.manifest.id
+    return cache, ids

@@ -19,30 +19,15 @@ import torch
 
 import sdtrt.backends.ort
 import sdtrt.export
-import sdtrt.pipeline
 import sdtrt.webui.api
 import sdtrt.webui.service as service_module
+from conftest import WEBUI_PROFILE
 from fakehost import FakeHost
-from sdtrt.profiles import Profile
 
 pytest.importorskip("fastapi")
 
 ROOT = Path(__file__).resolve().parents[1]
-PROFILE = "1x64x64x75:1x64x64x75:2x128x128x150"  # 1-4 rows, 64-128 px, 1-2 prompt chunks
 STEPS = 3
-FAMILIES = ("sd1", "sd1-inpaint", "sd2-v", "sdxl-base", "sdxl-refiner")
-
-
-@pytest.fixture(scope="module")
-def engines(tiny_checkpoint, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:  # type: ignore[no-untyped-def]
-    """One onnxruntime engine per family, built from seed-0 checkpoints into a shared cache."""
-    cache = tmp_path_factory.mktemp("engines")
-    ids = {}
-    for family in FAMILIES:
-        out = sdtrt.pipeline.build_engine(tiny_checkpoint(family, 0), [Profile.parse(PROFILE)], cache,
-                                          backend="onnxruntime")
-        ids[family] = out.manifest.id
-    return cache, ids
 
 
 @pytest.fixture
@@ -277,7 +262,7 @@ def test_rest_api_build_then_generate_then_delete(boot, tiny_checkpoint, tmp_pat
     anon = host.client()
     assert anon.get("/sdtrt/v1/engines").status_code == 401
     client = host.client(auth=("ops", "pw"))
-    r = client.post("/sdtrt/v1/engines", json={"checkpoint": "sd1-s0", "profiles": [PROFILE],
+    r = client.post("/sdtrt/v1/engines", json={"checkpoint": "sd1-s0", "profiles": [WEBUI_PROFILE],
                                                "backend": "onnxruntime"})
     assert r.status_code == 202, r.text
     job_id = r.json()["job_id"]
