@@ -92,7 +92,7 @@ def generate(host: WebUIHost, sd_unet: str, **kw: Any) -> tuple[dict[str, Any], 
     """(response, pixels, counter deltas) of one 64x64 Euler txt2img with `sd_unet` set for this request only."""
     override = {"sd_unet": sd_unet, **kw.pop("override_settings", {})}
     before = counters(host)
-    out = host.txt2img(PROMPT, steps=STEPS, width=64, height=64, sampler="Euler", seed=SEED,
+    out = host.txt2img(kw.pop("prompt", PROMPT), steps=STEPS, width=64, height=64, sampler="Euler", seed=SEED,
                        override_settings=override, **kw)
     after = counters(host)
     delta = {k: after[k] - before[k] for k in ("engine_calls", "fallback_calls", "refits")}
