@@ -68,8 +68,12 @@ def _parse_profiles(specs: Sequence[str]) -> list[Any]:
 def cmd_build(args: argparse.Namespace) -> int:
     from sdtrt.pipeline import build_engine
 
+    from sdtrt.backends.base import BuildOptions
+
+    options = BuildOptions(refit=not args.no_refit, strip_weights=not (args.no_strip or args.no_refit),
+                           cache_dir=Path(args.cache) / ".cache")
     outcome = build_engine(args.checkpoint, _parse_profiles(args.profile), args.cache, config=args.config,
-                           backend=args.backend, dtype=args.dtype, progress=_progress(args))
+                           backend=args.backend, dtype=args.dtype, options=options, progress=_progress(args))
     m = outcome.manifest
     data = {"id": m.id, "built": outcome.built, "manifest": m.to_dict()}
     _emit(args, data, m.id)
@@ -197,6 +201,10 @@ def parser() -> argparse.ArgumentParser:
                     help="BxHxWxT or min:opt:max (batch = images, pixels, tokens); repeat for more profiles")
     sp.add_argument("--dtype", choices=("float32", "float16"), default=None,
                     help="graph precision (default: float32 on CPU, float16 on GPUs)")
+    sp.add_argument("--no-strip", action="store_true",
+                    help="keep the weights in the TensorRT plan (default: weight-stripped, filled by refit at load)")
+    sp.add_argument("--no-refit", action="store_true",
+                    help="a non-refittable engine: no checkpoint switching or LoRA, possibly faster")
     common(sp)
     sp.set_defaults(func=cmd_build)
 
