@@ -134,3 +134,17 @@ def test_bad_lora_files_say_what_is_wrong(setup, tiny_checkpoint, tmp_path) -> N
     save_file({"lora_unet_input_blocks_1_1_proj_in.hada_w1_a": torch.zeros(2, 2)}, str(loha))
     with pytest.raises(LoraError, match="LoHa network.*WebUI"):
         run(loha)
+
+
+def test_refit_bench_counts_on_a_small_unet(monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    """The benchmark's bookkeeping (its timings are reported, never asserted)."""
+    from sdtrt import bench
+    from sdtrt.tiny import TINY
+
+    monkeypatch.setitem(bench.FULL_SPECS, "sd15", TINY["sd1"][0])
+    r = bench.refit_bench("sd15", rank=4)
+    assert r.lora_layers > 0 and r.weights_touched == r.lora_layers
+    assert r.switch_weights_touched == r.lora_layers  # B's half plus A's other half restored
+    assert r.bytes_touched > 0 and r.compute_s >= 0
+    assert main(["bench", "refit", "--family", "sd15", "--rank", "4", "--device", "cpu", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["refit"][0]["family"] == "sd15"

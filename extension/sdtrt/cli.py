@@ -142,6 +142,17 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from sdtrt.bench import format_refit, refit_bench, to_dicts
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    rows = [refit_bench(f, rank=args.rank, device=device) for f in (args.family or ["sd15", "sdxl"])]
+    _emit(args, {"refit": to_dicts(rows)}, format_refit(rows))
+    return 0
+
+
 #: The demo's profile and shapes: batches 1-4, sizes that are multiples of 8 but not of 64, 75 and 150 tokens.
 DEMO_PROFILE = "1x64x64x75:2x128x192x75:4x256x256x150"
 DEMO_SHAPES = ("1x64x64x75", "2x136x200x150", "4x256x248x75")
@@ -226,6 +237,14 @@ def parser() -> argparse.ArgumentParser:
                     help="merge a LoRA/LoCon file into both the engine (refit) and the PyTorch UNet; repeat")
     common(sp)
     sp.set_defaults(func=cmd_check)
+
+    sp = sub.add_parser("bench", help="benchmarks (numbers measured in one run)")
+    sp.add_argument("what", choices=("refit",), help="refit: host-side cost of a LoRA on a full-size UNet")
+    sp.add_argument("--family", action="append", choices=("sd15", "sdxl"), default=None)
+    sp.add_argument("--rank", type=int, default=32)
+    sp.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    sp.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    sp.set_defaults(func=cmd_bench)
 
     sp = sub.add_parser("demo", help="build an engine for an embedded tiny model and check it")
     sp.add_argument("checkpoint", type=Path, nargs="?", default=None)
