@@ -116,8 +116,8 @@ def refit_bench(family: str, rank: int = 32, device: str = "cpu", dtype: torch.d
 
 
 def format_refit(rows: Sequence[RefitBench]) -> str:
-    lines = ["family  device dtype    weights  GiB   rank layers  compute_s  plan_s  touched  MiB     switch_s "
-             "switch_touched"]
+    lines = [("family  device dtype    weights  GiB   rank layers  compute_s  plan_s  touched  MiB     switch_s "
+              "switch_touched")]
     for r in rows:
         lines.append(f"{r.family:7} {r.device:6} {r.dtype:8} {r.unet_weights:7} {r.unet_bytes / 2**30:5.2f} "
                      f"{r.rank:4} {r.lora_layers:6} {r.compute_s:9.3f} {r.plan_s:7.4f} {r.weights_touched:7} "

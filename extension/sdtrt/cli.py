@@ -66,9 +66,8 @@ def _parse_profiles(specs: Sequence[str]) -> list[Any]:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from sdtrt.pipeline import build_engine
-
     from sdtrt.backends.base import BuildOptions
+    from sdtrt.pipeline import build_engine
 
     options = BuildOptions(refit=not args.no_refit, strip_weights=not (args.no_strip or args.no_refit),
                            cache_dir=Path(args.cache) / ".cache")
