@@ -89,7 +89,7 @@ def test_bad_loras_still_generate(boot, tiny_checkpoint) -> None:  # type: ignor
     lora_dir = host.data_dir / "models" / "Lora"
     lora_dir.mkdir(parents=True, exist_ok=True)
     for how in ("truncated", "wrong-family", "unknown-keys"):
-        lora_files.write_broken_lora(lora_dir / f"bad-{how}.safetensors", read_unet_state_dict(ckpt), how)
+        lora_files.write_broken_lora(lora_dir / f"bad-{how}.safetensors", how, read_unet_state_dict(ckpt))
         reference, _ = run(host, f"a cat <lora:bad-{how}:1>", unet="None")
         result, _ = run(host, f"a cat <lora:bad-{how}:1>")
         assert_close(result.latents, reference.latents)
