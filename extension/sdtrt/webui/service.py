@@ -300,12 +300,15 @@ class EngineService:
         if ref is None:
             return None
         sha = self.checkpoint_sha256(ref) or f"loaded:{ref.title}"
+        device = str(host.device()) if host.device().type == "cuda" else "cpu"
 
         def load(names: Sequence[str] | None) -> Mapping[str, torch.Tensor]:
             if ref.filename.endswith(".safetensors"):
                 from sdtrt.checkpoint import read_unet_state_dict
 
-                return read_unet_state_dict(Path(ref.filename), names=names)
+                # straight to the GPU when there is one: A1111's LoRA maths then runs there, and the refitter
+                # takes device memory
+                return read_unet_state_dict(Path(ref.filename), device=device, names=names)
             unet = host.torch_unet()
             if unet is None:
                 raise SdtrtError("no model is loaded to take weights from")
@@ -490,13 +493,21 @@ class EngineService:
             active = {"label": self.active_label, "engines": [slot.id for slot in self.active.slots],
                       "loaded": [slot.id for slot in self.active.slots if slot.session is not None],
                       "backends": sorted({slot.manifest.key.backend for slot in self.active.slots}),
-                      "unusable": self.active.unusable}
+                      "unusable": self.active.unusable,
+                      "networks": _describe_networks(self.active.networks.key if self.active.networks else ())}
         jobs = self.jobs.list()
         return {
             "enabled": s.enabled, "backend": s.backend, "fallback": s.fallback,
             "cache_dir": str(self.registry().root), "active": active, "counters": self.counters.snapshot(),
             "jobs": {"queued": sum(j.state == "queued" for j in jobs), "running": sum(j.state == "running" for j in jobs)},
         }
+
+
+def _describe_networks(key: object) -> list[str]:
+    """The active network set for /status: A1111's key is a tuple of (name, strength, ...) tuples."""
+    if not isinstance(key, tuple):
+        return [str(key)]
+    return [":".join(map(str, k[:2])) if isinstance(k, tuple) else str(k) for k in key]
 
 
 _SERVICE: EngineService | None = None
