@@ -267,26 +267,33 @@ def on_model_loaded(sd_model: Any) -> None:
             log.exception("sdtrt: re-applying SD Unet after a model load failed")
 
 
-def on_ui_settings() -> None:
+SECTION = ("sdtrt", "TensorRT")
+
+
+def setting_infos() -> dict[str, Any]:
     try:
         import gradio as gr
 
         dropdown, radio = gr.Dropdown, gr.Radio
     except ImportError:  # API-only hosts without gradio: the settings still exist, with default components
         dropdown = radio = None
-    section = ("sdtrt", "TensorRT")
-    options = {
+    return {
         H.OPT_ENABLED: shared.OptionInfo(True, "Run the UNet on TensorRT engines when an engine is selected in "
-                                         "SD Unet (off: PyTorch, as without this extension)", section=section),
+                                         "SD Unet (off: PyTorch, as without this extension)", section=SECTION),
         H.OPT_BACKEND: shared.OptionInfo("auto", "Engine backend", dropdown,
-                                         {"choices": list(H.BACKEND_CHOICES)}, section=section),
+                                         {"choices": list(H.BACKEND_CHOICES)}, section=SECTION),
         H.OPT_CACHE_DIR: shared.OptionInfo("", "Engine cache folder (empty: models/Unet-sdtrt or $SDTRT_CACHE); "
-                                           "may be shared between machines", section=section,
+                                           "may be shared between machines", section=SECTION,
                                            onchange=service().refresh_list),
         H.OPT_FALLBACK: shared.OptionInfo("pytorch", "When no engine profile covers a UNet call", radio,
-                                          {"choices": list(H.FALLBACK_CHOICES)}, section=section),
+                                          {"choices": list(H.FALLBACK_CHOICES)}, section=SECTION),
     }
-    for key, info in options.items():
+
+
+def on_ui_settings() -> None:
+    """Registered here (always seen, also after Reload UI) and at import below (so that `GET /sdapi/v1/options`
+    lists them in --nowebui too: A1111 builds its options model before on_ui_settings runs there)."""
+    for key, info in setting_infos().items():
         shared.opts.add_option(key, info)
 
 
@@ -325,6 +332,8 @@ def on_script_unloaded() -> None:
 
 
 service().attach(A1111Host())
+if getattr(shared, "options_templates", None) is not None and hasattr(shared, "options_section"):
+    shared.options_templates.update(shared.options_section(SECTION, setting_infos()))
 script_callbacks.on_list_unets(on_list_unets)
 script_callbacks.on_model_loaded(on_model_loaded)
 script_callbacks.on_ui_settings(on_ui_settings)

@@ -292,6 +292,10 @@ def test_settings_are_registered_in_their_section(boot, tiny_checkpoint) -> None
     for key in ("sdtrt_enabled", "sdtrt_backend", "sdtrt_cache_dir", "sdtrt_fallback"):
         assert labels[key].section[0] == "sdtrt"
     assert labels["sdtrt_backend"].default == "auto"
+    options = host.client().get("/sdapi/v1/options").json()  # --nowebui: only import-time settings get through
+    assert options["sdtrt_enabled"] is True and options["sdtrt_fallback"] == "pytorch"
+    host.reload_ui()
+    assert host.opts.data_labels["sdtrt_fallback"].section[0] == "sdtrt"  # still there after Reload UI
 
 
 # ---- nothing survives a failure -------------------------------------------------------------------------------
