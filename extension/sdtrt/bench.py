@@ -1,5 +1,9 @@
 """Benchmarks (`python -m sdtrt bench ...`): measured in one run, reported as numbers, never asserted by tests.
 
+latency: per UNet call, the engine against the PyTorch UNet (SDPA attention, the way A1111 runs it) on the same
+inputs in one run: median and p10-p90, the ratio, it/s, the host overhead of our serving layer, build and full
+refit time, peak device memory on GPUs. JSON and a PNG chart.
+
 refit: what a LoRA costs on the host side for a full-size UNet (random weights, nothing downloaded): computing the
 new weights of a rank-r LoRA on every attention and feed-forward Linear, planning the refit, and the size of what
 would be sent to the engine; then switching to another LoRA (the previous one's weights restored).
@@ -8,9 +12,10 @@ would be sent to the engine; then switching to another LoRA (the previous one's 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -127,3 +132,181 @@ def format_refit(rows: Sequence[RefitBench]) -> str:
 
 def to_dicts(rows: Sequence[RefitBench]) -> list[dict[str, object]]:
     return [asdict(r) for r in rows]
+
+
+# ---- latency: engine vs PyTorch per UNet call --------------------------------------------------------------------
+#: name -> (spec, pixel size). tiny/small for CPUs; the full-size ones are for GPUs (random weights, no download).
+LATENCY_MODELS: dict[str, tuple[UNetSpec, int]] = {
+    "tiny": (standard_spec(num_heads=2), 64),
+    "small": (standard_spec(model_channels=64, channel_mult=(1, 2, 4), transformer_depth=(1, 1, 1), num_heads=4),
+              256),
+    "sd15": (FULL_SPECS["sd15"], 512),
+    "sd21": (standard_spec(model_channels=320, channel_mult=(1, 2, 4, 4), num_res_blocks=2,
+                           transformer_depth=(1, 1, 1, 0), transformer_depth_middle=1, context_dim=1024,
+                           use_linear=True, num_head_channels=64), 768),
+    "sdxl": (FULL_SPECS["sdxl"], 1024),
+}
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+
+    @classmethod
+    def of(cls, samples: Sequence[float]) -> Timing:
+        s = sorted(samples)
+
+        def q(f: float) -> float:
+            return s[min(len(s) - 1, int(f * len(s)))] * 1000
+
+        return cls(q(0.5), q(0.1), q(0.9))
+
+
+@dataclass(frozen=True)
+class LatencyRow:
+    model: str
+    pixels: int
+    batch: int  # images; the UNet call has 2 x batch rows (CFG)
+    backend: str
+    device: str
+    dtype: str
+    torch: Timing
+    engine: Timing
+    ratio: float  # engine / torch median; < 1 is faster
+    torch_it_s: float  # sampler steps per second if every step is one such call
+    engine_it_s: float
+    host_overhead_ms: float  # our layer around the backend call (profile choice, feeds, counters), per call
+    build_s: float
+    refit_s: float
+    torch_peak_bytes: int | None
+    engine_peak_bytes: int | None
+
+
+def write_checkpoint(spec: UNetSpec, directory: Path, seed: int = 0) -> Path:
+    """A random-weight A1111-layout checkpoint (+ yaml) of any UNet spec."""
+    from safetensors.torch import save_file
+
+    from sdtrt.constants import UNET_PREFIX
+    from sdtrt.tiny import _yaml, randomize_
+
+    directory.mkdir(parents=True, exist_ok=True)
+    unet = randomize_(UNetModel(spec), seed)
+    path = directory / f"bench-{seed}.safetensors"
+    save_file({UNET_PREFIX + k: v.contiguous() for k, v in unet.state_dict().items()}, str(path))
+    path.with_suffix(".yaml").write_text(_yaml(spec, "eps"), encoding="utf-8")
+    return path
+
+
+def _timed(fn: Callable[[], object], repeats: int, device: str) -> list[float]:
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    for _ in range(2):
+        fn()
+    out = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def latency_bench(model: str, batch: int, work: Path, *, backend: str = "auto", repeats: int = 10
+                  ) -> LatencyRow:
+    from sdtrt.checkpoint import build_unet, open_checkpoint
+    from sdtrt.pipeline import build_engine
+    from sdtrt.profiles import Profile, Shape, call_shapes
+    from sdtrt.registry import Registry
+    from sdtrt.runtime import EngineSession
+    from sdtrt.webui.serving import Counters, EngineSlot, UnetServer
+
+    spec, pixels = LATENCY_MODELS[model]
+    ckpt = write_checkpoint(spec, work / model)
+    shape = Shape(batch, pixels, pixels, 75)
+    t0 = time.perf_counter()
+    out = build_engine(ckpt, [Profile.static(shape)], work / "cache", backend=backend)
+    build_s = time.perf_counter() - t0
+    m = out.manifest
+    device = "cpu" if m.key.device == "cpu" else "cuda"
+    dtype = torch.float32 if m.key.export.get("dtype") == "float32" else torch.float16
+    info, sd = open_checkpoint(ckpt)
+    session = EngineSession.open(Registry(work / "cache"), m.id)
+    try:
+        t0 = time.perf_counter()
+        session.load_weights(sd, "refit-timing")  # a full refit with every weight, as a checkpoint switch does
+        refit_s = time.perf_counter() - t0
+        unet = build_unet(info.info, sd).to(device, dtype)
+        dims = call_shapes(shape, session.io)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(dims["sample"], generator=g).to(device, dtype)
+        t = torch.full(dims["timesteps"], 500.0, device=device)
+        c = torch.randn(dims["encoder_hidden_states"], generator=g).to(device, dtype)
+        y = torch.randn(dims["y"], generator=g).to(device, dtype) if "y" in dims else None
+        peak = device.startswith("cuda")
+        if peak:
+            torch.cuda.reset_peak_memory_stats()
+        with torch.no_grad():
+            torch_s = _timed(lambda: unet(x, t, c, y=y), repeats, device)
+        torch_peak = torch.cuda.max_memory_allocated() if peak else None
+        unet.to("cpu")  # out of the way of the engine's measurement
+        if peak:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        feeds = {"sample": x, "timesteps": t, "encoder_hidden_states": c, **({"y": y} if y is not None else {})}
+        engine_s = _timed(lambda: session.runner.infer(feeds, 0), repeats, device)
+        engine_peak = torch.cuda.max_memory_allocated() if peak else None
+        # our layer alone: the same server path with the backend call replaced by returning its last output
+        last = session.runner.infer(feeds, 0)
+        stub = SimpleNamespace(runner=SimpleNamespace(infer=lambda feeds, index: last))
+        slot = EngineSlot(m, lambda _id: stub)  # type: ignore[arg-type, return-value]
+        server = UnetServer([slot], fallback=lambda *a, **k: x, counters=Counters(), notify=lambda r: None)
+        kwargs = {"y": y} if y is not None else {}
+        served_s = _timed(lambda: server(x, t, c, **kwargs), max(200, repeats), device)
+    finally:
+        session.close()
+    te, tt, ts = Timing.of(engine_s), Timing.of(torch_s), Timing.of(served_s)
+    return LatencyRow(model, pixels, batch, m.key.backend, device, str(dtype).replace("torch.", ""), tt, te,
+                      te.median_ms / tt.median_ms, 1000 / tt.median_ms, 1000 / te.median_ms,
+                      ts.median_ms, build_s, refit_s, torch_peak, engine_peak)
+
+
+def format_latency(rows: Sequence[LatencyRow]) -> str:
+    lines = [("model  px    batch backend      device dtype    torch_ms (p10-p90)   engine_ms (p10-p90)  ratio  "
+              "overhead_ms build_s refit_s")]
+    for r in rows:
+        lines.append(
+            f"{r.model:6} {r.pixels:5} {r.batch:5} {r.backend:12} {r.device:6} {r.dtype:8} "
+            f"{r.torch.median_ms:8.2f} ({r.torch.p10_ms:.1f}-{r.torch.p90_ms:.1f}) "
+            f"{r.engine.median_ms:8.2f} ({r.engine.p10_ms:.1f}-{r.engine.p90_ms:.1f}) {r.ratio:6.3f} "
+            f"{r.host_overhead_ms:11.3f} {r.build_s:7.1f} {r.refit_s:7.2f}")
+    return "\n".join(lines)
+
+
+def latency_chart(rows: Sequence[LatencyRow], path: Path) -> Path:
+    """A bar chart (PIL only): per row, PyTorch and engine median ms per UNet call, with the ratio."""
+    from PIL import Image, ImageDraw
+
+    width, bar_h, gap, left = 900, 18, 14, 220
+    height = 40 + len(rows) * (2 * bar_h + gap) + 30
+    img = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(img)
+    d.text((10, 10), "UNet call latency, median ms (shorter is faster); label: model px, images x2 (CFG)", fill="black")
+    top = max((max(r.torch.median_ms, r.engine.median_ms) for r in rows), default=1.0)
+    scale = (width - left - 120) / top
+    y0 = 40
+    for r in rows:
+        d.text((10, y0 + bar_h // 2), f"{r.model} {r.pixels}px b{r.batch} {r.device}", fill="black")
+        for i, (label, ms, color) in enumerate((("PyTorch", r.torch.median_ms, (120, 120, 120)),
+                                                (r.backend, r.engine.median_ms, (46, 125, 50)))):
+            y = y0 + i * bar_h
+            d.rectangle([left, y, left + max(1, int(ms * scale)), y + bar_h - 3], fill=color)
+            d.text((left + int(ms * scale) + 6, y + 2), f"{label} {ms:.2f} ms" + (f"  x{r.ratio:.2f}" if i else ""),
+                   fill="black")
+        y0 += 2 * bar_h + gap
+    img.save(path)
+    return path

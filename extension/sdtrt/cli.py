@@ -147,8 +147,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from sdtrt.bench import format_refit, refit_bench, to_dicts
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    rows = [refit_bench(f, rank=args.rank, device=device) for f in (args.family or ["sd15", "sdxl"])]
-    _emit(args, {"refit": to_dicts(rows)}, format_refit(rows))
+    if args.what == "refit":
+        rows = [refit_bench(f, rank=args.rank, device=device) for f in (args.family or ["sd15", "sdxl"])]
+        _emit(args, {"refit": to_dicts(rows)}, format_refit(rows))
+        return 0
+    from sdtrt.bench import LATENCY_MODELS, format_latency, latency_bench, latency_chart
+
+    models = args.model or (["sd15", "sd21", "sdxl"] if device == "cuda" else ["tiny", "small"])
+    unknown = sorted(set(models) - set(LATENCY_MODELS))
+    if unknown:
+        raise SdtrtError(f"unknown model {unknown}; choose from {', '.join(LATENCY_MODELS)}")
+    with tempfile.TemporaryDirectory(prefix="sdtrt-bench-") as tmp:
+        lat = [latency_bench(m, b, Path(tmp), backend=args.backend, repeats=args.repeats)
+               for m in models for b in (args.batch or [1, 4])]
+    chart = str(latency_chart(lat, args.chart)) if args.chart else None
+    _emit(args, {"latency": to_dicts(lat), "chart": chart, "torch": torch.__version__},
+          format_latency(lat) + (f"\nchart: {chart}" if chart else ""))
     return 0
 
 
@@ -238,9 +252,16 @@ def parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_check)
 
     sp = sub.add_parser("bench", help="benchmarks (numbers measured in one run)")
-    sp.add_argument("what", choices=("refit",), help="refit: host-side cost of a LoRA on a full-size UNet")
-    sp.add_argument("--family", action="append", choices=("sd15", "sdxl"), default=None)
-    sp.add_argument("--rank", type=int, default=32)
+    sp.add_argument("what", choices=("latency", "refit"),
+                    help="latency: engine vs PyTorch per UNet call; refit: host-side cost of a LoRA")
+    sp.add_argument("--family", action="append", choices=("sd15", "sdxl"), default=None, help="refit: UNets")
+    sp.add_argument("--rank", type=int, default=32, help="refit: LoRA rank")
+    sp.add_argument("--model", action="append", default=None,
+                    help="latency: tiny, small (CPU default), sd15, sd21, sdxl (GPU default); repeat")
+    sp.add_argument("--batch", action="append", type=int, default=None, help="latency: images (default 1 and 4)")
+    sp.add_argument("--backend", choices=("auto", *NAMES), default="auto")
+    sp.add_argument("--repeats", type=int, default=10)
+    sp.add_argument("--chart", type=Path, default=None, help="latency: write a PNG chart here")
     sp.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     sp.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     sp.set_defaults(func=cmd_bench)

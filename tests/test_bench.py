@@ -1,0 +1,34 @@
+"""`python -m sdtrt bench latency` runs on a CPU with the tiny model and reports what issue 5 asks for (timings are
+reported, never asserted)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from PIL import Image
+
+from sdtrt.cli import main
+
+
+def test_latency_bench_json_and_chart(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    chart = tmp_path / "latency.png"
+    code = main(["bench", "latency", "--model", "tiny", "--batch", "1", "--batch", "2", "--repeats", "3",
+                 "--backend", "onnxruntime", "--device", "cpu", "--chart", str(chart), "--json"])
+    assert code == 0
+    data = json.loads(capsys.readouterr().out)
+    rows = data["latency"]
+    assert [(r["model"], r["batch"]) for r in rows] == [("tiny", 1), ("tiny", 2)]
+    for r in rows:
+        assert r["ratio"] > 0 and r["engine"]["median_ms"] > 0 and r["torch"]["median_ms"] > 0
+        assert abs(r["ratio"] - r["engine"]["median_ms"] / r["torch"]["median_ms"]) < 1e-9
+        assert r["engine"]["p10_ms"] <= r["engine"]["median_ms"] <= r["engine"]["p90_ms"]
+        assert 0 < r["host_overhead_ms"] < r["engine"]["median_ms"]
+        assert r["build_s"] > 0 and r["refit_s"] > 0 and r["backend"] == "onnxruntime"
+    with Image.open(chart) as img:
+        assert img.size[0] == 900 and img.size[1] > 100
+
+
+def test_unknown_model_is_an_error(capsys) -> None:  # type: ignore[no-untyped-def]
+    assert main(["bench", "latency", "--model", "sd9", "--device", "cpu"]) == 1
+    assert "unknown model" in capsys.readouterr().err
