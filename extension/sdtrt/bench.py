@@ -19,10 +19,11 @@ from types import SimpleNamespace
 
 import torch
 
+from sdtrt.check import timed_samples
 from sdtrt.constants import SD1_CONTEXT_DIM, SDXL_BASE_CONTEXT_DIM, SDXL_BASE_Y_WIDTH
 from sdtrt.lora import LoraSpec, lora_weights
 from sdtrt.refit import WeightTracker
-from sdtrt.tiny import standard_spec
+from sdtrt.tiny import standard_spec, write_checkpoint
 from sdtrt.unet import UNetModel, UNetSpec
 
 #: Full-size UNets as their LDM/SGM configs lay them out.
@@ -184,36 +185,11 @@ class LatencyRow:
     engine_peak_bytes: int | None
 
 
-def write_checkpoint(spec: UNetSpec, directory: Path, seed: int = 0) -> Path:
-    """A random-weight A1111-layout checkpoint (+ yaml) of any UNet spec."""
-    from safetensors.torch import save_file
-
-    from sdtrt.constants import UNET_PREFIX
-    from sdtrt.tiny import _yaml, randomize_
-
-    directory.mkdir(parents=True, exist_ok=True)
-    unet = randomize_(UNetModel(spec), seed)
-    path = directory / f"bench-{seed}.safetensors"
-    save_file({UNET_PREFIX + k: v.contiguous() for k, v in unet.state_dict().items()}, str(path))
-    path.with_suffix(".yaml").write_text(_yaml(spec, "eps"), encoding="utf-8")
-    return path
-
-
 def _timed(fn: Callable[[], object], repeats: int, device: str) -> list[float]:
-    def sync() -> None:
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-
+    """Seconds per call after two warm-up calls, synchronising the GPU around each call."""
     for _ in range(2):
         fn()
-    out = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        out.append(time.perf_counter() - t0)
-    return out
+    return timed_samples(fn, repeats, sync=device.startswith("cuda"))
 
 
 def latency_bench(model: str, batch: int, work: Path, *, backend: str = "auto", repeats: int = 10
@@ -226,7 +202,7 @@ def latency_bench(model: str, batch: int, work: Path, *, backend: str = "auto", 
     from sdtrt.webui.serving import Counters, EngineSlot, UnetServer
 
     spec, pixels = LATENCY_MODELS[model]
-    ckpt = write_checkpoint(spec, work / model)
+    ckpt = write_checkpoint(spec, work / model, "bench-0")
     shape = Shape(batch, pixels, pixels, 75)
     t0 = time.perf_counter()
     out = build_engine(ckpt, [Profile.static(shape)], work / "cache", backend=backend)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -33,18 +34,24 @@ class CheckRow:
         return asdict(self)
 
 
-def _time(fn: Callable[[], torch.Tensor], repeats: int) -> tuple[torch.Tensor, float]:
-    out = fn()  # warm-up (and the result we compare)
-    times = []
+def timed_samples(fn: Callable[[], object], repeats: int, *, sync: bool) -> list[float]:
+    """Seconds of each of `repeats` calls; with `sync`, the GPU is synchronised before and after each."""
+    out = []
     for _ in range(repeats):
-        if torch.cuda.is_available():
+        if sync:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         fn()
-        if torch.cuda.is_available():
+        if sync:
             torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1000)
-    return out, statistics.median(times)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def _time(fn: Callable[[], torch.Tensor], repeats: int) -> tuple[torch.Tensor, float]:
+    out = fn()  # warm-up (and the result we compare)
+    times = timed_samples(fn, repeats, sync=torch.cuda.is_available())
+    return out, statistics.median(times) * 1000
 
 
 def check_engine(cache: Path, engine_id: str, checkpoint: Path, shapes: Sequence[Shape], *,
@@ -88,8 +95,8 @@ def check_engine(cache: Path, engine_id: str, checkpoint: Path, shapes: Sequence
             c = torch.randn(dims[INPUT_CONTEXT], generator=g).to(device, dtype)
             y = torch.randn(dims[INPUT_Y], generator=g).to(device, dtype) if INPUT_Y in dims else None
             with torch.no_grad():
-                ref, torch_ms = _time(lambda x=x, t=t, c=c, y=y: unet(x, t, c, y=y), repeats)
-                out, engine_ms = _time(lambda x=x, t=t, c=c, y=y: session(x, t, c, y), repeats)
+                ref, torch_ms = _time(functools.partial(unet, x, t, c, y=y), repeats)
+                out, engine_ms = _time(functools.partial(session, x, t, c, y), repeats)
             diff = (out.float().to(ref.device) - ref.float()).abs().max().item()
             scale = ref.float().abs().max().item()
             rows.append(CheckRow(str(shape), diff, scale, diff / scale if scale else float("inf"), torch_ms,

@@ -14,9 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from sdtrt.constants import CACHE_ENV
 from sdtrt.errors import SdtrtError
-
-CACHE_ENV = "SDTRT_CACHE"
 
 
 def default_cache() -> Path:

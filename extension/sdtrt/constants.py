@@ -33,5 +33,8 @@ INPUT_CONTEXT = "encoder_hidden_states"
 INPUT_Y = "y"
 OUTPUT_LATENT = "latent"
 
+#: Environment variable naming the engine cache folder (CLI default, WebUI default when its setting is empty).
+CACHE_ENV = "SDTRT_CACHE"
+
 #: Schema version of the on-disk manifests.
 MANIFEST_SCHEMA = 1

@@ -11,7 +11,7 @@ import torch
 from sdtrt.backends import backend_class
 from sdtrt.backends.base import EngineRunner
 from sdtrt.constants import INPUT_CONTEXT, INPUT_SAMPLE, INPUT_TIMESTEPS, INPUT_Y
-from sdtrt.errors import NoMatchingProfile, StaleEngine
+from sdtrt.errors import NoMatchingProfile, RefitError, StaleEngine
 from sdtrt.profiles import Dims, Profile, TensorIO, TensorRange, engine_ranges, select_profile
 from sdtrt.refit import BaseLoader, RefitPlan, WeightTracker
 from sdtrt.registry import Manifest, Registry
@@ -53,8 +53,6 @@ class EngineSession:
         names = self.runner.weight_names()
         missing = sorted(names - set(state_dict))
         if missing:
-            from sdtrt.errors import RefitError
-
             raise RefitError(f"the checkpoint lacks {len(missing)} engine weights, e.g. {missing[:3]}")
         self.runner.refit({n: state_dict[n] for n in names})
         self.weights_from = checkpoint_sha256
@@ -67,15 +65,11 @@ class EngineSession:
         the checkpoint in `weights_from`. Returns the applied plan, None when nothing to do. On a RefitError the
         engine's weights are unknown: the caller must reload it."""
         if self.weights_from is None:
-            from sdtrt.errors import RefitError
-
             raise RefitError("the engine holds no checkpoint weights yet; load a checkpoint's weights first")
         if key == self.deltas.key:
             return None
         unknown = sorted(set(deltas) - self.runner.weight_names())
         if unknown:
-            from sdtrt.errors import RefitError
-
             raise RefitError(f"{len(unknown)} weight updates name no engine weight, e.g. {unknown[:3]}")
         plan = self.deltas.plan(key, deltas, base)
         if plan is None:

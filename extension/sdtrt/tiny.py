@@ -95,17 +95,23 @@ def _yaml(spec: UNetSpec, parameterization: str) -> str:
             "    unet_config:\n      target: ldm.modules.diffusionmodules.openaimodel.UNetModel\n" + unet)
 
 
-def write_tiny_checkpoint(name: str, directory: Path, seed: int = 0, *, stem: str | None = None) -> Path:
-    """Write `<stem>.safetensors` (A1111 key layout) and `<stem>.yaml` beside it; returns the checkpoint path."""
+def write_checkpoint(spec: UNetSpec, directory: Path, stem: str, seed: int = 0, parameterization: str = "eps"
+                     ) -> Path:
+    """Write a random-weight `<stem>.safetensors` (A1111 key layout) of any UNet spec and `<stem>.yaml` beside it;
+    returns the checkpoint path."""
     from safetensors.torch import save_file
 
-    spec, param = TINY[name]
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    stem = stem or f"tiny-{name}"
-    unet = tiny_unet(name, seed)
+    unet = randomize_(UNetModel(spec).eval().requires_grad_(False), seed)
     sd = {UNET_PREFIX + k: v.contiguous() for k, v in unet.state_dict().items()}
     path = directory / f"{stem}.safetensors"
     save_file(sd, str(path), metadata={"format": "pt"})
-    path.with_suffix(".yaml").write_text(_yaml(spec, param), encoding="utf-8")
+    path.with_suffix(".yaml").write_text(_yaml(spec, parameterization), encoding="utf-8")
     return path
+
+
+def write_tiny_checkpoint(name: str, directory: Path, seed: int = 0, *, stem: str | None = None) -> Path:
+    """A tiny checkpoint of family `name` (see TINY) with its yaml; returns the checkpoint path."""
+    spec, param = TINY[name]
+    return write_checkpoint(spec, directory, stem or f"tiny-{name}", seed, param)

@@ -15,6 +15,8 @@ from typing import Any, Protocol
 
 import torch
 
+from sdtrt.constants import CACHE_ENV
+
 #: Setting keys (A1111 `shared.opts`) and their defaults. One place for both.
 OPT_ENABLED = "sdtrt_enabled"
 OPT_BACKEND = "sdtrt_backend"
@@ -24,7 +26,6 @@ OPT_FALLBACK = "sdtrt_fallback"
 BACKEND_CHOICES = ("auto", "tensorrt", "tensorrt-rtx", "onnxruntime")
 #: pytorch: run calls no engine covers on the PyTorch UNet and say so once; error: fail the generation instead.
 FALLBACK_CHOICES = ("pytorch", "error")
-CACHE_ENV = "SDTRT_CACHE"
 
 #: Label prefix of our entries in the SD Unet dropdown.
 LABEL_PREFIX = "[TRT]"

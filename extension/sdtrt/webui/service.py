@@ -112,18 +112,24 @@ class EngineService:
             return self._infos[name]
 
     # ---- engine table -------------------------------------------------------------------------------------
-    def engine_rows(self) -> list[dict[str, Any]]:
-        """Every engine in the cache with ok/stale and the reason, for the tab and GET /engines."""
-        rows = []
+    def _checked(self) -> list[tuple[str, Manifest | None, str | None]]:
+        """(id, manifest, why it cannot run here or None) for every engine in the cache."""
+        out = []
         for st in self.registry().list():
-            m = st.manifest
-            reason = st.reason
+            m, reason = st.manifest, st.reason
             if m is not None and reason is None:
                 info = self.backend_info(m.key.backend)
                 reason = (f"backend {m.key.backend} cannot run here: {info}" if isinstance(info, str)
                           else stale_reason(m.key, info))
+            out.append((st.id, m, reason))
+        return out
+
+    def engine_rows(self) -> list[dict[str, Any]]:
+        """Every engine in the cache with ok/stale and the reason, for the tab and GET /engines."""
+        rows = []
+        for engine_id, m, reason in self._checked():
             rows.append({
-                "id": st.id,
+                "id": engine_id,
                 "ok": reason is None,
                 "reason": reason,
                 "family": m.key.family if m else None,
@@ -135,22 +141,14 @@ class EngineService:
                 "size_bytes": engine_size(m) if m else None,
                 "checkpoint": m.source_checkpoint.get("name") if m else None,
                 "created": m.created if m else None,
-                "active": self.active is not None and any(s.id == st.id for s in self.active.slots),
+                "active": self.active is not None and any(s.id == engine_id for s in self.active.slots),
             })
         return rows
 
     def usable_manifests(self) -> list[Manifest]:
         backend = self.settings().backend
-        out = []
-        for st in self.registry().list():
-            m = st.manifest
-            if m is None or not st.ok or (backend != "auto" and m.key.backend != backend):
-                continue
-            info = self.backend_info(m.key.backend)
-            if isinstance(info, str) or stale_reason(m.key, info) is not None:
-                continue
-            out.append(m)
-        return out
+        return [m for _, m, reason in self._checked()
+                if m is not None and reason is None and backend in ("auto", m.key.backend)]
 
     # ---- the loaded model ---------------------------------------------------------------------------------
     def loaded_arch(self) -> LoadedArch | None:
@@ -300,7 +298,7 @@ class EngineService:
         if ref is None:
             return None
         sha = self.checkpoint_sha256(ref) or f"loaded:{ref.title}"
-        device = str(host.device()) if host.device().type == "cuda" else "cpu"
+        device = "cpu" if host.device().type != "cuda" else str(host.device())
 
         def load(names: Sequence[str] | None) -> Mapping[str, torch.Tensor]:
             if ref.filename.endswith(".safetensors"):
@@ -336,13 +334,18 @@ class EngineService:
         unet = host.torch_unet()
         if unet is None:
             raise SdtrtError("no PyTorch UNet to fall back to")
-        device = host.device()
-        if not host.lowvram():
-            param = next(unet.parameters(), None)
-            if param is not None and param.device != device:
-                unet.to(device)
-                self._unet_moved = True
+        self._torch_unet_to_device(unet)
         return host.torch_forward(unet)(*args, **kwargs)
+
+    def _torch_unet_to_device(self, unet: torch.nn.Module) -> None:
+        """Back on the device (unless --lowvram, whose hooks place its blocks); `end` offloads it again."""
+        host = self._host()
+        if host.lowvram():
+            return
+        param = next(unet.parameters(), None)
+        if param is not None and param.device != host.device():
+            unet.to(host.device())
+            self._unet_moved = True
 
     def notify(self, reason: str) -> None:
         gen = self.generation
@@ -401,11 +404,7 @@ class EngineService:
         unet = host.torch_unet()
         if self.active is None or unet is None or "forward" not in vars(unet):
             return
-        if not host.lowvram():
-            param = next(unet.parameters(), None)
-            if param is not None and param.device != host.device():
-                unet.to(host.device())
-                self._unet_moved = True
+        self._torch_unet_to_device(unet)
         self.notify("another extension (e.g. ControlNet) replaced the UNet's forward; while it runs the UNet's "
                     "blocks itself, those steps run on PyTorch")
 

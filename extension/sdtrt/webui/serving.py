@@ -238,16 +238,12 @@ class UnetServer:
         if self.unusable is not None or self.problem is not None:
             return self._to_pytorch(self.unusable or self.problem or "", call, kwargs)
         y = kwargs.get("y")
-        extra = sorted(k for k, v in kwargs.items() if k != "y" and v is not None)
-        if args or extra:
+        if args or any(k != "y" and v is not None for k, v in kwargs.items()):
             # ControlNet-style residuals or other extensions' arguments: the engine has no inputs for them
-            return self._to_pytorch(f"the UNet call carries extra inputs the engine lacks ({', '.join(extra) or 'positional'})",
-                                    call, kwargs)
-        dims: dict[str, Dims] = {
-            INPUT_SAMPLE: tuple(x.shape), INPUT_TIMESTEPS: tuple(timesteps.shape), INPUT_CONTEXT: tuple(context.shape),
-        }
-        if y is not None:
-            dims[INPUT_Y] = tuple(y.shape)
+            extra = ", ".join(sorted(k for k, v in kwargs.items() if k != "y" and v is not None)) or "positional"
+            return self._to_pytorch(f"the UNet call carries extra inputs the engine lacks ({extra})", call, kwargs)
+        feeds = _feeds(x, timesteps, context, y)
+        dims: dict[str, Dims] = {name: tuple(t.shape) for name, t in feeds.items()}
         for slot in self.slots:
             if slot.broken is not None or (slot.io.y_dim is None) != (y is None):
                 continue
@@ -258,7 +254,7 @@ class UnetServer:
             if session is None:
                 continue
             try:
-                out = session.runner.infer(_feeds(x, timesteps, context, y), index)
+                out = session.runner.infer(feeds, index)
             except Exception as e:  # noqa: BLE001 - fall back rather than fail a generation
                 slot.broken = f"engine {slot.id} failed during a call: {type(e).__name__}: {e}"
                 self.counters.error(slot.broken)
