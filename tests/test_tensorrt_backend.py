@@ -450,6 +450,59 @@ def test_build_run_refit_matches_onnxruntime(name: str, strip: bool, tmp_path: P
         runner.close()  # safe twice
 
 
+@needs_gpu
+@pytest.mark.parametrize("name", GPU_BACKENDS)
+def test_cuda_graphs_match_plain_runs_and_recapture(name: str, tmp_path: Path) -> None:
+    """The same engine loaded with and without CUDA graphs gives the same answers through repeated shapes, a
+    shape change, a profile switch and a refit; with TensorRT the graphs are really captured and replayed, and
+    captured again after the profile switch and the refit (TensorRT-RTX captures inside the library)."""
+    torch.manual_seed(0)
+    onnx_path = tmp_path / "tiny.onnx"
+    export_tiny(onnx_path, torch.float32)
+    backend = backend_for(name)(cache_dir=tmp_path / "cache")  # type: ignore[call-arg]
+    if backend.unavailable_reason():
+        pytest.skip(str(backend.unavailable_reason()))
+    out_dir = tmp_path / "engine"
+    out_dir.mkdir()
+    result = backend.build(onnx_path, _profiles(), out_dir, BuildOptions(refit=True, strip_weights=False))
+    graphs = backend_for(name)(cuda_graphs=True).load(out_dir, result.files, _profiles())  # type: ignore[call-arg]
+    plain = backend_for(name)(cuda_graphs=False).load(out_dir, result.files, _profiles())  # type: ignore[call-arg]
+    torch.manual_seed(1)
+    new_path = tmp_path / "tiny-new.onnx"
+    export_tiny(new_path, torch.float32, TinyUNet().eval())
+    new = _onnx_weights(new_path)
+    try:
+        calls = [(1, 8, 6)] * 4 + [(2, 24, 12)] * 3 + [(1, 8, 6)] * 3 + ["refit"] + [(1, 8, 6)] * 3
+        reference = onnx_path
+        for index, c in enumerate(calls):
+            if c == "refit":
+                names = graphs.weight_names()
+                for r in (graphs, plain):
+                    r.refit({k: new[k].cuda() for k in names})
+                reference = new_path
+                continue
+            n, size, tokens = c
+            feeds = {k: v.cuda() for k, v in _feeds(n, size, tokens, torch.float32).items()}
+            feeds["sample"] += index  # different inputs each call: a replay must read this call's inputs
+            profile = 0 if size == 8 else 1
+            got = graphs.infer(feeds, profile).float().cpu()
+            want = plain.infer(feeds, profile).float().cpu()
+            torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3, msg=f"call {index}")
+            torch.testing.assert_close(got, _ort(reference, {k: v.cpu() for k, v in feeds.items()}),
+                                       rtol=1e-2, atol=1e-2, msg=f"call {index} vs onnxruntime")
+        stats = graphs.stats()["cuda_graphs"]
+        assert plain.stats()["cuda_graphs"]["captures"] == 0
+        if name == "tensorrt":
+            # (1,8,6): capture on call 2; (2,24,12) after the profile switch; (1,8,6) again after switching back;
+            # and once more after the refit.
+            assert stats["captures"] == 4, stats
+            assert stats["replays"] == len([c for c in calls if c != "refit"]) - 4, stats
+            assert stats["invalidations"] >= 3, stats
+    finally:
+        graphs.close()
+        plain.close()
+
+
 @needs_rtx
 @pytest.mark.parametrize("where", ["ours", "library"])
 def test_build_cancelled_by_progress_callback(where: str, tmp_path: Path) -> None:

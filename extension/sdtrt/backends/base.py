@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from sdtrt.profiles import TensorRange
 
@@ -93,11 +93,21 @@ class EngineRunner(ABC):
     def close(self) -> None:
         """Free device memory. Safe to call twice."""
 
+    def stats(self) -> dict[str, Any]:
+        """Facts about how calls were served (e.g. CUDA graph captures and replays), for status and benchmarks."""
+        return {}
+
 
 class Backend(ABC):
     """A strategy that turns an ONNX file into an engine and loads it."""
 
     name: ClassVar[str]
+
+    def __init__(self, cache_dir: Path | None = None, *, cuda_graphs: bool = True) -> None:
+        """`cache_dir`: where a backend keeps its caches (TensorRT timing cache, TensorRT-RTX runtime cache).
+        `cuda_graphs`: whether loaded engines may replay captured CUDA graphs (backends without graphs ignore it)."""
+        self.cache_dir = cache_dir
+        self.cuda_graphs = cuda_graphs
 
     @classmethod
     @abstractmethod

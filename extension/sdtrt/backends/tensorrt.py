@@ -26,7 +26,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, ClassVar, cast
@@ -41,6 +42,7 @@ from sdtrt.backends.base import (
     ProgressCallback,
     no_progress,
 )
+from sdtrt.backends.graphs import GraphCache
 from sdtrt.constants import OUTPUT_LATENT
 from sdtrt.errors import (
     BackendUnavailable,
@@ -155,9 +157,9 @@ class _TensorRTFamily(Backend):
     module_name: ClassVar[str]
     rtx: ClassVar[bool]
 
-    def __init__(self, cache_dir: Path | None = None) -> None:
-        #: Where `load` keeps the TensorRT-RTX runtime cache; `build` sets it from BuildOptions.cache_dir when unset.
-        self.cache_dir = cache_dir
+    def __init__(self, cache_dir: Path | None = None, *, cuda_graphs: bool = True) -> None:
+        # cache_dir: where `load` keeps the TensorRT-RTX runtime cache; `build` sets it from BuildOptions when unset.
+        super().__init__(cache_dir, cuda_graphs=cuda_graphs)
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -199,7 +201,7 @@ class _TensorRTFamily(Backend):
         names = [f for f in files if Path(f).name == PLAN_FILE] or list(files)
         if len(names) != 1:
             raise StaleEngine(f"expected one {PLAN_FILE} among the engine files, got {list(files)}; rebuild the engine")
-        return self._impl().load(Path(engine_dir) / names[0], profiles, self.cache_dir)
+        return self._impl().load(Path(engine_dir) / names[0], profiles, self.cache_dir, self.cuda_graphs)
 
 
 class TensorRTBackend(_TensorRTFamily):
@@ -513,7 +515,9 @@ class _Impl:
         del serialization, engine  # before the runtime that made it
         return (plan, False) if again is None else (again, True)
 
-    def load(self, plan_path: Path, profiles: Sequence[EngineProfile], cache_dir: Path | None) -> _Runner:
+    def load(
+        self, plan_path: Path, profiles: Sequence[EngineProfile], cache_dir: Path | None, cuda_graphs: bool = True
+    ) -> _Runner:
         try:
             plan = plan_path.read_bytes()
         except OSError as exc:
@@ -534,7 +538,7 @@ class _Impl:
         if engine is None:
             raise StaleEngine(f"{self.backend_name} refused {plan_path}: {messages.text()}; rebuild the engine")
         _check_profiles(engine, profiles, plan_path)
-        return _Runner(runtime, engine, logger, messages, cache_dir)
+        return _Runner(runtime, engine, logger, messages, cache_dir, cuda_graphs, self.rtx)
 
 
 def _check_profiles(engine: trt.ICudaEngine, profiles: Sequence[EngineProfile], plan_path: Path) -> None:
@@ -565,6 +569,8 @@ class _Runner(EngineRunner):
         logger: trt.ILogger,
         messages: _Messages,
         cache_dir: Path | None,
+        cuda_graphs: bool = True,
+        rtx: bool = False,
     ) -> None:
         import torch
 
@@ -582,12 +588,20 @@ class _Runner(EngineRunner):
             raise StaleEngine("the engine has no output tensor; rebuild it")
         self._main_output = OUTPUT_LATENT if OUTPUT_LATENT in self._outputs else self._outputs[0]
         self._dtypes = {n: _torch_dtype(engine.get_tensor_dtype(n)) for n in names}
-        self._buffers: dict[tuple[int, str, tuple[int, ...]], torch.Tensor] = {}
         self._profile = -1
         self._side_stream: torch.cuda.Stream | None = None
+        self._capture_stream: torch.cuda.Stream | None = None
         self._weight_names: set[str] | None = None
         self._runtime_cache: Any = None
         self._runtime_cache_path: Path | None = None
+        # TensorRT-RTX captures graphs itself (runtime config); full TensorRT through our GraphCache. Either way
+        # the cache keeps static buffers per shape, so repeated calls of one shape skip all binding.
+        self._builtin_graphs = cuda_graphs and rtx
+        self.graphs: GraphCache[_Static, Any, torch.Tensor] = GraphCache(
+            _GraphOps(self), enabled=cuda_graphs and not rtx
+        )
+        if rtx:
+            self.graphs.disabled_reason = "TensorRT-RTX captures graphs itself" if cuda_graphs else "switched off"
         self._context: trt.IExecutionContext | None = self._create_context(engine, cache_dir)
         self.needs_weights = bool(engine.refittable) and bool(self._new_refitter().get_missing_weights())
 
@@ -598,9 +612,9 @@ class _Runner(EngineRunner):
         if hasattr(engine, "create_runtime_config"):
             config = engine.create_runtime_config()
             rtx_config: Any = config  # RTX members the 10.13 stubs lack; each is checked by name before use
-            whole_graph = _enum_member("CudaGraphStrategy", "WHOLE_GRAPH_CAPTURE")
-            if whole_graph is not None and hasattr(config, "cuda_graph_strategy"):
-                rtx_config.cuda_graph_strategy = whole_graph
+            strategy = _enum_member("CudaGraphStrategy", "WHOLE_GRAPH_CAPTURE" if self._builtin_graphs else "DISABLED")
+            if strategy is not None and hasattr(config, "cuda_graph_strategy"):
+                rtx_config.cuda_graph_strategy = strategy
             if cache_dir is not None and hasattr(trt, "IRuntimeCache") and hasattr(config, "create_runtime_cache"):
                 cache = rtx_config.create_runtime_cache()
                 path = _cache_file(Path(cache_dir), "runtime")
@@ -650,46 +664,44 @@ class _Runner(EngineRunner):
         return current, self._side_stream
 
     def infer(self, feeds: Mapping[str, torch.Tensor], profile_index: int) -> torch.Tensor:
-        """Run one call. The returned tensor is the runner's output buffer for this (profile, shape): it is
-        overwritten by the next call with the same shape, so consume (or clone) it before calling again."""
-        import torch
+        """Run one call. The returned tensor is the runner's static output buffer for this (profile, shape): it is
+        overwritten by the next call with the same shape, so consume (or clone) it before calling again.
 
-        engine, context = self._live()
+        Per call this copies the inputs into static buffers and launches: a captured CUDA graph from the third
+        call of a shape on (see graphs.py), the engine itself before that. No allocation, no host sync."""
+        engine, _ = self._live()
         if not 0 <= profile_index < engine.num_optimization_profiles:
             raise NoMatchingProfile(
                 f"profile {profile_index} does not exist; the engine has {engine.num_optimization_profiles}"
             )
-        missing = [n for n in self._inputs if n not in feeds]
-        if missing:
-            raise SdtrtError(f"missing engine inputs {missing}; the engine takes {self._inputs}")
-        # Converted inputs stay referenced until the work is enqueued (and ordered, see _stream).
-        keep = {n: feeds[n].to(device=self._device, dtype=self._dtypes[n]).contiguous() for n in self._inputs}
-        caller, stream = self._stream()  # after the conversions: a private stream must wait for them
-        handle = stream.cuda_stream
+        try:
+            key = (profile_index, *(tuple(feeds[n].shape) for n in self._inputs))
+        except KeyError:
+            missing = [n for n in self._inputs if n not in feeds]
+            raise SdtrtError(f"missing engine inputs {missing}; the engine takes {self._inputs}") from None
+        return self.graphs.run(key, feeds)
+
+    def _select(self, profile_index: int, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        """Set the context's profile and input shapes (raises NoMatchingProfile outside the profile)."""
+        _, context = self._live()
         if profile_index != self._profile:
-            if not context.set_optimization_profile_async(profile_index, handle):
+            _, stream = self._stream()
+            if not context.set_optimization_profile_async(profile_index, stream.cuda_stream):
                 raise NoMatchingProfile(f"cannot switch to profile {profile_index}: {self._messages.text()}")
+            if self._profile != -1:
+                self.graphs.invalidate()  # every graph is captured again after a profile switch
             self._profile = profile_index
-        for name, tensor in keep.items():
-            if not context.set_input_shape(name, tuple(tensor.shape)):
-                raise NoMatchingProfile(
-                    f"input {name!r} of shape {tuple(tensor.shape)} is outside profile {profile_index}"
-                )
-            context.set_tensor_address(name, tensor.data_ptr())
-        outputs = {}
-        for name in self._outputs:
-            shape = _dims(context.get_tensor_shape(name))
-            key = (profile_index, name, shape)
-            buffer = self._buffers.get(key)
-            if buffer is None:
-                buffer = self._buffers[key] = torch.empty(shape, dtype=self._dtypes[name], device=self._device)
-            context.set_tensor_address(name, buffer.data_ptr())
-            outputs[name] = buffer
-        if not context.execute_async_v3(handle):
+        for name, shape in shapes.items():
+            if not context.set_input_shape(name, shape):
+                raise NoMatchingProfile(f"input {name!r} of shape {shape} is outside profile {profile_index}")
+
+    def _execute(self, stream: torch.cuda.Stream) -> None:
+        _, context = self._live()
+        if not context.execute_async_v3(stream.cuda_stream):
             raise SdtrtError(f"{trt.__name__} failed to run the engine: {self._messages.text()}")
-        if stream is not caller:
-            caller.wait_stream(stream)  # before `keep` is freed: the allocator reuses memory in caller order
-        return outputs[self._main_output]
+
+    def stats(self) -> dict[str, Any]:
+        return {"cuda_graphs": self.graphs.describe()}
 
     def _new_refitter(self) -> trt.Refitter:
         engine, _ = self._live()
@@ -744,6 +756,7 @@ class _Runner(EngineRunner):
                 f"the engine also needs {len(missing)} weights that were not given, e.g. "
                 f"{missing[:_QUOTED_MESSAGES]} (fused with given ones, or never set on a weight-stripped engine)"
             )
+        self.graphs.invalidate()  # captured graphs may hold the old weights' addresses
         if not refitter.refit_cuda_engine_async(stream.cuda_stream):
             raise RefitError(f"{trt.__name__} refit failed: {self._messages.text()}")
         stream.synchronize()  # refit is rare; after this `keep` may go and timings mean something
@@ -756,8 +769,78 @@ class _Runner(EngineRunner):
 
         self._save_runtime_cache()
         torch.cuda.synchronize(self._device)  # buffers may still be in use on a private stream
-        self._buffers.clear()
+        self.graphs.clear()  # graphs before the context whose memory they use
         self._context = None  # context before engine before runtime
         self._engine = None
         self._runtime_cache = None
         self._runtime = None
+
+
+@dataclass
+class _Static:
+    """One key's static buffers: the graph (or the bound context) reads and writes exactly these."""
+
+    profile: int
+    inputs: dict[str, torch.Tensor]
+    outputs: dict[str, torch.Tensor]
+    main: torch.Tensor
+
+
+class _GraphOps:
+    """GraphOps (graphs.py) over one _Runner's execution context and streams."""
+
+    def __init__(self, runner: _Runner) -> None:
+        self._r = runner
+
+    def allocate(self, key: Hashable, feeds: Mapping[str, torch.Tensor]) -> _Static:
+        import torch
+
+        r = self._r
+        _, context = r._live()
+        profile = cast(tuple[Any, ...], key)[0]
+        shapes = {n: tuple(feeds[n].shape) for n in r._inputs}
+        r._select(profile, shapes)  # output shapes follow from the input shapes
+        inputs = {n: torch.empty(shapes[n], dtype=r._dtypes[n], device=r._device) for n in r._inputs}
+        outputs = {
+            n: torch.empty(_dims(context.get_tensor_shape(n)), dtype=r._dtypes[n], device=r._device)
+            for n in r._outputs
+        }
+        return _Static(profile, inputs, outputs, outputs[r._main_output])
+
+    def bind(self, buffers: _Static) -> None:
+        r = self._r
+        _, context = r._live()
+        r._select(buffers.profile, {n: tuple(t.shape) for n, t in buffers.inputs.items()})
+        for name, tensor in (*buffers.inputs.items(), *buffers.outputs.items()):
+            context.set_tensor_address(name, tensor.data_ptr())
+
+    def load(self, buffers: _Static, feeds: Mapping[str, torch.Tensor]) -> None:
+        for name, tensor in buffers.inputs.items():
+            tensor.copy_(feeds[name], non_blocking=True)  # converts dtype and device on the caller's stream
+
+    def launch(self) -> None:
+        caller, stream = self._r._stream()
+        self._r._execute(stream)
+        if stream is not caller:
+            caller.wait_stream(stream)
+
+    def capture(self) -> Any:
+        import torch
+
+        r = self._r
+        if r._capture_stream is None:
+            r._capture_stream = torch.cuda.Stream(r._device)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: another thread's unrelated CUDA calls (a preview decode) do not break this capture.
+        with torch.cuda.graph(graph, stream=r._capture_stream, capture_error_mode="thread_local"):
+            r._execute(r._capture_stream)
+        return graph
+
+    def replay(self, graph: Any) -> None:
+        graph.replay()  # on the caller's current stream, after the input copies queued there
+
+    def release(self, graph: Any) -> None:
+        graph.reset()
+
+    def output(self, buffers: _Static) -> torch.Tensor:
+        return buffers.main
