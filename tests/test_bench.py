@@ -25,6 +25,7 @@ def test_latency_bench_json_and_chart(tmp_path: Path, capsys) -> None:  # type: 
         assert r["engine"]["p10_ms"] <= r["engine"]["median_ms"] <= r["engine"]["p90_ms"]
         assert 0 < r["host_overhead_ms"] < r["engine"]["median_ms"]
         assert r["build_s"] > 0 and r["refit_s"] > 0 and r["backend"] == "onnxruntime"
+        assert r["engine_no_graphs"] is None and r["cuda_graphs"] == {}  # graphs exist on GPU backends only
     with Image.open(chart) as img:
         assert img.size[0] == 900 and img.size[1] > 100
 

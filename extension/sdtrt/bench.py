@@ -174,15 +174,17 @@ class LatencyRow:
     device: str
     dtype: str
     torch: Timing
-    engine: Timing
+    engine: Timing  # with CUDA graphs where the backend has them
+    engine_no_graphs: Timing | None  # the same engine loaded with graphs off (GPU backends with graphs only)
     ratio: float  # engine / torch median; < 1 is faster
     torch_it_s: float  # sampler steps per second if every step is one such call
     engine_it_s: float
     host_overhead_ms: float  # our layer around the backend call (profile choice, feeds, counters), per call
     build_s: float
     refit_s: float
-    torch_peak_bytes: int | None
-    engine_peak_bytes: int | None
+    torch_device_bytes: int | None  # device memory in use while the PyTorch UNet runs (engine not loaded)
+    engine_device_bytes: int | None  # ... while the engine runs (PyTorch UNet off the device)
+    cuda_graphs: dict[str, object]  # the engine runner's graph counters after the run
 
 
 def _timed(fn: Callable[[], object], repeats: int, device: str) -> list[float]:
@@ -192,14 +194,35 @@ def _timed(fn: Callable[[], object], repeats: int, device: str) -> list[float]:
     return timed_samples(fn, repeats, sync=device.startswith("cuda"))
 
 
+def _device_used() -> int:
+    free, total = torch.cuda.mem_get_info()
+    return int(total - free)
+
+
+def _interleaved(fns: Mapping[str, Callable[[], object]], repeats: int, device: str) -> dict[str, list[float]]:
+    """Seconds per call for each function, measured in alternating rounds (A B, B A, ...) so that drift of a
+    shared machine (clocks, other processes) hits all of them alike. Two warm-up calls each first."""
+    sync = device.startswith("cuda")
+    for fn in fns.values():
+        fn()
+        fn()
+    out: dict[str, list[float]] = {name: [] for name in fns}
+    items = list(fns.items())
+    for i in range(repeats):
+        for name, fn in items if i % 2 == 0 else reversed(items):
+            out[name] += timed_samples(fn, 1, sync=sync)
+    return out
+
+
 def latency_bench(model: str, batch: int, work: Path, *, backend: str = "auto", repeats: int = 10
                   ) -> LatencyRow:
+    from sdtrt.backends import backend_class
     from sdtrt.checkpoint import build_unet, open_checkpoint
     from sdtrt.pipeline import build_engine
     from sdtrt.profiles import Profile, Shape, call_shapes
     from sdtrt.registry import Registry
     from sdtrt.runtime import EngineSession
-    from sdtrt.webui.serving import Counters, EngineSlot, UnetServer
+    from sdtrt.webui.serving import Counters, EngineSlot, UnetServer, manifest_io
 
     spec, pixels = LATENCY_MODELS[model]
     ckpt = write_checkpoint(spec, work / model, "bench-0")
@@ -209,56 +232,76 @@ def latency_bench(model: str, batch: int, work: Path, *, backend: str = "auto", 
     build_s = time.perf_counter() - t0
     m = out.manifest
     device = "cpu" if m.key.device == "cpu" else "cuda"
+    gpu = device == "cuda"
     dtype = torch.float32 if m.key.export.get("dtype") == "float32" else torch.float16
     info, sd = open_checkpoint(ckpt)
-    session = EngineSession.open(Registry(work / "cache"), m.id)
-    try:
-        t0 = time.perf_counter()
-        session.load_weights(sd, "refit-timing")  # a full refit with every weight, as a checkpoint switch does
-        refit_s = time.perf_counter() - t0
-        unet = build_unet(info.info, sd).to(device, dtype)
-        dims = call_shapes(shape, session.io)
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(dims["sample"], generator=g).to(device, dtype)
-        t = torch.full(dims["timesteps"], 500.0, device=device)
-        c = torch.randn(dims["encoder_hidden_states"], generator=g).to(device, dtype)
-        y = torch.randn(dims["y"], generator=g).to(device, dtype) if "y" in dims else None
-        peak = device.startswith("cuda")
-        if peak:
-            torch.cuda.reset_peak_memory_stats()
-        with torch.no_grad():
-            torch_s = _timed(lambda: unet(x, t, c, y=y), repeats, device)
-        torch_peak = torch.cuda.max_memory_allocated() if peak else None
-        unet.to("cpu")  # out of the way of the engine's measurement
-        if peak:
+    unet = build_unet(info.info, sd).to(device, dtype)
+    registry = Registry(work / "cache")
+    dims = call_shapes(shape, manifest_io(m))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(dims["sample"], generator=g).to(device, dtype)
+    t = torch.full(dims["timesteps"], 500.0, device=device)
+    c = torch.randn(dims["encoder_hidden_states"], generator=g).to(device, dtype)
+    y = torch.randn(dims["y"], generator=g).to(device, dtype) if "y" in dims else None
+    feeds = {"sample": x, "timesteps": t, "encoder_hidden_states": c, **({"y": y} if y is not None else {})}
+    torch_used = engine_used = None
+    with torch.no_grad():
+        if gpu:  # memory first, each side alone on the device
+            unet(x, t, c, y=y)
+            torch.cuda.synchronize()
+            torch_used = _device_used()
+            unet.to("cpu")
             torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        feeds = {"sample": x, "timesteps": t, "encoder_hidden_states": c, **({"y": y} if y is not None else {})}
-        engine_s = _timed(lambda: session.runner.infer(feeds, 0), repeats, device)
-        engine_peak = torch.cuda.max_memory_allocated() if peak else None
-        # our layer alone: the same server path with the backend call replaced by returning its last output
-        last = session.runner.infer(feeds, 0)
-        stub = SimpleNamespace(runner=SimpleNamespace(infer=lambda feeds, index: last))
-        slot = EngineSlot(m, lambda _id: stub)  # type: ignore[arg-type, return-value]
-        server = UnetServer([slot], fallback=lambda *a, **k: x, counters=Counters(), notify=lambda r: None)
-        kwargs = {"y": y} if y is not None else {}
-        served_s = _timed(lambda: server(x, t, c, **kwargs), max(200, repeats), device)
-    finally:
-        session.close()
-    te, tt, ts = Timing.of(engine_s), Timing.of(torch_s), Timing.of(served_s)
-    return LatencyRow(model, pixels, batch, m.key.backend, device, str(dtype).replace("torch.", ""), tt, te,
+        session = EngineSession.open(registry, m.id)
+        plain = None
+        try:
+            t0 = time.perf_counter()
+            session.load_weights(sd, "refit-timing")  # a full refit with every weight, as a checkpoint switch does
+            refit_s = time.perf_counter() - t0
+            if gpu:
+                session.runner.infer(feeds, 0)
+                torch.cuda.synchronize()
+                engine_used = _device_used()
+                unet.to(device)
+            fns: dict[str, Callable[[], object]] = {
+                "torch": lambda: unet(x, t, c, y=y),
+                "engine": lambda: session.runner.infer(feeds, 0),
+            }
+            if gpu and "cuda_graphs" in session.runner.stats():
+                plain = backend_class(m.key.backend)(cuda_graphs=False).load(
+                    registry.engine_dir(m.id), [f.name for f in m.files], session.ranges)
+                if plain.needs_weights:
+                    plain.refit({k: v for k, v in sd.items() if k in plain.weight_names()})
+                fns["no_graphs"] = lambda: plain.infer(feeds, 0)
+            samples = _interleaved(fns, repeats, device)
+            graphs = dict(session.runner.stats().get("cuda_graphs", {}))
+            # our layer alone: the same server path with the backend call replaced by returning its last output
+            last = session.runner.infer(feeds, 0)
+            stub = SimpleNamespace(runner=SimpleNamespace(infer=lambda feeds, index: last))
+            slot = EngineSlot(m, lambda _id: stub)  # type: ignore[arg-type, return-value]
+            server = UnetServer([slot], fallback=lambda *a, **k: x, counters=Counters(), notify=lambda r: None)
+            kwargs = {"y": y} if y is not None else {}
+            served_s = _timed(lambda: server(x, t, c, **kwargs), max(200, repeats), device)
+        finally:
+            session.close()
+            if plain is not None:
+                plain.close()
+    te, tt, ts = Timing.of(samples["engine"]), Timing.of(samples["torch"]), Timing.of(served_s)
+    tn = Timing.of(samples["no_graphs"]) if "no_graphs" in samples else None
+    return LatencyRow(model, pixels, batch, m.key.backend, device, str(dtype).replace("torch.", ""), tt, te, tn,
                       te.median_ms / tt.median_ms, 1000 / tt.median_ms, 1000 / te.median_ms,
-                      ts.median_ms, build_s, refit_s, torch_peak, engine_peak)
+                      ts.median_ms, build_s, refit_s, torch_used, engine_used, graphs)
 
 
 def format_latency(rows: Sequence[LatencyRow]) -> str:
     lines = [("model  px    batch backend      device dtype    torch_ms (p10-p90)   engine_ms (p10-p90)  ratio  "
-              "overhead_ms build_s refit_s")]
+              "no_graphs_ms overhead_ms build_s refit_s")]
     for r in rows:
         lines.append(
             f"{r.model:6} {r.pixels:5} {r.batch:5} {r.backend:12} {r.device:6} {r.dtype:8} "
             f"{r.torch.median_ms:8.2f} ({r.torch.p10_ms:.1f}-{r.torch.p90_ms:.1f}) "
             f"{r.engine.median_ms:8.2f} ({r.engine.p10_ms:.1f}-{r.engine.p90_ms:.1f}) {r.ratio:6.3f} "
+            f"{'-' if r.engine_no_graphs is None else f'{r.engine_no_graphs.median_ms:.2f}':>12} "
             f"{r.host_overhead_ms:11.3f} {r.build_s:7.1f} {r.refit_s:7.2f}")
     return "\n".join(lines)
 

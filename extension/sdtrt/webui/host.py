@@ -22,6 +22,7 @@ OPT_ENABLED = "sdtrt_enabled"
 OPT_BACKEND = "sdtrt_backend"
 OPT_CACHE_DIR = "sdtrt_cache_dir"
 OPT_FALLBACK = "sdtrt_fallback"
+OPT_CUDA_GRAPHS = "sdtrt_cuda_graphs"
 
 BACKEND_CHOICES = ("auto", "tensorrt", "tensorrt-rtx", "onnxruntime")
 #: pytorch: run calls no engine covers on the PyTorch UNet and say so once; error: fail the generation instead.
@@ -37,6 +38,7 @@ class Settings:
     backend: str = "auto"
     cache_dir: str = ""  # empty: the default (models/Unet-sdtrt, or $SDTRT_CACHE)
     fallback: str = "pytorch"
+    cuda_graphs: bool = True  # replay captured CUDA graphs (TensorRT, TensorRT-RTX); applies to engines loaded next
 
     @classmethod
     def from_options(cls, get: Callable[[str, Any], Any]) -> Settings:
@@ -49,6 +51,7 @@ class Settings:
             backend=backend if backend in BACKEND_CHOICES else d.backend,
             cache_dir=str(get(OPT_CACHE_DIR, d.cache_dir) or "").strip(),
             fallback=fallback if fallback in FALLBACK_CHOICES else d.fallback,
+            cuda_graphs=bool(get(OPT_CUDA_GRAPHS, d.cuda_graphs)),
         )
 
     def cache_path(self, models_dir: Path) -> Path:
