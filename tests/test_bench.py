@@ -33,3 +33,32 @@ def test_latency_bench_json_and_chart(tmp_path: Path, capsys) -> None:  # type: 
 def test_unknown_model_is_an_error(capsys) -> None:  # type: ignore[no-untyped-def]
     assert main(["bench", "latency", "--model", "sd9", "--device", "cpu"]) == 1
     assert "unknown model" in capsys.readouterr().err
+
+
+def test_attention_swap_reaches_the_unet_and_is_undone() -> None:
+    """The xformers row swaps the UNet's attention the way this helper does: prove the swap is really used (same
+    numbers through a math attention, every attention layer called) and undone afterwards."""
+    import torch
+
+    from sdtrt.bench import LATENCY_MODELS, _with_attention
+    from sdtrt.tiny import randomize_
+    from sdtrt.unet import UNetModel
+
+    spec, _ = LATENCY_MODELS["tiny"]
+    unet = UNetModel(spec).eval()
+    randomize_(unet, seed=0)
+    x, t, c = torch.randn(2, 4, 8, 8), torch.full((2,), 500.0), torch.randn(2, 77, spec.context_dim)
+    calls = []
+
+    def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *a: object, **k2: object) -> torch.Tensor:
+        calls.append(q.shape)
+        w = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1)
+        return w @ v
+
+    original = torch.nn.functional.scaled_dot_product_attention
+    with torch.no_grad():
+        want = unet(x, t, c)
+        got = _with_attention(lambda: unet(x, t, c), math_attention)()
+    assert calls and torch.nn.functional.scaled_dot_product_attention is original
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert want.abs().max() > 0

@@ -176,6 +176,7 @@ class LatencyRow:
     torch: Timing
     engine: Timing  # with CUDA graphs where the backend has them
     engine_no_graphs: Timing | None  # the same engine loaded with graphs off (GPU backends with graphs only)
+    torch_xformers: Timing | None  # the PyTorch UNet with xformers attention (GPU, when xformers is installed)
     ratio: float  # engine / torch median; < 1 is faster
     torch_it_s: float  # sampler steps per second if every step is one such call
     engine_it_s: float
@@ -192,6 +193,33 @@ def _timed(fn: Callable[[], object], repeats: int, device: str) -> list[float]:
     for _ in range(2):
         fn()
     return timed_samples(fn, repeats, sync=device.startswith("cuda"))
+
+
+def _xformers_attention() -> Callable[..., torch.Tensor] | None:
+    """An SDPA-compatible function running xformers' memory-efficient attention, or None without xformers."""
+    try:
+        import xformers.ops as xops  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        # SDPA's layout is (batch, heads, tokens, dim); xformers wants (batch, tokens, heads, dim)
+        out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2)
+
+    return attention
+
+
+def _with_attention(fn: Callable[[], object], attention: Callable[..., torch.Tensor]) -> Callable[[], object]:
+    def call() -> object:
+        saved = torch.nn.functional.scaled_dot_product_attention
+        torch.nn.functional.scaled_dot_product_attention = attention
+        try:
+            return fn()
+        finally:
+            torch.nn.functional.scaled_dot_product_attention = saved
+
+    return call
 
 
 def _device_used() -> int:
@@ -267,6 +295,9 @@ def latency_bench(model: str, batch: int, work: Path, *, backend: str = "auto", 
                 "torch": lambda: unet(x, t, c, y=y),
                 "engine": lambda: session.runner.infer(feeds, 0),
             }
+            xformers = _xformers_attention() if gpu else None
+            if xformers is not None:
+                fns["xformers"] = _with_attention(fns["torch"], xformers)
             if gpu and "cuda_graphs" in session.runner.stats():
                 plain = backend_class(m.key.backend)(cuda_graphs=False).load(
                     registry.engine_dir(m.id), [f.name for f in m.files], session.ranges)
@@ -288,7 +319,8 @@ def latency_bench(model: str, batch: int, work: Path, *, backend: str = "auto", 
                 plain.close()
     te, tt, ts = Timing.of(samples["engine"]), Timing.of(samples["torch"]), Timing.of(served_s)
     tn = Timing.of(samples["no_graphs"]) if "no_graphs" in samples else None
-    return LatencyRow(model, pixels, batch, m.key.backend, device, str(dtype).replace("torch.", ""), tt, te, tn,
+    tx = Timing.of(samples["xformers"]) if "xformers" in samples else None
+    return LatencyRow(model, pixels, batch, m.key.backend, device, str(dtype).replace("torch.", ""), tt, te, tn, tx,
                       te.median_ms / tt.median_ms, 1000 / tt.median_ms, 1000 / te.median_ms,
                       ts.median_ms, build_s, refit_s, torch_used, engine_used, graphs)
 
