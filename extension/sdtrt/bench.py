@@ -339,25 +339,36 @@ def format_latency(rows: Sequence[LatencyRow]) -> str:
 
 
 def latency_chart(rows: Sequence[LatencyRow], path: Path) -> Path:
-    """A bar chart (PIL only): per row, PyTorch and engine median ms per UNet call, with the ratio."""
+    """A bar chart (PIL only): per row, median ms per UNet call of PyTorch (and PyTorch+xformers), the engine
+    without CUDA graphs and the engine as served, with the engine/PyTorch ratio."""
     from PIL import Image, ImageDraw
 
+    def bars(r: LatencyRow) -> list[tuple[str, float, tuple[int, int, int]]]:
+        out = [("PyTorch SDPA", r.torch.median_ms, (120, 120, 120))]
+        if r.torch_xformers is not None:
+            out.append(("PyTorch xformers", r.torch_xformers.median_ms, (170, 170, 170)))
+        if r.engine_no_graphs is not None:
+            out.append((f"{r.backend} no graphs", r.engine_no_graphs.median_ms, (129, 199, 132)))
+        out.append((r.backend, r.engine.median_ms, (46, 125, 50)))
+        return out
+
     width, bar_h, gap, left = 900, 18, 14, 220
-    height = 40 + len(rows) * (2 * bar_h + gap) + 30
+    height = 40 + sum(len(bars(r)) * bar_h + gap for r in rows) + 30
     img = Image.new("RGB", (width, height), "white")
     d = ImageDraw.Draw(img)
     d.text((10, 10), "UNet call latency, median ms (shorter is faster); label: model px, images x2 (CFG)", fill="black")
-    top = max((max(r.torch.median_ms, r.engine.median_ms) for r in rows), default=1.0)
-    scale = (width - left - 120) / top
+    top = max((ms for r in rows for _, ms, _ in bars(r)), default=1.0)
+    scale = (width - left - 160) / top
     y0 = 40
     for r in rows:
         d.text((10, y0 + bar_h // 2), f"{r.model} {r.pixels}px b{r.batch} {r.device}", fill="black")
-        for i, (label, ms, color) in enumerate((("PyTorch", r.torch.median_ms, (120, 120, 120)),
-                                                (r.backend, r.engine.median_ms, (46, 125, 50)))):
+        row = bars(r)
+        for i, (label, ms, color) in enumerate(row):
             y = y0 + i * bar_h
             d.rectangle([left, y, left + max(1, int(ms * scale)), y + bar_h - 3], fill=color)
-            d.text((left + int(ms * scale) + 6, y + 2), f"{label} {ms:.2f} ms" + (f"  x{r.ratio:.2f}" if i else ""),
+            last = i == len(row) - 1
+            d.text((left + int(ms * scale) + 6, y + 2), f"{label} {ms:.2f} ms" + (f"  x{r.ratio:.2f}" if last else ""),
                    fill="black")
-        y0 += 2 * bar_h + gap
+        y0 += len(row) * bar_h + gap
     img.save(path)
     return path
