@@ -5,6 +5,7 @@ Every test uses a fake `produce` that writes bytes, so no backend or GPU is invo
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import multiprocessing as mp
@@ -26,7 +27,7 @@ if str(EXT) not in sys.path:
 from sdtrt import registry as registry_mod
 from sdtrt.backends.base import BackendInfo, BuildResult
 from sdtrt.errors import BuildError, EngineNotFound, ProfileError, SdtrtError, StaleEngine
-from sdtrt.fsutil import FileLock, LockTimeout, atomic_write_bytes, sha256_file
+from sdtrt.fsutil import FileLock, LockTimeout, atomic_write_bytes, read_regular_file, sha256_and_size, sha256_file
 from sdtrt.registry import (
     MANIFEST_NAME,
     EngineKey,
@@ -703,6 +704,69 @@ def test_atomic_write_replaces_or_keeps_old(tmp_path: Path, monkeypatch: pytest.
     with pytest.raises(OSError):
         atomic_write_bytes(path, b"three")
     assert path.read_bytes() == b"two" and os.listdir(tmp_path) == ["m.json"]
+
+
+def test_write_all_continues_short_writes_and_refuses_zero(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_write = os.write
+    sizes: list[int] = []
+
+    def one_byte(fd: int, data: Any) -> int:
+        sizes.append(len(data))
+        return real_write(fd, bytes(data[:1]))
+
+    monkeypatch.setattr(os, "write", one_byte)
+    atomic_write_bytes(tmp_path / "m.json", b"0123456789")
+    monkeypatch.undo()
+    assert (tmp_path / "m.json").read_bytes() == b"0123456789" and sizes == list(range(10, 0, -1))
+    monkeypatch.setattr(os, "write", lambda fd, data: 0)
+    with pytest.raises(OSError, match="wrote 0 bytes"):
+        atomic_write_bytes(tmp_path / "m.json", b"new")
+    monkeypatch.undo()
+    assert (tmp_path / "m.json").read_bytes() == b"0123456789" and os.listdir(tmp_path) == ["m.json"]
+
+
+def test_atomic_write_removes_temp_when_close_reports_a_deferred_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_close = os.close
+
+    def close_then_fail(fd: int) -> None:  # NFS reports a failed write-back at close()
+        real_close(fd)
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "close", close_then_fail)
+    with pytest.raises(OSError, match="Input/output"):
+        atomic_write_bytes(tmp_path / "m.json", b"data")
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.timeout(10)
+def test_reading_refuses_symlinks_fifos_and_folders_without_blocking(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.write_bytes(b"abc")
+    assert read_regular_file(real, 2) == b"ab" and sha256_and_size(real)[1] == 3
+    os.symlink(real, tmp_path / "link")
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "dir").mkdir()
+    for name, match in (("link", "symlink"), ("fifo", "not a regular file"), ("dir", "not a regular file")):
+        with pytest.raises(OSError, match=match):
+            read_regular_file(tmp_path / name, 10)
+        with pytest.raises(OSError, match=match):
+            sha256_and_size(tmp_path / name)
+
+
+@pytest.mark.parametrize("where", ["extra", "source_checkpoint"])
+def test_manifest_with_nan_or_infinity_is_refused(built: Manifest, where: str) -> None:
+    """json.loads accepts NaN/Infinity; such a manifest could be parsed but never written back or served."""
+    text = built.to_json()
+    d = json.loads(text)
+    d[where]["x"] = "__NAN__"
+    bad = json.dumps(d).replace('"__NAN__"', "NaN")
+    with pytest.raises(ManifestError, match="JSON"):
+        Manifest.from_json(bad)
+    d[where]["x"] = 1.5
+    assert Manifest.from_json(json.dumps(d)).to_json()
 
 
 def test_file_lock_bounded_wait(tmp_path: Path) -> None:

@@ -43,3 +43,9 @@ class NoMatchingProfile(SdtrtError):
 
 class RefitError(SdtrtError):
     """Weights could not be put into the engine."""
+
+
+class CacheNotWritable(BuildError):
+    """The engine cache is read-only for this process (read-only mount, no permission): engines already in it
+    are still served, but nothing can be built or published there. A BuildError, so build callers that catch
+    BuildError keep working; an API maps it to 503."""

@@ -12,6 +12,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import stat
 import tempfile
 import time
 from collections.abc import Callable
@@ -58,16 +59,29 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until every byte is written: a short write (signals, some network file systems) is continued,
+    never mistaken for a complete one."""
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        if n <= 0:
+            raise OSError(errno.EIO, f"write() wrote {n} bytes with {len(view)} left")
+        view = view[n:]
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write `data` so readers see either the old file or the complete new one, never a torn one: temp file in
-    the same directory, fsync, os.replace, fsync of the directory. The temp file is removed on any error."""
+    the same directory, fsync, os.replace, fsync of the directory. The temp file is removed on any error, a
+    failing close() included (network file systems report deferred write errors there)."""
     target = Path(path)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, target)
     except BaseException:
         try:
@@ -78,19 +92,61 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     fsync_dir(target.parent)
 
 
+def _open_regular(path: str | os.PathLike[str]) -> int:
+    """A read-only descriptor of a regular file. Symlinks are not followed and a FIFO or device is refused
+    without blocking (opening a FIFO for reading would hang until a writer appears)."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, "is a symlink; refusing to follow it", str(path)) from None
+        raise
+    try:
+        mode = os.fstat(fd).st_mode
+    except BaseException:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "is not a regular file", str(path))
+    return fd
+
+
+def read_regular_file(path: str | os.PathLike[str], limit: int) -> bytes:
+    """At most `limit` bytes of a regular file (see _open_regular for what is refused)."""
+    fd = _open_regular(path)
+    try:
+        chunks = []
+        left = limit
+        while left > 0:
+            chunk = os.read(fd, min(left, CHUNK_BYTES))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def sha256_file(path: str | os.PathLike[str]) -> str:
     """Hex sha256 of a file, streamed."""
     return sha256_and_size(path)[0]
 
 
 def sha256_and_size(path: str | os.PathLike[str]) -> tuple[str, int]:
-    """Hex sha256 and byte count of a file, from one streamed read (so both describe the same bytes)."""
+    """Hex sha256 and byte count of a regular file, from one streamed read (so both describe the same bytes).
+    Symlinks, FIFOs and devices raise OSError instead of being followed or read."""
     h = hashlib.sha256()
     size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK_BYTES):
+    fd = _open_regular(path)
+    try:
+        while chunk := os.read(fd, CHUNK_BYTES):
             h.update(chunk)
             size += len(chunk)
+    finally:
+        os.close(fd)
     return h.hexdigest(), size
 
 

@@ -5,13 +5,18 @@ Layout under the cache folder::
     <engine_id>/                 a published engine: its files and manifest.json (immutable once published)
     .locks/<engine_id>.lock      per-id flock files; they only avoid duplicate builds
     .tmp-<id>-<host>-<pid>-<rnd> a build in progress (or an orphan of a killed one; `cleanup` removes it)
+                                 (also a delete in progress, or a short-lived write probe: `.tmp-probe-...`)
     .quarantine-<id>-<ts>-<rnd>  an engine found corrupt by `build`, kept for inspection, never loaded
 
 Why this shape: a folder appears under its final name only by one `rename` of a complete, fsynced temp folder,
 so readers never see half an engine, whatever crashes. The id is a hash of everything the engine depends on, so
 two processes that build "the same" engine produce interchangeable results and the loser of the rename race
 simply uses the winner's. Locks are best effort (flock is a no-op or unsupported on some network file systems);
-correctness never depends on them. sha256 in the manifest detects corruption, not tampering: anyone who can
+correctness never depends on them. A build holding a lock shows it is alive by touching its lock file and temp
+folder (a heartbeat); a waiter that sees no heartbeat for one lease stops waiting and builds itself, so a lock
+held by a dead host or hung process delays others by at most one lease. Liveness is judged by whether the
+heartbeat *changes*, measured on the waiter's monotonic clock, so clocks that disagree between hosts cannot make
+a live build look dead. sha256 in the manifest detects corruption, not tampering: anyone who can
 write to the cache can run code in every replica.
 """
 
@@ -35,18 +40,26 @@ from pathlib import Path
 from typing import Any
 
 from sdtrt.backends.base import BackendInfo, BuildResult, ProgressCallback
-from sdtrt.constants import MANIFEST_SCHEMA
-from sdtrt.errors import BuildError, EngineNotFound, SdtrtError, StaleEngine
-from sdtrt.fsutil import FileLock, atomic_write_bytes, fsync_dir, sha256_and_size
+from sdtrt.constants import CACHE_ENV, MANIFEST_SCHEMA
+from sdtrt.errors import BuildError, CacheNotWritable, EngineNotFound, SdtrtError, StaleEngine
+from sdtrt.fsutil import FileLock, atomic_write_bytes, fsync_dir, read_regular_file, sha256_and_size
 from sdtrt.profiles import Profile
 
 MANIFEST_NAME = "manifest.json"
 #: A manifest is a few KiB; refusing big ones keeps a garbage file from being read into memory.
 MAX_MANIFEST_BYTES = 1 << 20
 #: Builds take minutes (SDXL on a small GPU: tens of minutes); waiters give up after this and build themselves.
+#: A waiter also stops waiting one lease after the build it waits for stops showing signs of life.
 DEFAULT_LOCK_TIMEOUT_S = 3600.0
-#: A running build touches its temp folder this often, so `cleanup` on another host can tell it is alive.
+#: A running build touches its lock file and temp folder this often (lease / 5), so waiters and `cleanup` on
+#: other hosts can tell it is alive.
 HEARTBEAT_S = 60.0
+#: How long a build may show no heartbeat before waiters stop waiting for it. Five beats: NFS clients cache
+#: attributes for up to 60 s, so a shorter lease could mistake a live build on another host for a dead one.
+DEFAULT_LEASE_S = 5 * HEARTBEAT_S
+#: errno values that mean "this cache is read-only for us" (CacheNotWritable) or "the disk is full".
+_NOT_WRITABLE = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 WEIGHTS_MODES = ("stripped", "embedded")
 REFIT_MODES = ("refit", "none")
 
@@ -301,6 +314,10 @@ class Manifest:
             _check_str(source, "name", nonempty=False)
             _check_str(source, "sha256", optional=True, nonempty=False)
             extra = _require_dict(d.get("extra", {}), "field 'extra'")
+            # json.loads accepts NaN and Infinity; a manifest holding them could be read but never written back
+            # (or served as JSON by the API), so refuse them here like every other malformed value.
+            source = _json_copy(source, "field 'source_checkpoint'")
+            extra = _json_copy(extra, "field 'extra'")
             files_raw = d.get("files")
             if not isinstance(files_raw, list) or not files_raw:
                 raise ValueError("field 'files' must be a non-empty list")
@@ -346,6 +363,9 @@ class EngineStatus:
     manifest: Manifest | None
     ok: bool
     reason: str | None
+    #: True when the engine is intact but was built for another backend version or GPU (`reason` says which):
+    #: it must not be loaded here, and building the same checkpoint and profiles again makes one that can.
+    stale: bool = False
 
 
 @dataclass
@@ -354,6 +374,9 @@ class _Inspection:
     reason: str | None
     inode: int
     manifest_problem: bool = False
+    #: The folder is an orphan: no manifest.json at all, or a valid manifest whose files are gone. Never made by
+    #: a publish (which renames a complete folder), so `cleanup` removes it after its grace period.
+    orphan: bool = False
 
     def error(self, text: str) -> StaleEngine:
         """ManifestError when the manifest itself is the problem, StaleEngine otherwise."""
@@ -410,19 +433,32 @@ def _utc_now() -> str:
 
 
 class _Heartbeat:
-    """Touches a temp folder every HEARTBEAT_S while a build runs, so its age says whether its builder lives."""
+    """Touches paths (the held lock file, the temp folder) every `interval` seconds while a build runs, so other
+    processes can tell it is alive: waiters by the mtimes changing, `cleanup` by the temp folder's age. Touching
+    uses the file system's clock (utime with no time), never this host's."""
 
-    def __init__(self, path: Path, interval: float = HEARTBEAT_S) -> None:
-        self.path, self.interval = path, interval
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.paths: list[Path] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sdtrt-build-heartbeat", daemon=True)
 
+    def add(self, path: Path) -> None:
+        """Beat on `path` too, starting now."""
+        self.paths.append(path)
+        self._touch(path)
+
+    @staticmethod
+    def _touch(path: Path) -> None:
+        try:
+            os.utime(path)
+        except OSError:  # gone (published, removed) or not ours to touch: the other paths still beat
+            pass
+
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            try:
-                os.utime(self.path)
-            except OSError:
-                pass
+            for path in list(self.paths):
+                self._touch(path)
 
     def __enter__(self) -> _Heartbeat:  # noqa: PYI034
         self._thread.start()
@@ -433,15 +469,62 @@ class _Heartbeat:
         self._thread.join(timeout=5)
 
 
+class _Liveness:
+    """What a waiter watches to tell whether the build it waits for is alive: the mtimes of the id's lock file
+    and of its temp folders. Any change counts as a beat. The silence is timed on this process's monotonic
+    clock, so skew between hosts' clocks (or a clock that jumps) cannot make a live build look dead."""
+
+    def __init__(self, root: Path, lock_file: Path, engine_id: str) -> None:
+        self.root, self.lock_file, self.prefix = root, lock_file, f".tmp-{engine_id}-"
+        self.seen = self._observe()
+        self.changed_at = time.monotonic()
+
+    def _observe(self) -> dict[str, int]:
+        seen: dict[str, int] = {}
+        try:  # open + fstat, not stat: opening revalidates NFS's cached attributes (close-to-open consistency)
+            fd = os.open(self.lock_file, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+            try:
+                seen[""] = os.fstat(fd).st_mtime_ns
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
+        try:
+            names = os.listdir(self.root)
+        except OSError:
+            names = []
+        for name in names:
+            if name.startswith(self.prefix):
+                try:
+                    seen[name] = os.lstat(self.root / name).st_mtime_ns
+                except OSError:
+                    pass
+        return seen
+
+    def silent_for(self) -> float:
+        """Seconds since the last observed beat (or since watching began)."""
+        seen = self._observe()
+        now = time.monotonic()
+        if seen != self.seen:
+            self.seen, self.changed_at = seen, now
+        return now - self.changed_at
+
+
 class Registry:
     """The engine cache at `cache_dir`. Every path is made here, from validated ids only. Creating a Registry
     touches nothing on disk; folders are made when the first build needs them."""
 
-    def __init__(self, cache_dir: str | os.PathLike[str], *, locking: bool = True) -> None:
+    def __init__(
+        self, cache_dir: str | os.PathLike[str], *, locking: bool = True, lease_s: float = DEFAULT_LEASE_S
+    ) -> None:
         """`locking=False` skips the per-id flock (for file systems where it hangs); builds stay correct and may
-        only duplicate work."""
+        only duplicate work. `lease_s`: a build that waits for another one stops waiting once that one has shown
+        no heartbeat for this long (builds beat every lease_s / 5)."""
+        if not (isinstance(lease_s, (int, float)) and 0 < lease_s < float("inf")):
+            raise ValueError(f"lease_s must be a positive number of seconds, got {lease_s!r}")
         self.root = Path(os.path.abspath(cache_dir))
         self.locking = locking
+        self.lease_s = float(lease_s)
 
     # ---- paths -------------------------------------------------------------------------------------------
     def engine_dir(self, engine_id: str) -> Path:
@@ -490,10 +573,10 @@ class Registry:
             return _Inspection(None, "not a folder", st.st_ino)
         ino = st.st_ino
         try:
-            with open(d / MANIFEST_NAME, "rb") as f:
-                raw = f.read(MAX_MANIFEST_BYTES + 1)
+            raw = read_regular_file(d / MANIFEST_NAME, MAX_MANIFEST_BYTES + 1)
         except FileNotFoundError:
-            return _Inspection(None, "no manifest.json (an incomplete folder, not made by sd-webui-trt)", ino, True)
+            reason = "no manifest.json (an incomplete folder, not made by sd-webui-trt)"
+            return _Inspection(None, reason, ino, True, orphan=True)
         except OSError as e:
             return _Inspection(None, f"cannot read manifest.json: {e}", ino, True)
         if len(raw) > MAX_MANIFEST_BYTES:
@@ -510,7 +593,7 @@ class Registry:
             try:
                 fst = os.lstat(p)
             except FileNotFoundError:
-                return _Inspection(m, f"{entry.name} is missing", ino)
+                return _Inspection(m, f"{entry.name} is missing", ino, orphan=True)
             except OSError as e:
                 return _Inspection(m, f"cannot read {entry.name}: {e}", ino)
             if not stat.S_ISREG(fst.st_mode):
@@ -547,10 +630,11 @@ class Registry:
     def status(self, engine_id: str, current: BackendInfo | None = None) -> EngineStatus:
         """Cheap check (no hashing) plus staleness against the running backend. Raises EngineNotFound only."""
         r = self._inspect(engine_id, deep=False)
-        reason = r.reason
+        reason, stale = r.reason, False
         if reason is None and r.manifest is not None:
             reason = stale_reason(r.manifest.key, current)
-        return EngineStatus(engine_id, r.manifest, reason is None, reason)
+            stale = reason is not None
+        return EngineStatus(engine_id, r.manifest, reason is None, reason, stale)
 
     def verify(self, engine_id: str, current: BackendInfo | None = None) -> Manifest:
         """Full check, including the sha256 of every file (streamed): what loading calls before any
@@ -621,6 +705,67 @@ class Registry:
         except EngineNotFound:
             return False
 
+    def writable(self) -> bool:
+        """Whether this process can build into the cache: a cheap probe (make and remove one empty folder; for a
+        cache folder that does not exist yet, whether its nearest existing parent is writable). Creates nothing
+        that outlives the call. Builds check the same before waiting on a lock or running the backend."""
+        if not os.path.isdir(self.root):
+            parent = self.root.parent
+            while not os.path.isdir(parent) and parent != parent.parent:
+                parent = parent.parent
+            return os.access(parent, os.W_OK | os.X_OK)
+        return self._probe()[0] is None
+
+    def _probe(self) -> tuple[OSError | None, float | None]:
+        """mkdir + rmdir of a fresh `.tmp-probe-...` folder in the cache. Returns the error (None: writable) and the
+        folder's mtime: the file system's clock ("now" as the heartbeats of other hosts' builds are stamped)."""
+        probe = self._side_dir("tmp", "probe")
+        try:
+            os.mkdir(probe)
+        except OSError as e:
+            return e, None
+        try:
+            return None, os.lstat(probe).st_mtime
+        except OSError:
+            return None, None
+        finally:
+            try:
+                os.rmdir(probe)
+            except OSError:
+                pass  # a `.tmp-` name: the next cleanup removes it
+
+    def _require_writable(self) -> None:
+        """Refuse a build up front (before waiting for a lock or running the backend) if nothing can be written."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            if e.errno in _NOT_WRITABLE:
+                raise self._not_writable(e) from e
+            raise
+        error, _ = self._probe()
+        if error is not None:
+            if error.errno in _NOT_WRITABLE:
+                raise self._not_writable(error) from error
+            raise error
+
+    def _not_writable(self, e: OSError) -> CacheNotWritable:
+        return CacheNotWritable(
+            f"the engine cache {self.root} is not writable ({e.strerror or e}): engines already in it are still "
+            f"served, but building one needs write access; make the folder writable for this user or choose a "
+            f"writable cache folder (the extension's setting or {CACHE_ENV})"
+        )
+
+    def _build_error(self, engine_id: str, e: Exception) -> BuildError:
+        """A BuildError naming the cause, with what to do for the common storage failures."""
+        if isinstance(e, OSError) and e.errno in _NOT_WRITABLE:
+            return self._not_writable(e)
+        hint = ""
+        if isinstance(e, OSError) and e.errno in _DISK_FULL:
+            hint = f"; the disk holding the engine cache {self.root} is full (or over quota): free space, build again"
+        elif isinstance(e, OSError) and e.errno == errno.EIO:
+            hint = f"; the storage holding {self.root} reported an I/O error: check the disk or network mount"
+        return BuildError(f"building engine {engine_id} failed: {type(e).__name__}: {e}{hint}; nothing was published")
+
     def build(
         self,
         key: EngineKey,
@@ -636,7 +781,12 @@ class Registry:
         listing them. The registry then fsyncs and hashes them, writes manifest.json, and publishes the folder
         with one rename. If another process published first, its (verified) engine is returned. On any error,
         KeyboardInterrupt included, the temp folder is removed and nothing appears under the final name;
-        exceptions that are not SdtrtError come out as BuildError with the cause chained.
+        exceptions that are not SdtrtError come out as BuildError with the cause chained (CacheNotWritable when
+        the cache is read-only: then nothing is waited for or run).
+
+        While another process builds the same id (it holds the id's lock), this waits for it: at most
+        `lock_timeout` seconds, and at most one lease after that build stops showing a heartbeat (its host died or
+        hung with the lock held); then it builds itself. Either way correctness does not depend on the lock.
         """
         report: ProgressCallback = progress or (lambda phase, fraction: None)
         engine_id = key.engine_id()
@@ -645,30 +795,50 @@ class Registry:
             found = self._existing(engine_id)
             if found is not None:
                 return found
-            self.root.mkdir(parents=True, exist_ok=True)
-            lock = FileLock(self.lock_path(engine_id)) if self.locking else None
+            self._require_writable()
+            lock = FileLock(self.lock_path(engine_id), max_poll_s=min(1.0, self.lease_s / 4)) if self.locking else None
             try:
                 if lock is not None:
-                    last = [0.0]
-
-                    def on_wait() -> bool:
-                        if time.monotonic() - last[0] >= 1.0:
-                            last[0] = time.monotonic()
-                            report(f"waiting for another process building {engine_id}", 0.0)
-                        return self._looks_published(engine_id)
-
-                    lock.acquire(lock_timeout, on_wait=on_wait)
-                found = self._existing(engine_id)  # re-check: the holder we waited for may have published it
-                if found is not None:
-                    return found
-                return self._build_new(key, engine_id, source, produce, report)
+                    self._wait_for_lock(lock, engine_id, lock_timeout, report)
+                with _Heartbeat(self.lease_s / 5) as beat:
+                    if lock is not None and lock.acquired:
+                        beat.add(lock.path)
+                    found = self._existing(engine_id)  # re-check: the holder we waited for may have published it
+                    if found is not None:
+                        return found
+                    return self._build_new(key, engine_id, source, produce, report, beat)
             finally:
                 if lock is not None:
                     lock.release()
         except SdtrtError:  # the backend's own errors (ExportError, BackendUnavailable...) keep their type
             raise
         except Exception as e:
-            raise BuildError(f"building engine {engine_id} failed: {type(e).__name__}: {e}") from e
+            raise self._build_error(engine_id, e) from e
+
+    def _wait_for_lock(self, lock: FileLock, engine_id: str, timeout: float, report: ProgressCallback) -> None:
+        """Take the id's lock, or stop waiting when the engine appears, when the holder has been silent for a
+        lease, or after `timeout`. Only avoids duplicate work: the caller builds in every case but the first."""
+        live = _Liveness(self.root, lock.path, engine_id)
+        last = [0.0]
+        silent = [False]
+
+        def on_wait() -> bool:
+            if time.monotonic() - last[0] >= 1.0:
+                last[0] = time.monotonic()
+                report(f"waiting for another process building {engine_id}", 0.0)
+            if self._looks_published(engine_id):
+                return True
+            if live.silent_for() >= self.lease_s:
+                silent[0] = True
+                return True
+            return False
+
+        if not lock.acquire(timeout, on_wait=on_wait) and silent[0]:
+            report(
+                f"the process holding the lock on {engine_id} has shown no heartbeat for {self.lease_s:g} s (its host "
+                "died or it hangs); building here instead",
+                0.0,
+            )
 
     def _build_new(
         self,
@@ -677,6 +847,7 @@ class Registry:
         source: dict[str, Any],
         produce: Callable[[Path], BuildResult],
         report: ProgressCallback,
+        beat: _Heartbeat,
     ) -> Manifest:
         """Build into a fresh temp folder and publish it; the temp folder never outlives this call."""
         from sdtrt import __version__
@@ -685,8 +856,8 @@ class Registry:
         start = time.monotonic()
         try:
             os.mkdir(tmp)
-            with _Heartbeat(tmp):
-                result = produce(tmp)
+            beat.add(tmp)
+            result = produce(tmp)
             if not isinstance(result, BuildResult):
                 raise BuildError(f"the backend returned {type(result).__name__}, not a BuildResult")
             if (result.weights, result.refit_mode) != (key.weights, key.refit_mode):
@@ -711,6 +882,8 @@ class Registry:
                 Manifest.from_json(text)  # never publish what we could not read back
             except ManifestError as e:
                 raise BuildError(f"the manifest of {engine_id} does not read back: {e}") from e
+            # Written only now that every engine file is fsynced (in _seal): a manifest never vouches for bytes
+            # that a crash could still lose. Then the folder's entries are made durable before it is published.
             atomic_write_bytes(tmp / MANIFEST_NAME, text.encode())
             fsync_dir(tmp)
             published = self._publish(tmp, engine_id, manifest)
@@ -752,7 +925,8 @@ class Registry:
 
     def _publish(self, tmp: Path, engine_id: str, manifest: Manifest) -> Manifest:
         """rename(tmp, final). A non-empty final folder makes rename fail: then another process won, and its
-        engine is used if intact; a corrupt one is quarantined and the rename retried."""
+        engine is used if intact; a corrupt one is quarantined and the rename retried. An existing engine is
+        never overwritten."""
         final = self.engine_dir(engine_id)
         for _ in range(3):
             try:
@@ -764,23 +938,44 @@ class Registry:
                 if winner is not None:
                     return winner
                 continue
-            fsync_dir(self.root)
+            try:
+                fsync_dir(self.root)
+            except OSError as e:
+                raise BuildError(
+                    f"engine {engine_id} is published and complete, but syncing the cache folder {self.root} "
+                    f"failed ({type(e).__name__}: {e}): it may be missing after a power loss; check the storage"
+                ) from e
             return manifest
         raise BuildError(f"could not publish {engine_id}: {final} keeps being replaced by invalid content")
 
+    def _fs_now(self) -> float:
+        """The file system's clock, from a probe folder's mtime (what heartbeats of any host are stamped with);
+        this host's clock when the cache cannot be written."""
+        _, stamp = self._probe()
+        return time.time() if stamp is None else stamp
+
     def cleanup(self, max_age_s: float = 3600.0) -> list[str]:
-        """Remove temp folders of builds (or deletes) that died: untouched for `max_age_s` (a live build touches
-        its folder every HEARTBEAT_S), whose process is gone when it ran on this host, and whose id lock is not
-        held. Returns the names removed. Quarantined engines and lock files are kept."""
+        """One garbage-collection pass. Returns the names removed. Removes:
+
+        - temp folders of builds (or deletes) that died: untouched for `max_age_s` (a live build touches its
+          folder every lease / 5), whose process is gone when it ran on this host, and whose id lock is not held;
+        - orphan engine folders, older than `max_age_s`: no manifest.json ("orphan plan"), or a valid manifest
+          whose files are missing ("orphan manifest"). Neither is ever served; a publish never makes one.
+
+        Ages are measured against the file system's clock, not this host's, so a skewed clock cannot make a live
+        build look old. Quarantined engines, damaged engines (build() quarantines them), lock files and anything
+        not named like an engine are kept. Never raises for a file it cannot remove (read-only cache)."""
         try:
             names = os.listdir(self.root)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return []
         removed: list[str] = []
-        now, host = time.time(), _host()
+        now, host = self._fs_now(), _host()
         for name in sorted(names):
             m = _TMP_RE.match(name)
-            if not m:
+            if m is None:
+                if _ENGINE_DIR_RE.match(name) and ".." not in name and self._remove_orphan(name, now, max_age_s):
+                    removed.append(name)
                 continue
             path = self.root / name
             try:
@@ -798,13 +993,56 @@ class Registry:
             else:
                 try:
                     path.unlink()
-                except FileNotFoundError:
+                except OSError:
                     pass
             if not os.path.lexists(path):
                 removed.append(name)
         if removed:
-            fsync_dir(self.root)
+            try:
+                fsync_dir(self.root)
+            except OSError:
+                pass  # the removals happened; durability of a removal is not worth failing the pass for
         return removed
+
+    def _remove_orphan(self, engine_id: str, now: float, grace_s: float) -> bool:
+        """Remove an orphan engine folder once nothing in it changed for `grace_s` (mtime and ctime of the folder
+        and its entries: a copy in progress, even one preserving mtimes, keeps the ctime fresh)."""
+        try:
+            r = self._inspect(engine_id, deep=False)
+        except (EngineNotFound, OSError):
+            return False
+        if not r.orphan or not r.inode:
+            return False
+        d = self.engine_dir(engine_id)
+        try:
+            newest = max(os.lstat(d).st_mtime, os.lstat(d).st_ctime)
+            with os.scandir(d) as it:
+                for entry in it:
+                    est = entry.stat(follow_symlinks=False)
+                    newest = max(newest, est.st_mtime, est.st_ctime)
+        except OSError:
+            return False
+        if now - newest < grace_s:
+            return False
+        gone = self._side_dir("tmp", engine_id)
+        try:
+            if os.lstat(d).st_ino != r.inode:
+                return False
+            os.rename(d, gone)  # out of the engine namespace in one step; a crash leaves a `.tmp-` for next time
+        except OSError:
+            return False
+        try:
+            moved = os.lstat(gone).st_ino
+        except OSError:
+            moved = r.inode
+        if moved != r.inode:  # a fresh publish slipped in between the check and the rename: put it back
+            try:
+                os.rename(gone, d)
+                return False
+            except OSError:
+                pass  # the name was taken again meanwhile; what we moved is garbage now either way
+        shutil.rmtree(gone, ignore_errors=True)  # leftovers keep a `.tmp-` name: the next pass removes them
+        return True
 
     def _lock_held(self, engine_id: str) -> bool:
         try:
