@@ -179,3 +179,28 @@ def test_demo_runs_as_a_fresh_process(tmp_path: Path) -> None:
     assert len(data["rows"]) == 3
     assert all(r["max_abs_diff"] <= 1e-4 * r["max_abs_out"] for r in data["rows"])
     assert not (tmp_path / ".cache" / "sd-webui-trt").exists()  # the demo leaves no engine cache behind
+
+
+def test_gc_removes_dead_build_leftovers_and_keeps_engines(built, capsys, tmp_path: Path) -> None:
+    """`gc` runs the registry's cleanup: a dead build's temp folder and an orphan plan go, the engine stays."""
+    import shutil
+
+    cache, engine_id = built("sd1")
+    private = tmp_path / "cache"
+    shutil.copytree(cache, private)
+    dead = private / f".tmp-{engine_id}-otherhost-4242-deadbeef"
+    dead.mkdir()
+    (dead / "engine.plan").write_bytes(b"half a plan")
+    orphan = private / ("sd1-orphan-" + "0" * 16)
+    orphan.mkdir()
+    (orphan / "model.onnx").write_bytes(b"no manifest")
+    code, out, _ = run(capsys, "gc", "--cache", str(private), "--json")
+    assert json.loads(out)["removed"] == []  # both are fresh: a live build or a copy in progress looks like this
+    code, out, _ = run(capsys, "gc", "--cache", str(private), "--older-than", "0", "--json")
+    assert code == 0
+    assert sorted(json.loads(out)["removed"]) == sorted([dead.name, orphan.name])
+    assert not dead.exists() and not orphan.exists()
+    code, out, _ = run(capsys, "list", "--cache", str(private), "--json")
+    assert [e["id"] for e in json.loads(out)["engines"]] == [engine_id]
+    code, out, _ = run(capsys, "gc", "--cache", str(private))
+    assert code == 0 and "nothing to remove" in out

@@ -122,6 +122,15 @@ def cmd_delete(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gc(args: argparse.Namespace) -> int:
+    from sdtrt.registry import Registry
+
+    removed = Registry(args.cache).cleanup(max_age_s=args.older_than)
+    _emit(args, {"cache": str(args.cache), "removed": removed},
+          "\n".join(f"removed {n}" for n in removed) or "nothing to remove")
+    return 0
+
+
 def _check_text(rows: Sequence[Any]) -> str:
     head = f"{'shape':<18} {'max|diff|':>11} {'max|out|':>10} {'rel':>9} {'torch ms':>9} {'engine ms':>10}"
     return "\n".join([head] + [
@@ -239,6 +248,12 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("id")
     common(sp)
     sp.set_defaults(func=cmd_delete)
+
+    sp = sub.add_parser("gc", help="remove what dead builds left behind (temp folders, orphan engine folders)")
+    sp.add_argument("--older-than", type=float, default=3600.0, metavar="SECONDS",
+                    help="only what nothing touched for this long (default 3600; live builds touch theirs)")
+    common(sp)
+    sp.set_defaults(func=cmd_gc)
 
     sp = sub.add_parser("check", help="compare an engine with the PyTorch UNet")
     sp.add_argument("id")
