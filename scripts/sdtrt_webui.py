@@ -317,9 +317,11 @@ def on_ui_tabs() -> list[Any]:
 
 
 def on_app_started(demo: Any, app: Any) -> None:
-    from sdtrt.webui.api import mount, parse_api_auth
+    from sdtrt.webui.api import mount, parse_api_auth, webui_exposed
 
-    mount(app, service(), parse_api_auth(getattr(shared.cmd_opts, "api_auth", None)))
+    # exposed: listening beyond localhost without --api-auth refuses the routes that change the cache (403)
+    mount(app, service(), parse_api_auth(getattr(shared.cmd_opts, "api_auth", None)),
+          exposed=webui_exposed(shared.cmd_opts))
 
 
 def on_script_unloaded() -> None:

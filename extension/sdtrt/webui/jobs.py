@@ -1,5 +1,10 @@
 """Engine builds as jobs: one runs at a time on one worker thread, the others wait in FIFO order. Each job has
-an id, a state, a progress fraction and phase, and its result or error, readable from any thread."""
+an id, a state, a progress fraction and phase, and its result or error, readable from any thread.
+
+Submitting is bounded and, for an `idempotent` queue (the service's, once the API is mounted), idempotent: a
+request equal to one that is queued or running returns that job instead of queueing a second build, and past
+`max_queued` waiting jobs a new one is refused with QueueFull (the API's 429), so a client retrying in a loop
+cannot queue hours of builds or grow memory."""
 
 from __future__ import annotations
 
@@ -18,13 +23,19 @@ from sdtrt.errors import SdtrtError
 log = logging.getLogger("sdtrt")
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
-_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+_ID_RE = re.compile(r"[0-9a-f]{32}")
 #: Finished jobs kept for GET /jobs/{id}; older ones are forgotten first.
 KEEP_FINISHED = 200
+#: Jobs that may wait behind the running one; more are refused (QueueFull).
+MAX_QUEUED = 32
 
 
 class JobNotFound(SdtrtError, KeyError):
     """No job with that id (or an id that is not one)."""
+
+
+class QueueFull(SdtrtError):
+    """Too many builds are waiting; try again once some finished (or cancel one)."""
 
 
 class JobCancelled(SdtrtError):
@@ -59,7 +70,9 @@ Work = Callable[[Job, Callable[[str, float], None]], dict[str, Any]]
 
 
 class JobQueue:
-    def __init__(self) -> None:
+    def __init__(self, max_queued: int = MAX_QUEUED, idempotent: bool = False) -> None:
+        self.max_queued = max_queued
+        self.idempotent = idempotent
         self._jobs: dict[str, Job] = {}
         self._work: dict[str, Work] = {}
         self._queue: queue.Queue[str] = queue.Queue()
@@ -67,8 +80,19 @@ class JobQueue:
         self._thread: threading.Thread | None = None
 
     def submit(self, request: dict[str, Any], work: Work) -> Job:
-        job = Job(uuid.uuid4().hex, request)
+        """Queue `work` for `request`; when `idempotent`, return instead the queued or running job of an equal
+        request (unless it is being cancelled). Raises QueueFull when `max_queued` jobs already wait."""
         with self._lock:
+            waiting = 0
+            for other in self._jobs.values():
+                active = other.state in (QUEUED, RUNNING) and not other.cancel_requested
+                if self.idempotent and active and other.request == request:
+                    return other
+                waiting += other.state == QUEUED
+            if waiting >= self.max_queued:
+                raise QueueFull(f"{waiting} builds are already waiting (the limit is {self.max_queued}); try again "
+                                "when some have finished, or cancel one (DELETE /sdtrt/v1/jobs/{id})")
+            job = Job(uuid.uuid4().hex, request)
             self._jobs[job.id] = job
             self._work[job.id] = work
             if self._thread is None or not self._thread.is_alive():
@@ -78,7 +102,7 @@ class JobQueue:
         return job
 
     def get(self, job_id: object) -> Job:
-        if not isinstance(job_id, str) or not _ID_RE.match(job_id):
+        if not isinstance(job_id, str) or not _ID_RE.fullmatch(job_id):
             raise JobNotFound(f"invalid job id {job_id!r}: a job id is 32 hexadecimal digits")
         with self._lock:
             job = self._jobs.get(job_id)
