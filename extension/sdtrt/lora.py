@@ -29,6 +29,24 @@ class LoraError(SdtrtError):
     """A LoRA file that cannot be applied to this UNet (damaged, another family, unknown layers or type)."""
 
 
+#: Suffixes of pickle-based formats: loading one can run arbitrary code, so they are refused by name, unopened.
+PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
+
+
+def require_safetensors(path: str | Path) -> Path:
+    """Refuse a LoRA that is not a .safetensors file before anything opens it. Only safetensors is ever loaded:
+    the file is never unpickled (a .pt/.ckpt can run code when unpickled); a pickle renamed to .safetensors is
+    caught by the container check in `read_lora`."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        kind = "a pickle file, which can run code when loaded" if path.suffix.lower() in PICKLE_SUFFIXES else \
+            "not a .safetensors file"
+        raise LoraError(f"LoRA {path.name} is {kind}: only .safetensors LoRA files are used, and nothing is ever "
+                        "unpickled. Convert it to safetensors (e.g. `safetensors.torch.save_file` on a state dict "
+                        "you trust) or use a .safetensors release of it")
+    return path
+
+
 @dataclass(frozen=True)
 class LoraSpec:
     path: Path
@@ -99,7 +117,7 @@ def read_lora(path: Path) -> dict[str, dict[str, torch.Tensor]]:
 
     from sdtrt.checkpoint import check_safetensors
 
-    path = Path(path)
+    path = require_safetensors(path)
     try:
         check_safetensors(path)
         tensors = load_file(str(path))

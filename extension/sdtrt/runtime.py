@@ -1,20 +1,68 @@
 """A loaded engine that answers UNet calls: verified before loading, weights filled by refit, one profile picked
-per call from the call's shapes."""
+per call from the call's shapes.
+
+Thread safety: every use of the loaded engine (a call, a refit, closing it) happens under the session's lock, so a
+refit never runs while a call reads the weights (calls see the old weights or the new ones, never a mix) and a
+closed engine is never called. Callers that must not block for long (the sampler's UNet calls) pass a timeout to
+`hold` and get EngineBusy instead of waiting.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+import contextlib
+import threading
+from collections.abc import Hashable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from sdtrt.backends import backend_class
-from sdtrt.backends.base import EngineRunner
+from sdtrt.backends.base import Backend, EngineRunner
 from sdtrt.constants import INPUT_CONTEXT, INPUT_SAMPLE, INPUT_TIMESTEPS, INPUT_Y
-from sdtrt.errors import NoMatchingProfile, RefitError, StaleEngine
+from sdtrt.errors import EngineNotFound, NoMatchingProfile, RefitError, SdtrtError, StaleEngine
 from sdtrt.profiles import Dims, Profile, TensorIO, TensorRange, engine_ranges, select_profile
 from sdtrt.refit import BaseLoader, RefitPlan, WeightTracker
-from sdtrt.registry import Manifest, Registry
+from sdtrt.registry import Manifest, Registry, stale_reason
+
+
+class CorruptEngine(StaleEngine):
+    """An engine's files do not match its manifest (truncated, bit-flipped, emptied, replaced): refused before
+    deserialization. Rebuilding it moves the damaged folder aside (quarantine), never deletes it."""
+
+
+class EngineBusy(SdtrtError):
+    """The engine is in use by another thread (a refit or a load) for longer than the caller may wait."""
+
+
+class EngineClosed(SdtrtError):
+    """The engine was closed (unloaded by a switch, a delete or the end of a generation) while a caller held it."""
+
+
+def _check_files(registry: Registry, engine_id: str, backend: Backend, quarantine: bool) -> Manifest:
+    """registry.verify, telling damaged files (CorruptEngine) from a foreign backend version or GPU and manifest
+    problems (StaleEngine). With `quarantine`, a damaged engine is also moved aside (kept, never deleted)."""
+    info = backend.info()
+    try:
+        return registry.verify(engine_id, info)
+    except StaleEngine as e:
+        try:
+            st = registry.status(engine_id)  # cheap look again: which part failed?
+        except SdtrtError:
+            raise e from None
+        m = st.manifest
+        if m is None or m.id != engine_id or stale_reason(m.key, info) is not None:
+            raise  # unreadable manifest, or built for another backend version/GPU: rebuild offered
+        action = "Rebuild it (the TensorRT tab's Rebuild, or `python -m sdtrt build`): the damaged files are moved " \
+                 "aside for inspection, not deleted"
+        if quarantine:
+            try:
+                action = f"It was moved aside to {registry.quarantine(engine_id).name} for inspection; rebuild it"
+            except EngineNotFound:
+                action = "Another process already moved it aside; rebuild it"
+            except (OSError, SdtrtError) as q:
+                action = f"Moving it aside failed ({type(q).__name__}: {q}); rebuild it"
+        raise CorruptEngine(f"{e}. It was never deserialized. {action}") from None
 
 
 @dataclass
@@ -26,58 +74,93 @@ class EngineSession:
     io: TensorIO
     weights_from: str | None  # sha256 of the checkpoint whose weights are in the engine
     deltas: WeightTracker = field(default_factory=WeightTracker)  # what differs from that checkpoint (LoRA)
+    #: set when a refit failed half-way in a backend that cannot undo it: the weights are unknown, reload the engine
+    weights_unknown: str | None = None
+    closed: bool = False
+    lock: Any = field(default_factory=threading.RLock, repr=False, compare=False)  # an RLock
 
     @classmethod
-    def open(cls, registry: Registry, engine_id: str) -> EngineSession:
-        """Verify (manifest, sizes, sha256, backend version and device) before any deserialization, then load."""
+    def open(cls, registry: Registry, engine_id: str, *, quarantine: bool = False) -> EngineSession:
+        """Verify (manifest, sizes, sha256, backend version and device) before any deserialization, then load.
+        Files that do not match the manifest raise CorruptEngine (with `quarantine`, after moving the engine
+        aside); another backend version or GPU raises StaleEngine."""
         manifest = registry.get(engine_id)
         backend = backend_class(manifest.key.backend)()
         reason = backend.unavailable_reason()
         if reason is not None:
             raise StaleEngine(f"engine {engine_id} needs backend {manifest.key.backend}: {reason}")
-        manifest = registry.verify(engine_id, backend.info())
+        manifest = _check_files(registry, engine_id, backend, quarantine)
         io = TensorIO(int(manifest.key.io["in_channels"]), int(manifest.key.io["context_dim"]),
                       None if manifest.key.io.get("y_dim") is None else int(manifest.key.io["y_dim"]))
         profiles = [Profile.parse(p) for p in manifest.key.profiles]
         ranges = [engine_ranges(p, io) for p in profiles]
         runner = backend.load(registry.engine_dir(engine_id), [f.name for f in manifest.files], ranges)
+        if runner is None:  # a runtime that answers None instead of raising (deserialize_cuda_engine does)
+            raise StaleEngine(f"backend {manifest.key.backend} returned no engine for {engine_id}; rebuild it")
         embedded = manifest.key.weights == "embedded" and not runner.needs_weights
         return cls(manifest, runner, profiles, ranges, io,
                    manifest.source_checkpoint.get("sha256") if embedded else None)
 
+    @contextlib.contextmanager
+    def hold(self, timeout: float | None = None) -> Iterator[EngineSession]:
+        """Exclusive use of the engine. timeout None waits as long as it takes; else EngineBusy after `timeout` s.
+        Raises EngineClosed once the session was closed."""
+        if not self.lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
+            raise EngineBusy(f"engine {self.manifest.id} is busy in another thread (a refit or load) for more "
+                             f"than {timeout:g} s")
+        try:
+            if self.closed:
+                raise EngineClosed(f"engine {self.manifest.id} was unloaded (switched away, deleted or released)")
+            yield self
+        finally:
+            self.lock.release()
+
+    def _refit(self, weights: Mapping[str, torch.Tensor], fill: BaseLoader | None = None) -> None:
+        """runner.refit; when it fails inside a backend that cannot promise 'all or nothing', the engine's weights
+        are unknown from then on (`weights_unknown`): the caller must reload the engine before using it."""
+        try:
+            self.runner.refit(weights, fill=fill)
+        except BaseException as e:
+            if not getattr(self.runner, "refit_is_atomic", False):
+                self.weights_unknown = f"a refit failed half-way ({type(e).__name__}: {e})"
+            raise
+
     def load_weights(self, state_dict: Mapping[str, torch.Tensor], checkpoint_sha256: str) -> bool:
         """Refit every engine weight from a checkpoint's UNet state dict unless they are already in. Returns
-        whether a refit happened."""
-        if self.weights_from == checkpoint_sha256:
-            return False
-        names = self.runner.weight_names()
-        missing = sorted(names - set(state_dict))
-        if missing:
-            raise RefitError(f"the checkpoint lacks {len(missing)} engine weights, e.g. {missing[:3]}")
-        self.runner.refit({n: state_dict[n] for n in names})
-        self.weights_from = checkpoint_sha256
-        self.deltas.reset()
-        return True
+        whether a refit happened. On any error the engine keeps its previous weights (or, see `_refit`, is marked
+        `weights_unknown`)."""
+        with self.hold():
+            if self.weights_from == checkpoint_sha256:
+                return False
+            names = self.runner.weight_names()
+            missing = sorted(names - set(state_dict))
+            if missing:
+                raise RefitError(f"the checkpoint lacks {len(missing)} engine weights, e.g. {missing[:3]}")
+            self._refit({n: state_dict[n] for n in names})
+            self.weights_from = checkpoint_sha256
+            self.deltas.reset()
+            return True
 
     def apply_deltas(self, key: Hashable, deltas: Mapping[str, torch.Tensor], base: BaseLoader) -> RefitPlan | None:
         """Make the engine hold the checkpoint's weights with the names in `deltas` replaced by the given values
         (what a LoRA set makes of them); names the previous set changed go back to base. `base` loads weights of
-        the checkpoint in `weights_from`. Returns the applied plan, None when nothing to do. On a RefitError the
-        engine's weights are unknown: the caller must reload it."""
-        if self.weights_from is None:
-            raise RefitError("the engine holds no checkpoint weights yet; load a checkpoint's weights first")
-        if key == self.deltas.key:
-            return None
-        unknown = sorted(set(deltas) - self.runner.weight_names())
-        if unknown:
-            raise RefitError(f"{len(unknown)} weight updates name no engine weight, e.g. {unknown[:3]}")
-        plan = self.deltas.plan(key, deltas, base)
-        if plan is None:
-            return None
-        if plan.weights:
-            self.runner.refit(plan.weights, fill=base)
-        self.deltas.applied(plan)
-        return plan
+        the checkpoint in `weights_from`. Returns the applied plan, None when nothing to do. Errors before the
+        backend's refit (unknown names, the plan, loading base weights) change nothing."""
+        with self.hold():
+            if self.weights_from is None:
+                raise RefitError("the engine holds no checkpoint weights yet; load a checkpoint's weights first")
+            if key == self.deltas.key:
+                return None
+            unknown = sorted(set(deltas) - self.runner.weight_names())
+            if unknown:
+                raise RefitError(f"{len(unknown)} weight updates name no engine weight, e.g. {unknown[:3]}")
+            plan = self.deltas.plan(key, deltas, base)
+            if plan is None:
+                return None
+            if plan.weights:
+                self._refit(plan.weights, fill=base)
+            self.deltas.applied(plan)
+            return plan
 
     def profile_for(self, dims: dict[str, Dims]) -> int | None:
         return select_profile(self.ranges, dims)
@@ -96,8 +179,13 @@ class EngineSession:
                 f"no profile of engine {self.manifest.id} covers sample {dims[INPUT_SAMPLE]}, context "
                 f"{dims[INPUT_CONTEXT]}; its profiles are {', '.join(map(str, self.profiles))}"
             )
-        return self.runner.infer(feeds, index).to(x.dtype)
+        with self.hold():
+            return self.runner.infer(feeds, index).to(x.dtype)
 
     def close(self) -> None:
-        self.runner.close()
-
+        """Free the engine once no call or refit uses it (waits for the one in flight). Safe to call twice."""
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            self.runner.close()

@@ -38,6 +38,8 @@ def _providers() -> list[str]:
 
 
 class OrtRunner(EngineRunner):
+    #: A failed refit changes nothing: the new session is made completely before it replaces the old one.
+    refit_is_atomic = True
     #: Above this, a refitted model goes through a temporary file with external data (protobuf stops at 2 GiB).
     IN_MEMORY_LIMIT = 1 << 30
 
@@ -65,28 +67,40 @@ class OrtRunner(EngineRunner):
         opts.log_severity_level = 3
         try:
             if not overrides:
-                return self._ort.InferenceSession(str(self._path), sess_options=opts, providers=_providers())
+                return self._checked(self._ort.InferenceSession(str(self._path), sess_options=opts,
+                                                                providers=_providers()))
             model = onnx.load(str(self._path), load_external_data=True)
             for init in model.graph.initializer:
                 if init.name in overrides:
                     init.CopyFrom(numpy_helper.from_array(overrides[init.name], init.name))
             if model.ByteSize() < self.IN_MEMORY_LIMIT:
-                return self._ort.InferenceSession(model.SerializeToString(), sess_options=opts,
-                                                  providers=_providers())
+                return self._checked(self._ort.InferenceSession(model.SerializeToString(), sess_options=opts,
+                                                                providers=_providers()))
             with tempfile.TemporaryDirectory(prefix="sdtrt-refit-") as tmp:
                 path = Path(tmp) / "unet.onnx"
                 onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                                 location="unet.onnx.data")
-                return self._ort.InferenceSession(str(path), sess_options=opts, providers=_providers())
+                return self._checked(self._ort.InferenceSession(str(path), sess_options=opts,
+                                                                providers=_providers()))
+        except StaleEngine:
+            raise
         except Exception as e:  # onnxruntime raises its own exception types
             raise StaleEngine(f"ONNX Runtime cannot load {self._path.name}: {e}") from e
 
+    def _checked(self, session: Any) -> Any:
+        if session is None:  # never seen from onnxruntime, but a runtime answering None must not crash later
+            raise StaleEngine(f"ONNX Runtime returned no session for {self._path.name}; rebuild the engine")
+        return session
+
     def infer(self, feeds: Mapping[str, torch.Tensor], profile_index: int) -> torch.Tensor:
+        session = self._session
+        if session is None:
+            raise StaleEngine(f"engine {self._path.parent.name} was closed; load it again")
         arrays = {}
         for name, t in feeds.items():
             dtype = torch.float16 if self._inputs[name] == "tensor(float16)" else torch.float32
             arrays[name] = t.detach().to("cpu", dtype).contiguous().numpy()
-        out = self._session.run(None, arrays)[0]
+        out = session.run(None, arrays)[0]
         return torch.from_numpy(out)
 
     def weight_names(self) -> set[str]:

@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,19 +18,31 @@ import torch
 
 from sdtrt.backends import backend_class
 from sdtrt.backends.base import BackendInfo
-from sdtrt.errors import BackendUnavailable, EngineNotFound, ProfileError, SdtrtError
+from sdtrt.errors import BackendUnavailable, EngineNotFound, ProfileError, SdtrtError, StaleEngine
 from sdtrt.profiles import Profile
 from sdtrt.registry import Manifest, Registry, stale_reason, validate_engine_id
-from sdtrt.runtime import EngineSession
+from sdtrt.runtime import CorruptEngine, EngineBusy, EngineSession
 from sdtrt.webui.host import BACKEND_CHOICES, LABEL_PREFIX, CheckpointRef, Host, Settings
 from sdtrt.webui.jobs import Job, JobQueue
-from sdtrt.webui.serving import Counters, EngineSlot, NetworkSet, UnetServer, WeightSource
+from sdtrt.webui.serving import (
+    BUSY_WAIT_S,
+    Counters,
+    EngineSlot,
+    NetworkSet,
+    NetworksFailed,
+    UnetServer,
+    WeightSource,
+)
 
 log = logging.getLogger("sdtrt")
 
 
 class EngineInUse(SdtrtError):
     """The engine serves the active SD Unet; switch SD Unet to None (or another engine) first."""
+
+
+class SwapFailed(SdtrtError):
+    """Switching from an active server to another failed; the previous one stays active and keeps serving."""
 
 
 @dataclass(frozen=True)
@@ -65,9 +78,16 @@ class EngineService:
         self.host: Host | None = None
         self.counters = Counters()
         self.jobs = JobQueue()
+        # Guards the fields below; held only for dictionary-sized work, never while hashing, loading, closing
+        # or deleting an engine, so a UNet call never waits on it behind slow work of another thread.
         self._lock = threading.RLock()
         self._registry: Registry | None = None
         self._sessions: dict[str, EngineSession] = {}
+        self._opening: dict[str, threading.Lock] = {}  # per engine id: one thread loads it, others do not wait long
+        self._deleting: set[str] = set()
+        #: engines refused at load because their files do not match the manifest: id -> (file signature, reason).
+        #: Listed as not ok (and not offered) until their files change, so nobody re-hashes them on every switch.
+        self._refused: dict[str, tuple[tuple[object, ...], str]] = {}
         self._infos: dict[str, BackendInfo | str] = {}
         self._arch: tuple[int, LoadedArch] | None = None
         self._sha: dict[tuple[str, int, int], str] = {}
@@ -93,23 +113,31 @@ class EngineService:
     def registry(self) -> Registry:
         host = self._host()
         root = host.settings().cache_path(host.models_dir())
+        stale: list[EngineSession] = []
         with self._lock:
             if self._registry is None or self._registry.root != root:
-                self.close_sessions()
+                stale = self._take_sessions()
                 self._registry = Registry(root)
-            return self._registry
+            registry = self._registry
+        _close_all(stale)
+        return registry
 
     def backend_info(self, name: str) -> BackendInfo | str:
-        """The running backend's identity, or the reason it cannot run here (cached: probing may touch the GPU)."""
+        """The running backend's identity, or the reason it cannot run here (cached: probing may touch the GPU, so
+        it runs outside the lock; two threads probing at once both get the same answer)."""
         with self._lock:
-            if name not in self._infos:
-                try:
-                    cls = backend_class(name)
-                    reason = cls.unavailable_reason()
-                    self._infos[name] = reason if reason is not None else cls().info()
-                except SdtrtError as e:
-                    self._infos[name] = str(e)
-            return self._infos[name]
+            known = self._infos.get(name)
+        if known is not None:
+            return known
+        info: BackendInfo | str
+        try:
+            cls = backend_class(name)
+            reason = cls.unavailable_reason()
+            info = reason if reason is not None else cls().info()
+        except SdtrtError as e:
+            info = str(e)
+        with self._lock:
+            return self._infos.setdefault(name, info)
 
     # ---- engine table -------------------------------------------------------------------------------------
     def _checked(self) -> list[tuple[str, Manifest | None, str | None]]:
@@ -121,6 +149,8 @@ class EngineService:
                 info = self.backend_info(m.key.backend)
                 reason = (f"backend {m.key.backend} cannot run here: {info}" if isinstance(info, str)
                           else stale_reason(m.key, info))
+            if m is not None and reason is None:
+                reason = self._refusal(m)
             out.append((st.id, m, reason))
         return out
 
@@ -229,12 +259,40 @@ class EngineService:
 
     # ---- serving ------------------------------------------------------------------------------------------
     def _open_session(self, engine_id: str) -> EngineSession:
+        """The loaded engine, shared by every server that uses it. Loading (hashing, deserializing) runs under a
+        per-engine lock, not the service's: a caller that finds another thread loading the same engine gets
+        EngineBusy after BUSY_WAIT_S (its call runs on PyTorch) instead of waiting for the load."""
         with self._lock:
             session = self._sessions.get(engine_id)
-            if session is None:
-                session = self._in_device(lambda: EngineSession.open(self.registry(), engine_id))
-                self._sessions[engine_id] = session
-            return session
+            if session is not None and not session.closed:
+                return session
+            if engine_id in self._deleting:
+                raise EngineNotFound(f"engine {engine_id} is being deleted")
+            opening = self._opening.setdefault(engine_id, threading.Lock())
+        if not opening.acquire(timeout=BUSY_WAIT_S):
+            raise EngineBusy(f"engine {engine_id} is being loaded by another thread")
+        try:
+            with self._lock:
+                session = self._sessions.get(engine_id)
+                if session is not None and not session.closed:
+                    return session
+            registry = self.registry()
+            try:
+                session = self._in_device(lambda: EngineSession.open(registry, engine_id))
+            except CorruptEngine as e:
+                with contextlib.suppress(Exception):
+                    signature = self._signature(registry.status(engine_id).manifest or registry.get(engine_id))
+                    with self._lock:
+                        self._refused[engine_id] = (signature, str(e))
+                raise
+            with self._lock:
+                if engine_id not in self._deleting:
+                    self._sessions[engine_id] = session
+                    return session
+            session.close()
+            raise EngineNotFound(f"engine {engine_id} was deleted while it loaded")
+        finally:
+            opening.release()
 
     def _in_device(self, fn: Any) -> Any:
         device = self._host().device()
@@ -243,18 +301,44 @@ class EngineService:
                 return fn()
         return fn()
 
+    def _signature(self, manifest: Manifest) -> tuple[object, ...]:
+        d = self.registry().engine_dir(manifest.id)
+        out: list[object] = []
+        for f in manifest.files:
+            try:
+                st = os.stat(d / f.name)
+                out.append((f.name, st.st_size, st.st_mtime_ns, st.st_ino))
+            except OSError:
+                out.append((f.name, None))
+        return tuple(out)
+
+    def _refusal(self, manifest: Manifest) -> str | None:
+        """Why this engine was refused at load, while its files are the ones that were refused."""
+        with self._lock:
+            refused = self._refused.get(manifest.id)
+        if refused is None:
+            return None
+        if refused[0] != self._signature(manifest):
+            with self._lock:
+                self._refused.pop(manifest.id, None)
+            return None
+        return refused[1]
+
     def _evict_session(self, engine_id: str, session: EngineSession) -> None:
         with self._lock:
             if self._sessions.get(engine_id) is session:
                 del self._sessions[engine_id]
-        with contextlib.suppress(Exception):
-            session.close()
+        _close_all([session])
+
+    def _take_sessions(self, keep: Sequence[str] = ()) -> list[EngineSession]:
+        """Under self._lock: remove the sessions not in `keep` from the table; the caller closes them unlocked."""
+        return [self._sessions.pop(i) for i in [i for i in self._sessions if i not in keep]]
 
     def close_sessions(self, keep: Sequence[str] = ()) -> None:
+        """Unload every engine not in `keep`. Each close waits for that engine's call or refit in flight."""
         with self._lock:
-            for engine_id in [i for i in self._sessions if i not in keep]:
-                with contextlib.suppress(Exception):
-                    self._sessions.pop(engine_id).close()
+            stale = self._take_sessions(keep)
+        _close_all(stale)
 
     def make_server(self, spec: OptionSpec) -> UnetServer:
         """The server an SdUnet delegates to. Never raises: a problem becomes the reason every call of this
@@ -278,6 +362,8 @@ class EngineService:
                                 "architecture. Pick the engine of this checkpoint or build one in the TensorRT tab")
                 slots = [EngineSlot(m, self._open_session, self._evict_session) for m in fitting]
                 weights = self._weights_for_loaded()
+        except StaleEngine as e:  # damaged or foreign files, found by the cheap look before any load
+            unusable = f"{e}; rebuild the engine (TensorRT tab) or pick another one"
         except SdtrtError as e:
             unusable = str(e)
         except Exception as e:
@@ -316,10 +402,28 @@ class EngineService:
         return WeightSource(sha, load)
 
     def activate(self, server: UnetServer, label: str) -> None:
+        """Make `server` the active one. Replacing another active server is all-or-nothing: the new engine is
+        loaded first, while the previous server keeps serving; if it cannot be (or anything before the switch
+        raises) the previous server stays active and SwapFailed says why. Without an active server (A1111
+        deactivates the old UNet before activating the new one) the other engines are unloaded first, so two
+        never share the device memory, and a failed load makes this server's calls run on PyTorch."""
+        usable = server.unusable is None and self.settings().enabled  # may raise: nothing changed yet
+        with self._lock:
+            previous, previous_label = self.active, self.active_label
+        prepared = False
+        if previous is not None and previous is not server and server.unusable is not None:
+            raise SwapFailed(f"cannot switch to {label}: {server.unusable}; still serving {previous_label}")
+        if previous is not None and previous is not server and usable and server.slots:
+            server.prepare()
+            if all(s.broken is not None for s in server.slots):
+                reason = next(s.broken for s in server.slots if s.broken is not None)
+                raise SwapFailed(f"cannot switch to {label}: {reason}; still serving {previous_label}")
+            prepared = True
         with self._lock:
             self.active, self.active_label = server, label
-            self.close_sessions(keep=[s.id for s in server.slots])
-        if server.unusable is None and self.settings().enabled:
+            stale = self._take_sessions(keep=[s.id for s in server.slots])
+        _close_all(stale)
+        if usable and not prepared:
             server.prepare()
 
     def deactivate(self, server: UnetServer) -> None:
@@ -371,12 +475,14 @@ class EngineService:
             return
         host = self._host()
         try:
+            _check_network_files(host)
             key = host.network_key()
             if server.networks is not None and server.networks.key == key:
                 return server.set_networks(server.networks)  # engines loaded since keep it too (no-op otherwise)
             server.set_networks(NetworkSet(key, host.network_weights))
         except Exception as e:
-            reason = f"the LoRA weights could not be put into the engine: {type(e).__name__}: {e}"
+            reason = str(e) if isinstance(e, NetworksFailed) else \
+                f"the LoRA weights could not be put into the engine: {type(e).__name__}: {e}"
             log.exception("sdtrt: %s", reason)
             self.counters.error(reason)
             server.problem = reason
@@ -470,36 +576,105 @@ class EngineService:
         return st.manifest
 
     def delete(self, engine_id: str) -> None:
+        """Unload and delete an engine no active server uses. The slow part (closing, removing files) runs
+        outside the service lock, with the id marked so nothing loads it meanwhile."""
         validate_engine_id(engine_id)
+        registry = self.registry()
         with self._lock:
             if self.active is not None and any(s.id == engine_id for s in self.active.slots):
                 raise EngineInUse(f"engine {engine_id} is in use by SD Unet '{self.active_label}'; set SD Unet "
                                   "to None (or another engine) and generate once, then delete it")
+            if engine_id in self._deleting:
+                raise EngineInUse(f"engine {engine_id} is being deleted by another request")
+            self._deleting.add(engine_id)
             session = self._sessions.pop(engine_id, None)
+        try:
             if session is not None:
-                session.close()
-            self.registry().delete(engine_id)
+                _close_all([session])
+            registry.delete(engine_id)
+        except SdtrtError:
+            raise
+        except Exception as e:  # OSError (read-only cache, NFS), or anything else: one listed error type
+            raise SdtrtError(f"engine {engine_id} could not be deleted: {type(e).__name__}: {e}") from e
+        finally:
+            with self._lock:
+                self._deleting.discard(engine_id)
         self.refresh_list()
+
+    def shutdown(self, timeout: float = 5.0) -> dict[str, Any]:
+        """Process exit (or the extension unloading for good): stop serving, cancel queued and running builds, and
+        unload every engine, returning within about `timeout` seconds whatever a build is doing. A running build
+        stops at its next progress report; the registry never publishes a half-built engine, and its temporary
+        folder is removed by the build itself or by the next cleanup. Returns what was left running."""
+        deadline = time.monotonic() + max(0.0, timeout)
+        with self._lock:
+            self.active, self.active_label = None, None
+            stale = self._take_sessions()
+        pending = [j for j in self.jobs.list() if j.state in ("queued", "running")]
+        for job in pending:
+            with contextlib.suppress(SdtrtError):
+                self.jobs.cancel(job.id)
+        closer = threading.Thread(target=_close_all, args=(stale,), name="sdtrt-shutdown", daemon=True)
+        closer.start()
+        closer.join(max(0.0, deadline - time.monotonic()))
+        while time.monotonic() < deadline and any(j.state in ("queued", "running") for j in pending):
+            time.sleep(0.02)
+        return {"unloaded": not closer.is_alive(),
+                "builds_left": [j.id for j in pending if j.state in ("queued", "running")]}
 
     def refresh_list(self) -> None:
         with contextlib.suppress(Exception):
             self._host().refresh_unet_list()
 
     def status(self) -> dict[str, Any]:
+        """A snapshot for /status. Never waits behind a load, refit, build or delete. An engine being built is
+        not ready: it is not among the engines (nothing is published before the build ends) and `building`
+        lists its job."""
         s = self._host().settings()
+        with self._lock:
+            server, label = self.active, self.active_label
         active = None
-        if self.active is not None:
-            active = {"label": self.active_label, "engines": [slot.id for slot in self.active.slots],
-                      "loaded": [slot.id for slot in self.active.slots if slot.session is not None],
-                      "backends": sorted({slot.manifest.key.backend for slot in self.active.slots}),
-                      "unusable": self.active.unusable,
-                      "networks": _describe_networks(self.active.networks.key if self.active.networks else ())}
+        if server is not None:
+            networks = server.networks
+            active = {"label": label, "engines": [slot.id for slot in server.slots],
+                      "loaded": [slot.id for slot in server.slots if slot.session is not None],
+                      "ready": [slot.id for slot in server.slots
+                                if slot.session is not None and slot.broken is None and not slot.session.closed],
+                      "backends": sorted({slot.manifest.key.backend for slot in server.slots}),
+                      "unusable": server.unusable,
+                      "networks": _describe_networks(networks.key if networks else ())}
         jobs = self.jobs.list()
+        building = [{"job_id": j.id, "checkpoint": j.request.get("checkpoint"),
+                     "profiles": j.request.get("profiles"), "state": j.state, "phase": j.phase,
+                     "progress": round(j.progress, 4)} for j in jobs if j.state in ("queued", "running")]
         return {
             "enabled": s.enabled, "backend": s.backend, "fallback": s.fallback,
             "cache_dir": str(self.registry().root), "active": active, "counters": self.counters.snapshot(),
             "jobs": {"queued": sum(j.state == "queued" for j in jobs), "running": sum(j.state == "running" for j in jobs)},
+            "building": building,
         }
+
+
+def _check_network_files(host: Host) -> None:
+    """Refuse to refit networks loaded from pickle files (.pt/.ckpt): the engine takes safetensors LoRAs only.
+    Hosts that can tell which files the active networks came from offer `network_files()` (optional)."""
+    files = getattr(host, "network_files", None)
+    if not callable(files):
+        return
+    from sdtrt.lora import require_safetensors
+
+    for name in files() or ():
+        if name:
+            require_safetensors(name)
+
+
+def _close_all(sessions: Sequence[EngineSession]) -> None:
+    """Close engines (each waits for its call or refit in flight); one that fails to close is logged, not raised."""
+    for session in sessions:
+        try:
+            session.close()
+        except Exception:
+            log.exception("sdtrt: closing engine %s failed", session.manifest.id)
 
 
 def _describe_networks(key: object) -> list[str]:

@@ -6,10 +6,11 @@ Host-agnostic: the PyTorch forward, the weights and the notices come in as calla
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,11 +21,13 @@ from sdtrt.errors import NoMatchingProfile, SdtrtError
 from sdtrt.profiles import Dims, Profile, TensorIO, TensorRange, engine_ranges, select_profile
 from sdtrt.refit import BaseLoader
 from sdtrt.registry import Manifest
-from sdtrt.runtime import EngineSession
+from sdtrt.runtime import EngineBusy, EngineClosed, EngineSession
 
 log = logging.getLogger("sdtrt")
 #: Distinct fallback reasons kept in the counters (a long-running server sees many sizes).
 MAX_REASONS = 64
+#: The longest a UNet call waits for an engine another thread is refitting or loading; then it runs on PyTorch.
+BUSY_WAIT_S = 0.5
 
 
 @dataclass
@@ -102,11 +105,26 @@ class NetworkSet:
 
 
 NO_NETWORKS = NetworkSet((), lambda base: {})
+#: For `EngineSlot.ready`: leave whatever LoRA set the engine holds (the generation's set is not known yet).
+KEEP_NETWORKS = NetworkSet(("sdtrt: keep the engine's networks",), lambda base: {})
+
+
+class NetworksFailed(SdtrtError):
+    """A LoRA set could not be put into an engine (the engine keeps its previous weights or is reloaded)."""
+
+
+def _hold(session: EngineSession, wait: float | None) -> Any:
+    """session.hold(wait); a stand-in session without one (bench's stub) is used as it is."""
+    hold = getattr(session, "hold", None)
+    return contextlib.nullcontext(session) if hold is None else hold(wait)
 
 
 class EngineSlot:
     """One engine a server may use. Its profile ranges come from the manifest, so choosing a profile never
-    loads anything; the engine is opened (verified, loaded, refitted) the first time a call fits it."""
+    loads anything; the engine is opened (verified, loaded, refitted) the first time a call fits it.
+
+    Every use happens under the session's lock (`ready`): the weights are made right and the call runs in one hold,
+    so a refit from another thread (another server sharing the engine, a LoRA change) never interleaves."""
 
     def __init__(self, manifest: Manifest, opener: Callable[[str], EngineSession],
                  on_evict: Callable[[str, EngineSession], None] = lambda engine_id, session: session.close()):
@@ -123,34 +141,70 @@ class EngineSlot:
     def id(self) -> str:
         return self.manifest.id
 
-    def evict(self) -> None:
-        """Forget the loaded engine (its weights are in an unknown state); the next use loads it afresh."""
-        session, self.session = self.session, None
-        if session is not None:
-            self._on_evict(self.id, session)
+    def evict(self, session: EngineSession | None = None) -> None:
+        """Forget the loaded engine (its weights are in an unknown state); the next use loads it afresh. With
+        `session`, only if that is still the slot's session (another thread may have reloaded it already)."""
+        current = self.session
+        if session is not None and current is not session:
+            return
+        self.session = None
+        if current is not None:
+            self._on_evict(self.id, current)
 
     def profile_for(self, dims: Mapping[str, Dims]) -> int | None:
         return select_profile(self.ranges, dict(dims))
 
-    def open(self, weights: WeightSource | None, counters: Counters, networks: NetworkSet | None = None
-             ) -> EngineSession:
-        """Load if needed, then make the engine hold the loaded checkpoint's weights plus `networks`."""
-        if self.session is None:
-            self.session = self._opener(self.id)
+    @contextlib.contextmanager
+    def ready(self, weights: WeightSource | None, counters: Counters, networks: NetworkSet | None = None,
+              wait: float | None = None) -> Iterator[EngineSession]:
+        """The loaded engine holding the checkpoint's weights plus `networks`, held for the caller's exclusive use.
+
+        Raises EngineBusy (another thread holds it longer than `wait`), EngineClosed (unloaded meanwhile: the
+        slot forgets it, the next use reloads), NetworksFailed (the LoRA set did not go in; the engine keeps its
+        previous weights), and what loading or the checkpoint refit raised. `networks` None means none;
+        KEEP_NETWORKS leaves the engine's set as it is (at activation, before the generation's set is known)."""
         session = self.session
-        nets = networks or NO_NETWORKS
-        if weights is None or (session.weights_from == weights.sha256 and session.deltas.key == nets.key):
-            return session  # the per-call path: nothing to do
-        if session.weights_from != weights.sha256:
-            start = time.perf_counter()
-            if session.load_weights(weights.load(None), weights.sha256):
-                counters.refit(len(session.runner.weight_names()), time.perf_counter() - start)
-        if session.deltas.key != nets.key:
-            start = time.perf_counter()
-            plan = session.apply_deltas(nets.key, nets.deltas(weights.load), weights.load)
-            if plan is not None and plan.weights:
-                counters.refit(len(plan.weights), time.perf_counter() - start)
-        return session
+        if session is None:
+            session = self._opener(self.id)
+            self.session = session
+        try:
+            with _hold(session, wait):
+                self._sync(session, weights, counters, networks or NO_NETWORKS)
+                yield session
+        except EngineClosed:
+            if self.session is session:
+                self.session = None
+            raise
+
+    def open(self, weights: WeightSource | None, counters: Counters, networks: NetworkSet | None = None,
+             wait: float | None = None) -> EngineSession:
+        """Load if needed, then make the engine hold the loaded checkpoint's weights plus `networks`."""
+        with self.ready(weights, counters, networks, wait) as session:
+            return session
+
+    def _sync(self, session: EngineSession, weights: WeightSource | None, counters: Counters,
+              nets: NetworkSet) -> None:
+        """Under the session's lock. A refit that failed half-way (weights unknown) drops the engine for a reload."""
+        keep = nets is KEEP_NETWORKS
+        if weights is None or (session.weights_from == weights.sha256 and (keep or session.deltas.key == nets.key)):
+            return  # the per-call path: nothing to do
+        try:
+            if session.weights_from != weights.sha256:
+                start = time.perf_counter()
+                if session.load_weights(weights.load(None), weights.sha256):
+                    counters.refit(len(session.runner.weight_names()), time.perf_counter() - start)
+            if not keep and session.deltas.key != nets.key:
+                start = time.perf_counter()
+                try:
+                    plan = session.apply_deltas(nets.key, nets.deltas(weights.load), weights.load)
+                except Exception as e:
+                    raise NetworksFailed(f"the LoRA weights could not be put into the engine: {type(e).__name__}: "
+                                         f"{e}") from e
+                if plan is not None and plan.weights:
+                    counters.refit(len(plan.weights), time.perf_counter() - start)
+        finally:
+            if getattr(session, "weights_unknown", None) is not None:
+                self.evict(session)
 
 
 def describe_call(dims: Mapping[str, Dims]) -> str:
@@ -194,34 +248,42 @@ class UnetServer:
 
     def set_networks(self, networks: NetworkSet) -> None:
         """Put a LoRA set into every loaded engine now (before the first call of a pass); engines loaded later get
-        it on load. Raises what the update or refit raised; a failed engine is dropped to be reloaded clean."""
+        it on load. Raises what the update or refit raised (NetworksFailed for the LoRA maths or refit); the engine
+        then keeps its previous weights (or is dropped, to be reloaded clean, when its backend cannot tell)."""
         self.networks = networks
         for slot in self.slots:
-            if slot.session is None or slot.broken is not None:
+            session = slot.session
+            if session is None or slot.broken is not None:
                 continue
             try:
                 slot.open(self.weights, self.counters, networks)
-            except Exception:
-                slot.evict()
-                raise
+            except EngineClosed:
+                continue  # unloaded meanwhile: it gets this set when it is loaded again
 
-    def prepare(self) -> None:
-        """Open the first engine now (at activation) so the first sampling step does not pay for the load."""
+    def prepare(self) -> bool:
+        """Open the first engine now (at activation) so the first sampling step does not pay for the load.
+        Returns whether an engine is loaded and ready."""
         for slot in self.slots:
             if slot.broken is None:
-                self._open(slot)
-                return
+                try:
+                    with slot.ready(self.weights, self.counters, self.networks or KEEP_NETWORKS, wait=BUSY_WAIT_S):
+                        return True
+                except (EngineBusy, EngineClosed):
+                    return False  # another thread is on it; the first call retries
+                except NetworksFailed as e:
+                    self.problem = str(e)
+                    return False
+                except Exception as e:  # noqa: BLE001 - a broken engine must never fail the activation
+                    self._broken(slot, e, "failed to load")
+                    return False
+        return False
 
-    def _open(self, slot: EngineSlot) -> EngineSession | None:
-        try:
-            return slot.open(self.weights, self.counters, self.networks)
-        except SdtrtError as e:
-            slot.broken = f"engine {slot.id} cannot be used: {e}"
-        except Exception as e:  # noqa: BLE001 - a broken engine must never fail the generation
-            slot.broken = f"engine {slot.id} failed to load: {type(e).__name__}: {e}"
+    def _broken(self, slot: EngineSlot, e: BaseException, what: str) -> str:
+        slot.broken = (f"engine {slot.id} cannot be used: {e}" if isinstance(e, SdtrtError)
+                       else f"engine {slot.id} {what}: {type(e).__name__}: {e}")
         self.counters.error(slot.broken)
         log.error("sdtrt: %s", slot.broken)
-        return None
+        return slot.broken
 
     def _to_pytorch(self, reason: str, args: tuple[Any, ...], kwargs: dict[str, Any], *, user: bool = True
                     ) -> torch.Tensor:
@@ -250,16 +312,24 @@ class UnetServer:
             index = slot.profile_for(dims)
             if index is None:
                 continue
-            session = self._open(slot)
-            if session is None:
-                continue
+            out = None
+            stage = "failed to load"
             try:
-                out = session.runner.infer(feeds, index)
+                with slot.ready(self.weights, self.counters, self.networks, wait=BUSY_WAIT_S) as session:
+                    stage = "failed during a call"
+                    out = session.runner.infer(feeds, index)
+            except (EngineBusy, EngineClosed) as e:  # this call only: the engine is fine, just not free now
+                return self._to_pytorch(str(e), call, kwargs)
+            except NetworksFailed as e:  # this generation: the engine lacks the LoRA set
+                self.problem = str(e)
+                self.counters.error(self.problem)
+                log.error("sdtrt: %s", self.problem)
+                return self._to_pytorch(self.problem, call, kwargs)
             except Exception as e:  # noqa: BLE001 - fall back rather than fail a generation
-                slot.broken = f"engine {slot.id} failed during a call: {type(e).__name__}: {e}"
-                self.counters.error(slot.broken)
-                log.error("sdtrt: %s", slot.broken)
-                return self._to_pytorch(slot.broken, call, kwargs)
+                reason = self._broken(slot, e, stage)
+                if stage == "failed during a call":
+                    return self._to_pytorch(reason, call, kwargs)
+                continue
             self.counters.engine_call()
             return out.to(device=x.device, dtype=x.dtype)
         broken = [s.broken for s in self.slots if s.broken]
