@@ -4,7 +4,7 @@ returns a profile that obeys the bounds and round-trips, or raises its own error
 hypothesis: arbitrary text, profile-like text built from hostile tokens (min > max, negative, 0, 1e9, NaN,
 unicode digits...), non-text objects, valid profiles round-tripping, and the tab's multi-line parser.
 atheris: tests/fuzz_profiles.py runs for a bounded time in a subprocess (SDTRT_ATHERIS_SECONDS, default 120 s with
-SDTRT_LONG=1, else 10 s); the test fails if anything but ProfileError escapes; a planted bug shows the harness
+SDTRT_LONG=1, else 5 s); the test fails if anything but ProfileError escapes; a planted bug shows the harness
 would notice.
 """
 
@@ -27,7 +27,7 @@ from sdtrt.profiles import MAX_BATCH, MAX_CHUNKS, MAX_PIXELS, MIN_PIXELS, Profil
 
 LONG = os.environ.get("SDTRT_LONG") == "1"
 EXAMPLES = 1000 if LONG else 200
-ATHERIS_SECONDS = int(os.environ.get("SDTRT_ATHERIS_SECONDS") or (120 if LONG else 10))
+ATHERIS_SECONDS = int(os.environ.get("SDTRT_ATHERIS_SECONDS") or (120 if LONG else 5))
 TARGET = Path(__file__).resolve().parent / "fuzz_profiles.py"
 IO = TensorIO(in_channels=4, context_dim=768, y_dim=2816)
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))

@@ -33,6 +33,9 @@ MAX_QUEUED = 32
 class JobNotFound(SdtrtError, KeyError):
     """No job with that id (or an id that is not one)."""
 
+    def __str__(self) -> str:  # KeyError's str() would quote the message
+        return str(self.args[0]) if self.args else ""
+
 
 class QueueFull(SdtrtError):
     """Too many builds are waiting; try again once some finished (or cancel one)."""
