@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from sdtrt.errors import NoMatchingProfile, SdtrtError
+from sdtrt.errors import NoMatchingProfile, ProfileError, SdtrtError
 from sdtrt.pipeline import build_engine
 from sdtrt.profiles import Profile
 from sdtrt.webui import tab
@@ -343,6 +343,10 @@ def test_profiles_text_and_editor() -> None:
         "1x256x256x75:2x512x512x75:4x768x768x150"
     with pytest.raises(SdtrtError, match="min <= opt <= max"):
         tab.profile_from_fields((4, 2, 1), (512,) * 3, (512,) * 3, (75,) * 3)
+    # what gradio Number fields can hold: empty (None), NaN, infinity, fractions -> the same error type
+    for bad in (None, float("nan"), float("inf"), 1.5, "x"):
+        with pytest.raises(ProfileError, match="whole number"):
+            tab.profile_from_fields((1, bad, 1), (512,) * 3, (512,) * 3, (75,) * 3)  # type: ignore[arg-type]
     for preset in tab.PRESETS.values():
         assert tab.profiles_from_text("\n".join(preset))
 

@@ -22,7 +22,7 @@ MIN_PIXELS = 64
 MAX_PIXELS = 8192
 MAX_CHUNKS = 32
 
-_SHAPE_RE = re.compile(r"^\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*$")
+_SHAPE_RE = re.compile(r"^\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*$", re.ASCII)
 
 Dims = tuple[int, ...]
 

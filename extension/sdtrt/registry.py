@@ -81,7 +81,7 @@ class InvalidEngineId(EngineNotFound, ValueError):
 def validate_engine_id(engine_id: object) -> str:
     """Return `engine_id` if it is a safe single path component of the id alphabet, else raise InvalidEngineId.
     Every path the registry builds goes through this, so no id can reach outside the cache."""
-    if not isinstance(engine_id, str) or not _ID_RE.match(engine_id) or ".." in engine_id:
+    if not isinstance(engine_id, str) or not _ID_RE.fullmatch(engine_id) or ".." in engine_id:
         raise InvalidEngineId(
             f"invalid engine id {engine_id!r}: an id is 1-128 lowercase letters, digits, '.', '_' or '-', "
             "starting with a letter or digit (for example 'sd1-tensorrt-0123456789abcdef')"

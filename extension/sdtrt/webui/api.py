@@ -20,7 +20,7 @@ Guards, in this order, before a route runs:
 Ids are never paths: engine and job ids must match their patterns (400 otherwise) and the registry resolves them
 under the cache folder only. Identical build requests while one is queued or running share its job; past the
 queue's cap a build answers 429 (see jobs.JobQueue). Errors are always JSON {"error": <kind>, "detail": <message>}:
-400 (bad input), 401, 403, 404 (unknown id), 409 (in use), 413, 422 (malformed body), 429 or, for a bug, 500.
+400 (bad input), 401, 403, 404 (unknown id), 409 (in use), 413, 422 (malformed body), 429, 503 (cache folder not writable) or, for a bug, 500.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from starlette.exceptions import HTTPException  # FastAPI's own is a subclass; i
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
-from sdtrt.errors import EngineNotFound, SdtrtError
+from sdtrt.errors import CacheNotWritable, EngineNotFound, SdtrtError
 from sdtrt.registry import InvalidEngineId
 from sdtrt.webui.jobs import JobNotFound, QueueFull
 from sdtrt.webui.service import EngineInUse, EngineService
@@ -214,6 +214,8 @@ def _status_for(e: Exception) -> int:
         return 409
     if isinstance(e, QueueFull):
         return 429
+    if isinstance(e, CacheNotWritable):  # a BuildError: checked before the generic SdtrtError
+        return 503
     if isinstance(e, SdtrtError):
         return 400
     return 500
@@ -231,7 +233,8 @@ def _error(status: int, kind: str, detail: str, headers: Mapping[str, str] | Non
 
 
 _HTTP_KINDS = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound", 405: "MethodNotAllowed",
-               413: "PayloadTooLarge", 415: "UnsupportedMediaType", 422: "ValidationError"}
+               413: "PayloadTooLarge", 415: "UnsupportedMediaType", 422: "ValidationError", 429: "TooManyRequests",
+               503: "CacheNotWritable"}
 
 
 def _describe_validation(errors: Any) -> str:
@@ -399,9 +402,9 @@ def mount(app: Any, svc: EngineService, credentials: dict[str, str] | None = Non
         return answer(svc.status)
 
     route("/engines", "GET", list_engines, 200, EngineList, (), "engines in the cache")
-    route("/engines", "POST", build, 202, JobAccepted, (400, 422, 429), "build an engine (a job)")
+    route("/engines", "POST", build, 202, JobAccepted, (400, 422, 429, 503), "build an engine (a job)")
     route("/engines/{engine_id}", "DELETE", delete_engine, 200, Deleted, (400, 404, 409), "delete an engine")
-    route("/engines/{engine_id}/rebuild", "POST", rebuild, 202, JobAccepted, (400, 404, 429),
+    route("/engines/{engine_id}/rebuild", "POST", rebuild, 202, JobAccepted, (400, 404, 429, 503),
           "rebuild a stale engine for this machine (a job)")
     route("/jobs", "GET", list_jobs, 200, JobList, (), "build jobs")
     route("/jobs/{job_id}", "GET", get_job, 200, JobBody, (400, 404), "one build job")

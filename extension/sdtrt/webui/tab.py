@@ -6,11 +6,12 @@ The handlers are plain functions over the EngineService (tested without gradio);
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sdtrt.errors import SdtrtError
+from sdtrt.errors import ProfileError, SdtrtError
 from sdtrt.profiles import Profile, Shape
 from sdtrt.webui.host import BACKEND_CHOICES
 from sdtrt.webui.jobs import DONE, QUEUED, RUNNING, Job
@@ -70,8 +71,20 @@ def profiles_from_text(text: str) -> list[str]:
 
 def profile_from_fields(batch: Sequence[float], height: Sequence[float], width: Sequence[float],
                         tokens: Sequence[float]) -> str:
-    """The editor's min/opt/max fields as one profile spec (static when all three are equal)."""
-    shapes = [Shape(int(b), int(h), int(w), int(t)) for b, h, w, t in zip(batch, height, width, tokens)]
+    """The editor's min/opt/max fields as one profile spec (static when all three are equal). Empty, NaN,
+    infinite or fractional fields raise ProfileError like every other bad profile."""
+
+    def whole(value: object, what: str) -> int:
+        try:
+            number = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise ProfileError(f"{what} must be a whole number, got {value!r}") from None
+        if not math.isfinite(number) or number != int(number):
+            raise ProfileError(f"{what} must be a whole number, got {value!r}")
+        return int(number)
+
+    shapes = [Shape(whole(b, "batch"), whole(h, "height"), whole(w, "width"), whole(t, "tokens"))
+              for b, h, w, t in zip(batch, height, width, tokens)]
     for s in shapes:
         s.validate()
     return str(Profile(*shapes))
