@@ -375,6 +375,28 @@ def test_row5_runtime_returning_none_is_a_clean_error_and_fallback(
         svc.deactivate(server)
 
 
+def test_a_read_error_is_not_taken_for_damage(cache: Cache, host: LoraHost, svc: EngineService,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """An I/O error while hashing (a flaky network file system) refuses this load only: the engine is not listed
+    as damaged, and the next activation serves from it."""
+    import errno
+
+    import sdtrt.registry
+
+    def eio(path: Any) -> Any:
+        raise OSError(errno.EIO, "Input/output error")
+
+    with monkeypatch.context() as m:
+        m.setattr(sdtrt.registry, "sha256_and_size", eio)
+        outs, delta = generation(svc, switch(svc, spec_for(cache.e1)))
+    assert delta == {"engine_calls": 0, "fallback_calls": 2, "refits": 0}
+    assert "cannot read" in next(iter(svc.counters.snapshot()["fallback_reasons"]))
+    assert {r["id"]: r for r in svc.engine_rows()}[cache.e1]["ok"]
+    outs, delta = generation(svc, switch(svc, spec_for(cache.e1)))
+    assert delta["engine_calls"] == 2
+    assert_all_close(outs, Refs(host)(None))
+
+
 # ---- TensorRT / TensorRT-RTX through backends/tensorrt.py with a fake library -----------------------------------------
 @pytest.fixture
 def fake_trt(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[bool], FakeTrtCalls]]:
@@ -851,7 +873,7 @@ class G6:
 @pytest.mark.timeout(900)
 def test_g6_injected_swap_and_refit_failures_leave_the_previous_unet_serving(
         cache: Cache, host: LoraHost, svc: EngineService) -> None:
-    trials = count(16, 200)
+    trials = count(12, 200)
     rng = random.Random(2024)
     points = injection_points(host)
     unique: dict[tuple[int, str], Point] = {}
@@ -1069,6 +1091,26 @@ def test_no_unet_call_waits_on_a_lock_while_a_build_refit_load_or_delete_runs(
     assert not wrong
 
 
+def test_delete_on_a_read_only_cache_is_a_listed_error(cache: Cache, svc: EngineService,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from sdtrt.errors import CacheNotWritable
+
+    victim = derive(svc.registry(), cache.e1, profiles=["1x64x64x75:1x64x64x75:6x64x64x75"])
+
+    def erofs(*a: Any, **k: Any) -> None:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "rename", erofs)
+        with pytest.raises(CacheNotWritable, match="read-only"):
+            svc.delete(victim)
+    assert victim in {r["id"] for r in svc.engine_rows()} and not svc._deleting
+    svc.delete(victim)
+    assert victim not in {r["id"] for r in svc.engine_rows()}
+
+
 # ---- row 22: call shapes outside every profile --------------------------------------------------------------------
 def test_row22_shapes_outside_every_profile_fall_back_or_fail_clearly(cache: Cache, host: LoraHost,
                                                                      svc: EngineService) -> None:
@@ -1129,18 +1171,19 @@ def test_row22_shapes_outside_every_profile_fall_back_or_fail_clearly(cache: Cac
 # ---- rows 32, 33: a build in progress; shutdown during a build ------------------------------------------------------
 @pytest.fixture
 def gated_build(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[threading.Event, threading.Event]]:
-    """OrtBackend.build waits for `gate` (after `entered` is set): a build that is in progress for as long as needed."""
-    from sdtrt.backends.ort import OrtBackend
+    """A build (inside the registry's private folder, before the export) waits for `gate` after setting
+    `entered`: a build that is in progress for as long as the test needs."""
+    import sdtrt.pipeline
 
     entered, gate = threading.Event(), threading.Event()
-    real = OrtBackend.build
+    real = sdtrt.pipeline.export_unet
 
-    def build(self: Any, *a: Any, **k: Any) -> Any:
+    def export(*a: Any, **k: Any) -> Any:
         entered.set()
         gate.wait(300)
-        return real(self, *a, **k)
+        return real(*a, **k)
 
-    monkeypatch.setattr(OrtBackend, "build", build)
+    monkeypatch.setattr(sdtrt.pipeline, "export_unet", export)
     yield entered, gate
     gate.set()
 
@@ -1178,7 +1221,7 @@ def test_row32_a_build_in_progress_keeps_generations_working_and_is_not_ready(
 def test_row33_shutdown_during_a_build_returns_in_bounded_time(
         cache: Cache, host: LoraHost, svc: EngineService, gated_build: tuple[threading.Event, threading.Event]) -> None:
     entered, gate = gated_build
-    switch(svc, spec_for(cache.e1))
+    server = switch(svc, spec_for(cache.e1))
     before = {r["id"] for r in svc.engine_rows()}
     job = svc.submit_build(host.refs[0].title, ["1x64x64x75"], "onnxruntime")
     queued = svc.submit_build(host.refs[1].title, ["1x64x64x75"], "onnxruntime")
@@ -1189,6 +1232,7 @@ def test_row33_shutdown_during_a_build_returns_in_bounded_time(
     report("row 33 shutdown during a build (in process)", seconds=round(took, 3), left=left)
     assert took < 2.0 and svc.active is None and not svc._sessions
     assert left["builds_left"] == [job.id] and svc.jobs.get(queued.id).state == "cancelled"
+    assert torch.equal(server(X, T, C), Refs(host)(None)) and not svc._sessions  # PyTorch; nothing reloaded
     gate.set()  # the stuck build wakes up: it was cancelled, so it stops at its next progress report
     final = svc.jobs.wait(job.id, timeout=300)
     assert final.state == "cancelled", (final.state, final.error)

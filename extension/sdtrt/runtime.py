@@ -51,8 +51,8 @@ def _check_files(registry: Registry, engine_id: str, backend: Backend, quarantin
         except SdtrtError:
             raise e from None
         m = st.manifest
-        if m is None or m.id != engine_id or stale_reason(m.key, info) is not None:
-            raise  # unreadable manifest, or built for another backend version/GPU: rebuild offered
+        if m is None or m.id != engine_id or stale_reason(m.key, info) is not None or "cannot read" in str(e):
+            raise  # unreadable manifest, another backend version/GPU (rebuild offered), or a read error (retried)
         action = "Rebuild it (the TensorRT tab's Rebuild, or `python -m sdtrt build`): the damaged files are moved " \
                  "aside for inspection, not deleted"
         if quarantine:

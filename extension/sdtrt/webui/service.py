@@ -5,6 +5,7 @@ option creates, PyTorch fallback and its notices, counters, and build jobs. One 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import threading
@@ -18,7 +19,14 @@ import torch
 
 from sdtrt.backends import backend_class
 from sdtrt.backends.base import BackendInfo
-from sdtrt.errors import BackendUnavailable, EngineNotFound, ProfileError, SdtrtError, StaleEngine
+from sdtrt.errors import (
+    BackendUnavailable,
+    CacheNotWritable,
+    EngineNotFound,
+    ProfileError,
+    SdtrtError,
+    StaleEngine,
+)
 from sdtrt.profiles import Profile
 from sdtrt.registry import Manifest, Registry, stale_reason, validate_engine_id
 from sdtrt.runtime import CorruptEngine, EngineBusy, EngineSession
@@ -88,6 +96,7 @@ class EngineService:
         #: engines refused at load because their files do not match the manifest: id -> (file signature, reason).
         #: Listed as not ok (and not offered) until their files change, so nobody re-hashes them on every switch.
         self._refused: dict[str, tuple[tuple[object, ...], str]] = {}
+        self._shut_down = False  # after shutdown(): no engine is loaded again (calls run on PyTorch)
         self._infos: dict[str, BackendInfo | str] = {}
         self._arch: tuple[int, LoadedArch] | None = None
         self._sha: dict[tuple[str, int, int], str] = {}
@@ -99,6 +108,7 @@ class EngineService:
     # ---- host and settings ----------------------------------------------------------------------------------
     def attach(self, host: Host) -> None:
         self.host = host
+        self._shut_down = False
 
     def _host(self) -> Host:
         if self.host is None:
@@ -268,6 +278,8 @@ class EngineService:
                 return session
             if engine_id in self._deleting:
                 raise EngineNotFound(f"engine {engine_id} is being deleted")
+            if self._shut_down:
+                raise SdtrtError("sdtrt was shut down; engines are not loaded any more")
             opening = self._opening.setdefault(engine_id, threading.Lock())
         if not opening.acquire(timeout=BUSY_WAIT_S):
             raise EngineBusy(f"engine {engine_id} is being loaded by another thread")
@@ -286,11 +298,11 @@ class EngineService:
                         self._refused[engine_id] = (signature, str(e))
                 raise
             with self._lock:
-                if engine_id not in self._deleting:
+                if engine_id not in self._deleting and not self._shut_down:
                     self._sessions[engine_id] = session
                     return session
             session.close()
-            raise EngineNotFound(f"engine {engine_id} was deleted while it loaded")
+            raise EngineNotFound(f"engine {engine_id} was deleted (or sdtrt shut down) while it loaded")
         finally:
             opening.release()
 
@@ -594,7 +606,12 @@ class EngineService:
             registry.delete(engine_id)
         except SdtrtError:
             raise
-        except Exception as e:  # OSError (read-only cache, NFS), or anything else: one listed error type
+        except OSError as e:
+            if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise CacheNotWritable(f"engine {engine_id} could not be deleted: the engine cache is read-only for "
+                                       f"this process ({e})") from e
+            raise SdtrtError(f"engine {engine_id} could not be deleted: {type(e).__name__}: {e}") from e
+        except Exception as e:  # anything else: still one of the listed error types
             raise SdtrtError(f"engine {engine_id} could not be deleted: {type(e).__name__}: {e}") from e
         finally:
             with self._lock:
@@ -605,9 +622,12 @@ class EngineService:
         """Process exit (or the extension unloading for good): stop serving, cancel queued and running builds, and
         unload every engine, returning within about `timeout` seconds whatever a build is doing. A running build
         stops at its next progress report; the registry never publishes a half-built engine, and its temporary
-        folder is removed by the build itself or by the next cleanup. Returns what was left running."""
+        folder is removed by the build itself or by the next cleanup. Afterwards no engine is loaded again (a
+        UNet call still routed here runs on PyTorch) until the service is attached again. Returns what was left
+        running."""
         deadline = time.monotonic() + max(0.0, timeout)
         with self._lock:
+            self._shut_down = True
             self.active, self.active_label = None, None
             stale = self._take_sessions()
         pending = [j for j in self.jobs.list() if j.state in ("queued", "running")]
