@@ -108,6 +108,28 @@ def test_engine_serves_calls_like_pytorch_and_counts_them(host: DictHost, svc: E
     assert snap["engine_calls"] == 3 and snap["fallback_calls"] == 0 and snap["refits"] == 0
 
 
+def test_cuda_graphs_setting_reloads_engines_at_the_next_generation(host: DictHost, svc: EngineService) -> None:
+    """The setting reaches the backend: engines load with it, and a change reloads them when a generation begins
+    (not mid-generation); calls keep matching PyTorch either way."""
+    server = svc.make_server(option(svc, "sd1-s0"))
+    svc.activate(server, "[TRT] sd1-s0")
+    x, t, c = inputs(2, 8, 8, 77, context_dim(host))
+    server(x, t, c)
+    (first,) = [s.session for s in server.slots if s.session is not None]
+    assert first.cuda_graphs is True
+    host.set(cuda_graphs=False)
+    server(x, t, c)
+    assert [s.session for s in server.slots if s.session is not None] == [first]  # mid-generation: unchanged
+    svc.begin(object())
+    torch.testing.assert_close(server(x, t, c), host.unet(x, t, c), rtol=1e-4, atol=1e-4)
+    (second,) = [s.session for s in server.slots if s.session is not None]
+    assert first.closed and second is not first and second.cuda_graphs is False
+    svc.begin(object())
+    server(x, t, c)
+    assert [s.session for s in server.slots if s.session is not None] == [second]  # no change: no reload
+    host.set(cuda_graphs=True)
+
+
 def test_other_checkpoint_is_refitted_into_the_engine(host: DictHost, svc: EngineService) -> None:
     host.load(host.refs[1])
     server = svc.make_server(option(svc, "sd1-s1"))

@@ -78,14 +78,16 @@ class EngineSession:
     weights_unknown: str | None = None
     closed: bool = False
     lock: Any = field(default_factory=threading.RLock, repr=False, compare=False)  # an RLock
+    cuda_graphs: bool = True  # loaded with CUDA graphs allowed (the backend decides whether it has any)
 
     @classmethod
-    def open(cls, registry: Registry, engine_id: str, *, quarantine: bool = False) -> EngineSession:
+    def open(cls, registry: Registry, engine_id: str, *, quarantine: bool = False, cuda_graphs: bool = True
+             ) -> EngineSession:
         """Verify (manifest, sizes, sha256, backend version and device) before any deserialization, then load.
         Files that do not match the manifest raise CorruptEngine (with `quarantine`, after moving the engine
-        aside); another backend version or GPU raises StaleEngine."""
+        aside); another backend version or GPU raises StaleEngine. `cuda_graphs=False` loads without CUDA graphs."""
         manifest = registry.get(engine_id)
-        backend = backend_class(manifest.key.backend)()
+        backend = backend_class(manifest.key.backend)(cuda_graphs=cuda_graphs)
         reason = backend.unavailable_reason()
         if reason is not None:
             raise StaleEngine(f"engine {engine_id} needs backend {manifest.key.backend}: {reason}")
@@ -99,7 +101,7 @@ class EngineSession:
             raise StaleEngine(f"backend {manifest.key.backend} returned no engine for {engine_id}; rebuild it")
         embedded = manifest.key.weights == "embedded" and not runner.needs_weights
         return cls(manifest, runner, profiles, ranges, io,
-                   manifest.source_checkpoint.get("sha256") if embedded else None)
+                   manifest.source_checkpoint.get("sha256") if embedded else None, cuda_graphs=cuda_graphs)
 
     @contextlib.contextmanager
     def hold(self, timeout: float | None = None) -> Iterator[EngineSession]:

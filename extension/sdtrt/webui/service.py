@@ -289,8 +289,9 @@ class EngineService:
                 if session is not None and not session.closed:
                     return session
             registry = self.registry()
+            graphs = self.settings().cuda_graphs
             try:
-                session = self._in_device(lambda: EngineSession.open(registry, engine_id))
+                session = self._in_device(lambda: EngineSession.open(registry, engine_id, cuda_graphs=graphs))
             except CorruptEngine as e:
                 with contextlib.suppress(Exception):
                     signature = self._signature(registry.status(engine_id).manifest or registry.get(engine_id))
@@ -474,9 +475,16 @@ class EngineService:
 
     # ---- per generation -----------------------------------------------------------------------------------
     def begin(self, p: object) -> None:
-        self.generation = Generation(p, self._host().settings(), set())
+        settings = self._host().settings()
+        self.generation = Generation(p, settings, set())
         if self.active is not None:
             self.active.problem = None
+        with self._lock:
+            changed = any(s.cuda_graphs != settings.cuda_graphs for s in self._sessions.values())
+        if changed:  # the CUDA graphs setting changed: engines load again, with the new setting, at first use
+            for slot in self.active.slots if self.active is not None else ():
+                slot.evict()
+            self.close_sessions()
 
     def apply_networks(self) -> None:
         """After the host activated this pass's extra networks: put its LoRA set into the engine before the first
