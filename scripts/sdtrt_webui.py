@@ -110,6 +110,13 @@ class A1111Host:
         unet = self.torch_unet()
         return {} if unet is None else network_weights(unet, base)
 
+    def network_files(self) -> list[str]:
+        """The files the active networks came from: the engine takes safetensors LoRAs only."""
+        lora = _lora()
+        if lora is None:
+            return []
+        return [str(getattr(getattr(n, "network_on_disk", None), "filename", "") or "") for n in lora.loaded_networks]
+
     def tell_user(self, p: Any, text: str) -> None:
         """In the UI's generation info (comments) and, for API clients, in `info` and the PNG infotext."""
         if hasattr(p, "comment"):
@@ -287,6 +294,9 @@ def setting_infos() -> dict[str, Any]:
                                            onchange=service().refresh_list),
         H.OPT_FALLBACK: shared.OptionInfo("pytorch", "When no engine profile covers a UNet call", radio,
                                           {"choices": list(H.FALLBACK_CHOICES)}, section=SECTION),
+        H.OPT_CUDA_GRAPHS: shared.OptionInfo(True, "CUDA graphs: replay each engine call as one captured graph "
+                                             "(faster; turn off if a driver misbehaves). Engines are reloaded "
+                                             "at the next generation", section=SECTION),
     }
 
 
