@@ -465,7 +465,8 @@ class ToyBackend(Backend):
               progress: Any = None) -> BuildResult:
         raise NotImplementedError
 
-    def load(self, engine_dir: Path, files: Sequence[str], profiles: Sequence[EngineProfile]) -> EngineRunner:
+    def load(self, engine_dir: Path, files: Sequence[str], profiles: Sequence[EngineProfile], *,
+             digests: Mapping[str, str] | None = None) -> EngineRunner:
         assert self.state is not None
         self.state.loads += 1
         return ToyRunner(self.state)

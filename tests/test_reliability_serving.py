@@ -467,6 +467,37 @@ def test_tensorrt_plans_are_refused_cleanly(case: str, cache: Cache, host: LoraH
     report(f"TensorRT plan '{case}'", deserialize_calls=calls.deserialize, validity_calls=calls.validity)
 
 
+def test_tensorrt_plan_replaced_between_verify_and_read_is_never_deserialized(
+        cache: Cache, host: LoraHost, tmp_path: Path, fake_trt: Callable[[bool], FakeTrtCalls],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """G7: the bytes TensorRT deserializes are the bytes whose sha256 matches the manifest. A writer that swaps the
+    plan (same size) right after the on-disk check is caught on the bytes in memory."""
+    calls = fake_trt(False)
+    good = FAKE_TRT_HEADER + bytes(range(256)) * 4
+    engine_id = trt_engine(cache, tmp_path, good)
+    engine_file = tmp_path / "Unet-sdtrt" / engine_id / "unet.plan"
+    verify = Registry.verify
+
+    def verify_then_swap(self: Registry, *args: Any, **kwargs: Any) -> Any:
+        out = verify(self, *args, **kwargs)
+        engine_file.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))  # same size: a size check cannot see it
+        return out
+
+    monkeypatch.setattr(Registry, "verify", verify_then_swap)
+    h = LoraHost(tmp_path, refs=host.refs, loaded=host.loaded, unet=host.unet)
+    svc = EngineService()
+    svc.attach(h)
+    try:
+        outs, delta = generation(svc, switch(svc, spec_for(engine_id)))
+        assert delta["engine_calls"] == 0 and delta["fallback_calls"] == 2
+        assert all(torch.equal(o, Refs(host)(None)) for o in outs)
+        reason = next(iter(svc.counters.snapshot()["fallback_reasons"]))
+    finally:
+        svc.shutdown()
+    assert calls.deserialize == 0, reason
+    assert "changed after it was verified" in reason and "rebuild" in reason.lower()
+
+
 # ---- row 18: LoRA as .pt/.ckpt is refused, never unpickled ------------------------------------------------------
 @pytest.fixture
 def no_unpickling(monkeypatch: pytest.MonkeyPatch) -> list[str]:

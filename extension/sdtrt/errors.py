@@ -49,3 +49,16 @@ class CacheNotWritable(BuildError):
     """The engine cache is read-only for this process (read-only mount, no permission): engines already in it
     are still served, but nothing can be built or published there. A BuildError, so build callers that catch
     BuildError keep working; an API maps it to 503."""
+
+
+class CorruptEngine(StaleEngine):
+    """An engine's files do not match its manifest (truncated, bit-flipped, emptied, replaced): refused before
+    deserialization. Rebuilding it moves the damaged folder aside (quarantine), never deletes it."""
+
+
+class EngineBusy(SdtrtError):
+    """The engine is in use by another thread (a refit or a load) for longer than the caller may wait."""
+
+
+class EngineClosed(SdtrtError):
+    """The engine was closed (unloaded by a switch, a delete or the end of a generation) while a caller held it."""

@@ -20,23 +20,19 @@ import torch
 from sdtrt.backends import backend_class
 from sdtrt.backends.base import Backend, EngineRunner
 from sdtrt.constants import INPUT_CONTEXT, INPUT_SAMPLE, INPUT_TIMESTEPS, INPUT_Y
-from sdtrt.errors import EngineNotFound, NoMatchingProfile, RefitError, SdtrtError, StaleEngine
+from sdtrt.errors import (
+    CorruptEngine,
+    EngineBusy,
+    EngineClosed,
+    EngineNotFound,
+    NoMatchingProfile,
+    RefitError,
+    SdtrtError,
+    StaleEngine,
+)
 from sdtrt.profiles import Dims, Profile, TensorIO, TensorRange, engine_ranges, select_profile
 from sdtrt.refit import BaseLoader, RefitPlan, WeightTracker
 from sdtrt.registry import Manifest, Registry, stale_reason
-
-
-class CorruptEngine(StaleEngine):
-    """An engine's files do not match its manifest (truncated, bit-flipped, emptied, replaced): refused before
-    deserialization. Rebuilding it moves the damaged folder aside (quarantine), never deletes it."""
-
-
-class EngineBusy(SdtrtError):
-    """The engine is in use by another thread (a refit or a load) for longer than the caller may wait."""
-
-
-class EngineClosed(SdtrtError):
-    """The engine was closed (unloaded by a switch, a delete or the end of a generation) while a caller held it."""
 
 
 def _check_files(registry: Registry, engine_id: str, backend: Backend, quarantine: bool) -> Manifest:
@@ -96,7 +92,8 @@ class EngineSession:
                       None if manifest.key.io.get("y_dim") is None else int(manifest.key.io["y_dim"]))
         profiles = [Profile.parse(p) for p in manifest.key.profiles]
         ranges = [engine_ranges(p, io) for p in profiles]
-        runner = backend.load(registry.engine_dir(engine_id), [f.name for f in manifest.files], ranges)
+        runner = backend.load(registry.engine_dir(engine_id), [f.name for f in manifest.files], ranges,
+                              digests={f.name: f.sha256 for f in manifest.files})
         if runner is None:  # a runtime that answers None instead of raising (deserialize_cuda_engine does)
             raise StaleEngine(f"backend {manifest.key.backend} returned no engine for {engine_id}; rebuild it")
         embedded = manifest.key.weights == "embedded" and not runner.needs_weights

@@ -131,5 +131,8 @@ class Backend(ABC):
         """Build an engine with all `profiles` into `out_dir` (an empty private folder). Raises BuildError."""
 
     @abstractmethod
-    def load(self, engine_dir: Path, files: Sequence[str], profiles: Sequence[EngineProfile]) -> EngineRunner:
-        """Load a published engine. Raises StaleEngine if the library refuses the file."""
+    def load(self, engine_dir: Path, files: Sequence[str], profiles: Sequence[EngineProfile], *,
+             digests: Mapping[str, str] | None = None) -> EngineRunner:
+        """Load a published engine. Raises StaleEngine if the library refuses the file. `digests` (file name ->
+        sha256 from the manifest): a backend that reads an executable plan into memory checks the bytes it read
+        against it, so only verified bytes are ever deserialized (no window between check and load)."""

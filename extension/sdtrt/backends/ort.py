@@ -163,7 +163,9 @@ class OrtBackend(Backend):
         progress("build", 1.0)
         return BuildResult(files=files, weights="embedded", refit_mode="refit" if options.refit else "none")
 
-    def load(self, engine_dir: Path, files: Sequence[str], profiles: Sequence[EngineProfile]) -> EngineRunner:
+    def load(self, engine_dir: Path, files: Sequence[str], profiles: Sequence[EngineProfile], *,
+             digests: Mapping[str, str] | None = None) -> EngineRunner:
+        # digests: ONNX Runtime reads the files itself (a graph, not executable code); Registry.verify checked them
         onnx_name = next((f for f in files if f.endswith(".onnx")), None)
         if onnx_name is None:
             raise StaleEngine(f"engine folder {engine_dir} has no .onnx file")

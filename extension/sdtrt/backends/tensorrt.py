@@ -18,6 +18,7 @@ Nothing is imported at import time: the library and torch are imported inside fu
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import importlib.util
 import os
@@ -47,6 +48,7 @@ from sdtrt.constants import OUTPUT_LATENT
 from sdtrt.errors import (
     BackendUnavailable,
     BuildError,
+    CorruptEngine,
     NoMatchingProfile,
     RefitError,
     SdtrtError,
@@ -197,11 +199,13 @@ class _TensorRTFamily(Backend):
             self.cache_dir = options.cache_dir
         return self._impl().build(Path(onnx_path), profiles, Path(out_dir), options, progress)
 
-    def load(self, engine_dir: Path, files: Sequence[str], profiles: Sequence[EngineProfile]) -> EngineRunner:
+    def load(self, engine_dir: Path, files: Sequence[str], profiles: Sequence[EngineProfile], *,
+             digests: Mapping[str, str] | None = None) -> EngineRunner:
         names = [f for f in files if Path(f).name == PLAN_FILE] or list(files)
         if len(names) != 1:
             raise StaleEngine(f"expected one {PLAN_FILE} among the engine files, got {list(files)}; rebuild the engine")
-        return self._impl().load(Path(engine_dir) / names[0], profiles, self.cache_dir, self.cuda_graphs)
+        expected = (digests or {}).get(names[0])
+        return self._impl().load(Path(engine_dir) / names[0], profiles, self.cache_dir, self.cuda_graphs, expected)
 
 
 class TensorRTBackend(_TensorRTFamily):
@@ -516,12 +520,23 @@ class _Impl:
         return (plan, False) if again is None else (again, True)
 
     def load(
-        self, plan_path: Path, profiles: Sequence[EngineProfile], cache_dir: Path | None, cuda_graphs: bool = True
+        self,
+        plan_path: Path,
+        profiles: Sequence[EngineProfile],
+        cache_dir: Path | None,
+        cuda_graphs: bool = True,
+        sha256: str | None = None,
     ) -> _Runner:
         try:
             plan = plan_path.read_bytes()
         except OSError as exc:
             raise StaleEngine(f"cannot read engine file {plan_path} ({exc}); rebuild the engine") from exc
+        if sha256 is not None and hashlib.sha256(plan).hexdigest() != sha256:
+            # the bytes in memory are what gets deserialized: checked here too, not only on disk before reading
+            raise CorruptEngine(
+                f"{plan_path} changed after it was verified (sha256 differs from the manifest); it was not "
+                "deserialized. Rebuild the engine"
+            )
         messages = _Messages()
         logger = _logger(messages)
         runtime = trt.Runtime(logger)
