@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -332,6 +333,8 @@ def on_app_started(demo: Any, app: Any) -> None:
     # exposed: listening beyond localhost without --api-auth refuses the routes that change the cache (403)
     mount(app, service(), parse_api_auth(getattr(shared.cmd_opts, "api_auth", None)),
           exposed=webui_exposed(shared.cmd_opts))
+    # what builds killed with an earlier WebUI left in the cache; in the background (a slow network share)
+    threading.Thread(target=service().collect_garbage, name="sdtrt-gc", daemon=True).start()
 
 
 def on_script_unloaded() -> None:

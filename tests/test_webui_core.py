@@ -315,6 +315,41 @@ def test_api_build_job_then_engine_listed_then_deleted(api: Any, host: DictHost,
     assert api.delete(f"/sdtrt/v1/engines/{new}").status_code == 404
 
 
+def test_api_build_on_a_read_only_cache_is_refused_up_front_with_503(api: Any, svc: EngineService,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Row 14: the engines there keep serving (listed ok); a build is refused at once, no job is created."""
+    from sdtrt.registry import Registry
+
+    probes = []
+
+    def read_only_mkdir(path: Any, *a: Any, **k: Any) -> None:
+        probes.append(path)
+        raise OSError(30, "Read-only file system", str(path))
+
+    jobs_before = len(api.get("/sdtrt/v1/jobs").json()["jobs"])
+    monkeypatch.setattr("os.mkdir", read_only_mkdir)
+    assert not Registry(svc.registry().root).writable()
+    r = api.post("/sdtrt/v1/engines", json={"checkpoint": "sd1-s1", "profiles": ["1x64x64x75"],
+                                            "backend": "onnxruntime"})
+    assert r.status_code == 503, r.text
+    assert r.json()["error"] == "CacheNotWritable" and "not writable" in r.json()["detail"]
+    assert len(api.get("/sdtrt/v1/jobs").json()["jobs"]) == jobs_before
+    engines = api.get("/sdtrt/v1/engines").json()["engines"]
+    assert engines and all(e["ok"] for e in engines)
+    assert probes  # the probe really tried to write
+
+
+def test_startup_garbage_collection_removes_dead_builds_only(svc: EngineService) -> None:
+    root = svc.registry().root
+    ids = [e.id for e in svc.registry().list()]
+    dead = root / f".tmp-{ids[0]}-elsewhere-77-0badc0de"
+    dead.mkdir()
+    (dead / "model.onnx").write_bytes(b"partial")
+    assert svc.collect_garbage(max_age_s=3600) == []  # fresh: could be a live build on another host
+    assert svc.collect_garbage(max_age_s=0) == [dead.name]
+    assert not dead.exists() and [e.id for e in svc.registry().list()] == ids
+
+
 @pytest.mark.parametrize(("body", "needle"), [
     ({"checkpoint": "nope", "profiles": ["1x64x64x75"]}, "unknown checkpoint"),
     ({"checkpoint": "sd1-s0", "profiles": ["1x65x64x75"]}, "not a multiple of 8"),

@@ -110,6 +110,18 @@ class EngineService:
         self.host = host
         self._shut_down = False
 
+    def collect_garbage(self, max_age_s: float = 3600.0) -> list[str]:
+        """One cleanup pass over the cache (what dead builds left behind; see Registry.cleanup). Never raises:
+        called at startup, where a read-only or missing cache must not stop the WebUI."""
+        try:
+            removed = self.registry().cleanup(max_age_s=max_age_s)
+        except Exception:  # housekeeping only: logged, never raised
+            log.exception("sdtrt: cleaning the engine cache failed")
+            return []
+        if removed:
+            log.info("sdtrt: removed %d leftovers of dead builds from the engine cache", len(removed))
+        return removed
+
     def _host(self) -> Host:
         if self.host is None:
             raise SdtrtError("sdtrt is not attached to a WebUI host")
@@ -550,7 +562,14 @@ class EngineService:
             raise BackendUnavailable(f"unknown backend {backend!r}; choose one of {', '.join(BACKEND_CHOICES)}")
         if dtype not in (None, "float16", "float32"):
             raise SdtrtError(f"dtype must be float16 or float32, not {dtype!r}")
-        cache = self.registry().root
+        registry = self.registry()
+        if not registry.writable():  # refused now (API 503), not as a job that fails later
+            raise CacheNotWritable(
+                f"the engine cache {registry.root} is not writable by this WebUI (read-only mount or no permission); "
+                "engines already there are still served. Build on a machine that can write it, or change the "
+                "cache folder in Settings > TensorRT"
+            )
+        cache = registry.root
         request = {"checkpoint": ref.title, "profiles": [str(p) for p in parsed], "backend": backend,
                    "dtype": dtype}
 
