@@ -118,3 +118,28 @@ def test_tracker_plans_only_what_changes() -> None:
     assert merge(torch.ones(2, 2, dtype=torch.float16), torch.full((4,), 0.5)).dtype == torch.float16
     with pytest.raises(ValueError, match="does not fit"):
         merge(torch.ones(2, 2), torch.ones(3))
+
+
+def test_a_rejected_refit_keeps_the_engine_usable_a_failed_one_marks_it_for_reload() -> None:
+    """A backend that cannot undo a refit (TensorRT) says when it refused before touching the engine
+    (RefitRejected): then the weights are still the previous ones; any other failure means they are unknown."""
+    from sdtrt.errors import RefitError, RefitRejected
+    from sdtrt.runtime import EngineSession
+
+    class Runner:
+        refit_is_atomic = False
+
+        def __init__(self, error: Exception) -> None:
+            self.error = error
+
+        def refit(self, weights: object, fill: object = None) -> None:
+            raise self.error
+
+    rejected = EngineSession(None, Runner(RefitRejected("no weights named x")), [], [], None, None)  # type: ignore[arg-type]
+    with pytest.raises(RefitRejected):
+        rejected._refit({})
+    assert rejected.weights_unknown is None
+    failed = EngineSession(None, Runner(RefitError("refit failed")), [], [], None, None)  # type: ignore[arg-type]
+    with pytest.raises(RefitError):
+        failed._refit({})
+    assert failed.weights_unknown is not None and "refit failed" in failed.weights_unknown

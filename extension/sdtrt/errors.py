@@ -45,6 +45,11 @@ class RefitError(SdtrtError):
     """Weights could not be put into the engine."""
 
 
+class RefitRejected(RefitError):
+    """A refit refused before anything in the engine changed (unknown names, wrong sizes, missing partners): the
+    engine still holds its previous weights."""
+
+
 class CacheNotWritable(BuildError):
     """The engine cache is read-only for this process (read-only mount, no permission): engines already in it
     are still served, but nothing can be built or published there. A BuildError, so build callers that catch

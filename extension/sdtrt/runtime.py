@@ -27,6 +27,7 @@ from sdtrt.errors import (
     EngineNotFound,
     NoMatchingProfile,
     RefitError,
+    RefitRejected,
     SdtrtError,
     StaleEngine,
 )
@@ -120,7 +121,7 @@ class EngineSession:
         try:
             self.runner.refit(weights, fill=fill)
         except BaseException as e:
-            if not getattr(self.runner, "refit_is_atomic", False):
+            if not getattr(self.runner, "refit_is_atomic", False) and not isinstance(e, RefitRejected):
                 self.weights_unknown = f"a refit failed half-way ({type(e).__name__}: {e})"
             raise
 

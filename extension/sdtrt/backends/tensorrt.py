@@ -51,6 +51,7 @@ from sdtrt.errors import (
     CorruptEngine,
     NoMatchingProfile,
     RefitError,
+    RefitRejected,
     SdtrtError,
     StaleEngine,
 )
@@ -739,21 +740,21 @@ class _Runner(EngineRunner):
         to the weights it was given, which are gone after this call."""
         engine, _ = self._live()
         if not engine.refittable:
-            raise RefitError("this engine was built without refit; rebuild it with refit enabled")
+            raise RefitRejected("this engine was built without refit; rebuild it with refit enabled")
         known = self.weight_names()
         unknown = sorted(set(weights) - known)
         if unknown:
-            raise RefitError(f"the engine has no weights named {unknown[:_QUOTED_MESSAGES]} ({len(unknown)} unknown)")
+            raise RefitRejected(f"the engine has no weights named {unknown[:_QUOTED_MESSAGES]} ({len(unknown)} unknown)")
         refitter = self._new_refitter()
         keep = []  # device copies must stay alive until the refit has read them
         for name, tensor in weights.items():
             prototype = refitter.get_weights_prototype(name)
             data = tensor.to(device=self._device, dtype=_torch_dtype(prototype.dtype)).contiguous()
             if data.numel() != prototype.size:
-                raise RefitError(f"weight {name!r} has {data.numel()} elements, the engine expects {prototype.size}")
+                raise RefitRejected(f"weight {name!r} has {data.numel()} elements, the engine expects {prototype.size}")
             w = trt.Weights(prototype.dtype, data.data_ptr(), data.numel())
             if not refitter.set_named_weights(name, w, trt.TensorLocation.DEVICE):
-                raise RefitError(f"weight {name!r} was refused: {self._messages.text()}")
+                raise RefitRejected(f"weight {name!r} was refused: {self._messages.text()}")
             keep.append(data)
         missing = sorted(refitter.get_missing_weights())
         if missing and fill is not None:  # partners of given weights in fused layers: their current values
@@ -762,12 +763,12 @@ class _Runner(EngineRunner):
                 data = tensor.to(device=self._device, dtype=_torch_dtype(prototype.dtype)).contiguous()
                 if not refitter.set_named_weights(name, trt.Weights(prototype.dtype, data.data_ptr(), data.numel()),
                                                   trt.TensorLocation.DEVICE):
-                    raise RefitError(f"weight {name!r} was refused: {self._messages.text()}")
+                    raise RefitRejected(f"weight {name!r} was refused: {self._messages.text()}")
                 keep.append(data)
             missing = sorted(refitter.get_missing_weights())
         _, stream = self._stream()  # after the copies above: a private stream must wait for them
         if missing:
-            raise RefitError(
+            raise RefitRejected(
                 f"the engine also needs {len(missing)} weights that were not given, e.g. "
                 f"{missing[:_QUOTED_MESSAGES]} (fused with given ones, or never set on a weight-stripped engine)"
             )
