@@ -165,10 +165,13 @@ class StatusBody(BaseModel):
     enabled: bool
     backend: str
     fallback: str
+    cuda_graphs: bool = Field(True, description="the CUDA graphs setting engines load with")
     cache_dir: str
-    active: dict[str, Any] | None
+    active: dict[str, Any] | None = Field(..., description="label, engines, loaded, ready (loaded and not broken), "
+                                          "backends, unusable, runtime (per engine: CUDA graph counters), networks")
     counters: dict[str, Any]
     jobs: JobCounts
+    building: list[dict[str, Any]] = Field(default_factory=list, description="queued and running builds (not ready)")
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------------

@@ -571,7 +571,7 @@ class EngineService:
             )
         cache = registry.root
         request = {"checkpoint": ref.title, "profiles": [str(p) for p in parsed], "backend": backend,
-                   "dtype": dtype}
+                   "dtype": dtype, "replaces": replaces}
 
         def work(job: Job, progress: Any) -> dict[str, Any]:
             from sdtrt.backends import get_backend
@@ -689,13 +689,15 @@ class EngineService:
                                 if slot.session is not None and slot.broken is None and not slot.session.closed],
                       "backends": sorted({slot.manifest.key.backend for slot in server.slots}),
                       "unusable": server.unusable,
+                      "runtime": {slot.id: slot.session.runner.stats() for slot in server.slots
+                                  if slot.session is not None and not slot.session.closed},
                       "networks": _describe_networks(networks.key if networks else ())}
         jobs = self.jobs.list()
         building = [{"job_id": j.id, "checkpoint": j.request.get("checkpoint"),
                      "profiles": j.request.get("profiles"), "state": j.state, "phase": j.phase,
                      "progress": round(j.progress, 4)} for j in jobs if j.state in ("queued", "running")]
         return {
-            "enabled": s.enabled, "backend": s.backend, "fallback": s.fallback,
+            "enabled": s.enabled, "backend": s.backend, "fallback": s.fallback, "cuda_graphs": s.cuda_graphs,
             "cache_dir": str(self.registry().root), "active": active, "counters": self.counters.snapshot(),
             "jobs": {"queued": sum(j.state == "queued" for j in jobs), "running": sum(j.state == "running" for j in jobs)},
             "building": building,
