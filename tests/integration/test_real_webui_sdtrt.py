@@ -132,8 +132,10 @@ def test_build_over_rest_api_lists_an_ok_engine(host: WebUIHost, engine_id: str)
     # a bad request is a JSON 400, an unknown job a 404
     bad, err = host.request("POST", "/sdtrt/v1/engines", {"checkpoint": "no-such-model", "profiles": [PROFILE]})
     assert bad == 400 and err["error"] and "no-such-model" in err["detail"], err
-    missing, err = host.request("GET", "/sdtrt/v1/jobs/0123456789abcdef")
+    missing, err = host.request("GET", "/sdtrt/v1/jobs/" + "0123456789abcdef" * 2)
     assert missing == 404, err
+    malformed, err = host.request("GET", "/sdtrt/v1/jobs/0123456789abcdef")  # job ids are 32 hex digits
+    assert malformed == 400 and err["error"] == "InvalidId", err
 
 
 def test_automatic_runs_every_step_on_the_engine_and_matches_pytorch(host: WebUIHost, engine_id: str,
@@ -258,7 +260,7 @@ def test_api_auth_guards_the_sdtrt_routes(webui_factory: Callable[..., WebUIHost
         # (method, path, body, status with the right credentials)
         routes = [("GET", "/sdtrt/v1/engines", None, 200), ("GET", "/sdtrt/v1/status", None, 200),
                   ("GET", "/sdtrt/v1/jobs", None, 200),
-                  ("GET", "/sdtrt/v1/jobs/0123456789abcdef", None, 404),
+                  ("GET", "/sdtrt/v1/jobs/" + "0123456789abcdef" * 2, None, 404),
                   ("POST", "/sdtrt/v1/engines", {"checkpoint": "no-such-model", "profiles": [PROFILE]}, 400),
                   ("DELETE", "/sdtrt/v1/engines/sd1-onnxruntime-0123456789abcdef", None, 404)]
         for method, path, body, expected in routes:
