@@ -308,8 +308,10 @@ def latency_bench(model: str, batch: int, work: Path, *, backend: str = "auto", 
             graphs = dict(session.runner.stats().get("cuda_graphs", {}))
             # our layer alone: the same server path with the backend call replaced by returning its last output
             last = session.runner.infer(feeds, 0)
-            stub = SimpleNamespace(runner=SimpleNamespace(infer=lambda feeds, index: last))
-            slot = EngineSlot(m, lambda _id: stub)  # type: ignore[arg-type, return-value]
+            # a real session (its lock is part of the path) around a runner that answers at once
+            stub = EngineSession(m, SimpleNamespace(infer=lambda feeds, index: last),  # type: ignore[arg-type]
+                                 session.profiles, session.ranges, session.io, None)
+            slot = EngineSlot(m, lambda _id: stub)
             server = UnetServer([slot], fallback=lambda *a, **k: x, counters=Counters(), notify=lambda r: None)
             kwargs = {"y": y} if y is not None else {}
             served_s = _timed(lambda: server(x, t, c, **kwargs), max(200, repeats), device)

@@ -113,12 +113,6 @@ class NetworksFailed(SdtrtError):
     """A LoRA set could not be put into an engine (the engine keeps its previous weights or is reloaded)."""
 
 
-def _hold(session: EngineSession, wait: float | None) -> Any:
-    """session.hold(wait); a stand-in session without one (bench's stub) is used as it is."""
-    hold = getattr(session, "hold", None)
-    return contextlib.nullcontext(session) if hold is None else hold(wait)
-
-
 class EngineSlot:
     """One engine a server may use. Its profile ranges come from the manifest, so choosing a profile never
     loads anything; the engine is opened (verified, loaded, refitted) the first time a call fits it.
@@ -168,7 +162,7 @@ class EngineSlot:
             session = self._opener(self.id)
             self.session = session
         try:
-            with _hold(session, wait):
+            with session.hold(wait):
                 self._sync(session, weights, counters, networks or NO_NETWORKS)
                 yield session
         except EngineClosed:
@@ -203,7 +197,7 @@ class EngineSlot:
                 if plan is not None and plan.weights:
                     counters.refit(len(plan.weights), time.perf_counter() - start)
         finally:
-            if getattr(session, "weights_unknown", None) is not None:
+            if session.weights_unknown is not None:
                 self.evict(session)
 
 
