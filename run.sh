@@ -3,6 +3,8 @@
 #   bash run.sh demo [ARGS]   build an engine for an embedded tiny model (or a given checkpoint) and check it
 #   bash run.sh test [ARGS]   run the test suite
 #   bash run.sh sdtrt ARGS    any `python -m sdtrt` command
+#   bash run.sh test-a1111 [ARGS]  the core, fake-host, API and install tests in A1111 1.10.1's own environment
+#                             (Python 3.10, torch 2.1.2, numpy 1.26.2, protobuf 3.20.0, onnx 1.12.0, ...)
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${SDTRT_VENV:-.venv}
@@ -27,12 +29,60 @@ setup() {
   echo "$want" > "$stamp"
 }
 
+# A1111 1.10.1 as its launcher installs it: Python 3.10, torch 2.1.2 + torchvision 0.16.2 from PyPI (a CUDA
+# build; it runs on the CPU), and the versions its requirements_versions.txt pins (those our code touches).
+A1111_PINS=(
+  "torch==2.1.2" "torchvision==0.16.2" "numpy==1.26.2" "protobuf==3.20.0" "onnx==1.12.0" "onnxruntime==1.23.2"
+  "safetensors==0.4.2" "gradio==3.41.2" "fastapi==0.94.0" "pydantic>=1.10,<1.11" "transformers==4.30.2"
+  "httpx==0.24.1" "httpcore==0.15" "Pillow==9.5.0" "einops==0.4.1" "omegaconf==2.2.3" "setuptools==69.5.1"
+)
+
+find_python310() {
+  if [ -n "${SDTRT_PYTHON310:-}" ]; then echo "$SDTRT_PYTHON310"; return; fi
+  if command -v python3.10 >/dev/null 2>&1 && python3.10 -c 'import sys; assert sys.version_info[:2] == (3, 10)' \
+      2>/dev/null; then command -v python3.10; return; fi
+  local p
+  for p in "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.10*/bin/python3.10 /usr/bin/python3.10 /usr/local/bin/python3.10; do
+    if [ -x "$p" ]; then echo "$p"; return; fi
+  done
+  return 1
+}
+
+setup_a1111() {
+  VENV=${SDTRT_A1111_VENV:-.venv-a1111}
+  local py
+  py=$(find_python310) || { echo "run.sh: Python 3.10 is needed for the A1111 environment (set SDTRT_PYTHON310)" >&2; exit 2; }
+  if [ ! -x "$VENV/bin/python" ]; then "$py" -m venv "$VENV"; fi
+  # shellcheck disable=SC1091
+  . "$VENV/bin/activate"
+  local stamp="$VENV/.sdtrt-setup"
+  local want
+  want=$(cat pyproject.toml run.sh | sha256sum | cut -c1-16)
+  if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then return; fi
+  local constraints="$VENV/a1111-constraints.txt"
+  printf '%s\n' "${A1111_PINS[@]}" > "$constraints"
+  python -m pip install -q "pip==24.0"
+  python -m pip install -q -c "$constraints" "torch==2.1.2" "torchvision==0.16.2"
+  # the extension as A1111's venv gets it (its pins held), and what the tests use beside it
+  python -m pip install -q -c "$constraints" -e . "numpy==1.26.2" "protobuf==3.20.0" "onnx==1.12.0" \
+    "onnxruntime==1.23.2" "safetensors==0.4.2" "gradio==3.41.2" "fastapi==0.94.0" "transformers==4.30.2" \
+    pytest pytest-timeout hypothesis einops pillow omegaconf httpx "pydantic>=1.10,<1.11"
+  # consistent apart from sdkit below (installed without its deps on purpose)
+  local broken
+  broken=$(python -m pip check 2>&1 | grep -v -e '^stable-diffusion-sdkit ' -e '^No broken requirements' || true)
+  if [ -n "$broken" ]; then echo "run.sh: the A1111 environment is inconsistent: $broken" >&2; exit 2; fi
+  # A1111's own ldm UNet code, for the parity tests (its declared deps would pull another torch)
+  python -m pip install -q --no-deps "stable-diffusion-sdkit==2.1.5"
+  echo "$want" > "$stamp"
+}
+
 cmd=${1:-demo}
 shift || true
 case "$cmd" in
   demo) setup; exec python -m sdtrt demo "$@" ;;
   test) setup; exec python -m pytest -q "$@" ;;
   sdtrt) setup; exec python -m sdtrt "$@" ;;
+  test-a1111) setup_a1111; exec python -m pytest -q "$@" ;;
   setup) setup ;;
-  *) echo "usage: bash run.sh demo|test|sdtrt|setup [ARGS]" >&2; exit 2 ;;
+  *) echo "usage: bash run.sh demo|test|test-a1111|sdtrt|setup [ARGS]" >&2; exit 2 ;;
 esac

@@ -3,6 +3,7 @@ brackets each generation, settings, the TensorRT tab and the /sdtrt/v1 routes. T
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import sys
@@ -99,10 +100,31 @@ class A1111Host:
     def refresh_unet_list(self) -> None:
         sd_unet.list_unets()
 
-    def generation_lock(self) -> Any:
-        from modules import call_queue
+    @contextlib.contextmanager
+    def quiet_torch(self, waiting: Any) -> Any:
+        """A1111's queue lock (generations, checkpoint switches) and its model-load lock (the first load, which
+        runs in a thread at startup with torch patched) together. Always queue lock first, and never wait for the
+        queue lock while holding the model lock, so no A1111 thread can deadlock with us."""
+        from modules import call_queue, sd_models
 
-        return call_queue.queue_lock
+        queue = call_queue.queue_lock
+        loading = getattr(getattr(sd_models, "model_data", None), "lock", None) or contextlib.nullcontext()
+        said = None
+        while True:
+            if not queue.acquire(blocking=False):
+                said = _say(waiting, said, "waiting for the generation in progress to finish")
+                queue.acquire()
+            if _try_acquire(loading):
+                break
+            queue.release()
+            said = _say(waiting, said, "waiting for the WebUI to finish loading the model")
+            with loading:  # until the load is done; then take both again
+                pass
+        try:
+            yield
+        finally:
+            _release(loading)
+            queue.release()
 
     def network_key(self) -> Any:
         return network_key()
@@ -129,6 +151,23 @@ class A1111Host:
             note = text.split(": ", 1)[-1]
             previous = params.get("TensorRT fallback")
             params["TensorRT fallback"] = f"{previous}; {note}" if previous else note
+
+
+def _say(waiting: Any, said: str | None, text: str) -> str:
+    if text != said:
+        waiting(text)
+    return text
+
+
+def _try_acquire(lock: Any) -> bool:
+    acquire = getattr(lock, "acquire", None)
+    return True if acquire is None else bool(acquire(blocking=False))
+
+
+def _release(lock: Any) -> None:
+    release = getattr(lock, "release", None)
+    if release is not None:
+        release()
 
 
 def _lora() -> Any:

@@ -11,9 +11,19 @@ EXT = Path(__file__).resolve().parents[1] / "extension"
 if str(EXT) not in sys.path:
     sys.path.insert(0, str(EXT))
 
-from sdtrt.tiny import TINY, write_tiny_checkpoint  # noqa: E402
+import torch
+
+from sdtrt.export import cpu_computes
+from sdtrt.tiny import TINY, write_tiny_checkpoint
 
 FAMILIES = sorted(TINY)
+
+#: A UNet in float16 runs on this machine: torch has float16 CPU kernels (torch 2.1, A1111 1.10.1's, has none) or
+#: there is a GPU. Where it cannot, A1111 runs with --no-half and float16 exports trace on a GPU; the tests that
+#: need float16 computation skip, and test_export checks the error an export gives there.
+FP16_RUNS = cpu_computes(torch.float16) or torch.cuda.is_available()
+needs_fp16 = pytest.mark.skipif(not FP16_RUNS, reason="this torch has no float16 CPU kernels (torch 2.1, as in A1111 "
+                                "1.10.1) and there is no GPU: float16 runs only on a GPU here")
 
 
 @pytest.fixture(scope="session")

@@ -31,24 +31,10 @@ API
       (initialize ... -> before_ui -> create_ui -> new app -> Api if --api -> app_started(demo, app)).
       Without gradio, on_ui_tabs is skipped (`host.ui_tabs_skipped`); on_ui_settings always runs.
     - `lora`: include the built-in Lora stand-in extension (`extensions-builtin/Lora`).
-
-`host.txt2img(**fields)` / `host.img2img(**fields)` -> `Processed`: the fields of the API request
-    (`StableDiffusionTxt2ImgProcessingAPI`), run through the same code as POST /sdapi/v1/txt2img (request model,
-    sampler validation, alwayson_scripts mapping, queue_lock, `process_images` with override_settings and restore).
-    img2img accepts PIL images or base64 strings in `init_images`/`mask`. `Processed.latents` holds the final
-    latents, `comments`, `info`, `js()`, `images` (PIL) as usual.
-`host.client(auth=None)` -> fastapi `TestClient` over the app (core routes + the extensions' on_app_started routes).
-`host.reload_ui()`: on_before_reload -> script_unloaded -> load_scripts (callbacks cleared, scripts re-executed)
-    -> list_unets -> before_ui -> create_ui -> new app -> Api -> app_started.
-`host.unet_calls` (list of dicts, see `fake_trace.record_call`), `host.routed_calls`, `host.torch_calls`,
-    `host.moves` ((module class, device) for every explicit `.to()` on the UNet or its wrapper),
-    `host.clear_trace()`, `host.errors` (every `errors.report/display`: (message, exception)).
-`host.m("sd_unet")` -> the fake `modules.sd_unet` module (any `modules.*` name); shortcuts `host.shared`,
-    `host.opts`, `host.sd_model`, `host.sd_unet`, `host.sd_models`, `host.script_callbacks`, `host.scripts`.
-`host.ext_module(name)` -> a helper module an extension imported (from `sys.modules`).
-`host.close()` (or the context manager): undoes every `modules.patches` patch (the Lora stand-in patches torch
-    classes), removes from `sys.modules` everything the boot imported from the fake, the data dir and the extension
-    roots (restoring modules it shadowed, e.g. an installed `ldm`), and restores `sys.path` and `sys.argv`.
+    - `threaded_load`: load the model in a thread, as the real host does (the API answers meanwhile).
+    - `load_gate`: a threading.Event; every model load waits for it inside InitializeOnMeta (torch patched
+      process-wide, as during a real load) until the test sets it. `host.ext_module("fake_trace").loading` is set
+      while a load waits there. close() sets the gate.
 
 Only one host can be booted at a time (module state is global, as in the real process).
 """
@@ -108,7 +94,8 @@ class FakeHost:
 
     @classmethod
     def boot(cls, tmp_path: Path, checkpoints: Any = (), *, args: Any = (), extensions: Any = (),
-             config: dict | None = None, ckpt: str | None = None, ui: bool = False, lora: bool = True) -> FakeHost:
+             config: dict | None = None, ckpt: str | None = None, ui: bool = False, lora: bool = True,
+             threaded_load: bool = False, load_gate: Any = None) -> FakeHost:
         global _active
         if _active is not None and not _active.closed:
             _active.close()
@@ -159,6 +146,8 @@ class FakeHost:
             sys.path.insert(1, str(CORE))
         if not lora:
             os.environ["FAKE_A1111_NO_LORA"] = "1"
+        if threaded_load:
+            os.environ["FAKE_A1111_THREADED_LOAD"] = "1"
         sys.argv = argv
         _active = host
         try:
@@ -167,6 +156,7 @@ class FakeHost:
             import webui
 
             fake_trace.clear()
+            fake_trace.load_gate = load_gate
             host.demo, host.app, host.api = webui.webui() if ui else webui.api_only()
         except BaseException:
             host.close()
@@ -195,6 +185,10 @@ class FakeHost:
         sys.path[:] = self._path
         sys.argv = self._argv
         os.environ.pop("FAKE_A1111_NO_LORA", None)
+        os.environ.pop("FAKE_A1111_THREADED_LOAD", None)
+        trace = sys.modules.get("fake_trace")
+        if trace is not None and trace.load_gate is not None:
+            trace.load_gate.set()  # a load held at the gate finishes (and its torch patches are undone)
         if _active is self:
             _active = None
 

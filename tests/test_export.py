@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import FAMILIES
+from conftest import FAMILIES, FP16_RUNS, needs_fp16
 
 from sdtrt.checkpoint import build_unet, open_checkpoint
 from sdtrt.errors import ExportError
@@ -76,7 +76,7 @@ def test_onnxruntime_matches_pytorch_at_three_shapes(family: str, exported) -> N
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("float16", marks=needs_fp16)])
 def test_tensorrt_rtx_parses_every_graph(family: str, dtype: str, exported) -> None:
     pytest.importorskip("tensorrt_rtx")
     from sdtrt.backends.tensorrt import parse_onnx
@@ -85,6 +85,7 @@ def test_tensorrt_rtx_parses_every_graph(family: str, dtype: str, exported) -> N
     assert parse_onnx(result.onnx_path, "tensorrt_rtx") == []
 
 
+@needs_fp16
 def test_fp16_graph_carries_its_precision(exported) -> None:
     _, sd, _, result = exported("sdxl-base", "float16")
     model = onnx.load(str(result.onnx_path))
@@ -101,6 +102,22 @@ def test_skip_concats_resize_whatever_the_trace_size(exported) -> None:
     resizes = [n for n in model.graph.node if n.op_type == "Resize"]
     # one nearest-neighbour upsample per Upsample layer plus one resize in front of every skip concat
     assert len(resizes) >= 6
+
+
+def test_fp16_export_without_float16_kernels_or_gpu_says_why(tiny_checkpoint, tmp_path: Path, monkeypatch) -> None:
+    """torch 2.1 (A1111 1.10.1's) has no float16 CPU kernels: a float16 export traces on the GPU, and without one it
+    fails up front with a message naming the ways out (not a kernel error from inside the trace)."""
+    import sdtrt.export as export
+
+    ckpt, sd = open_checkpoint(tiny_checkpoint("sd1"))
+    unet = build_unet(ckpt.info, sd)
+    if FP16_RUNS:  # make this machine look like a CPU-only one with torch 2.1
+        monkeypatch.setattr(export, "cpu_computes", lambda dtype: dtype == torch.float32)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ExportError, match=r"cannot compute float16 on the CPU.*export float32 instead"):
+        export_unet(unet, ckpt.info.io, tmp_path / "out", ExportSettings(dtype="float16"), state_dict_keys=set(sd))
+    assert not any((tmp_path / "out").glob("*.onnx"))
+    assert export.trace_device(torch.float32).type == "cpu"  # float32 always traces on the CPU
 
 
 class Boom(RuntimeError):
@@ -130,7 +147,8 @@ def test_failed_export_restores_global_state(tiny_checkpoint, tmp_path: Path) ->
 
     unet.forward = broken_forward  # type: ignore[method-assign]
     with pytest.raises(ExportError, match="injected failure"):
-        export_unet(unet, ckpt.info.io, tmp_path / "out", ExportSettings(dtype="float16"), hooks=[host_hook])
+        export_unet(unet, ckpt.info.io, tmp_path / "out", ExportSettings(dtype="float16" if FP16_RUNS else "float32"),
+                    hooks=[host_hook])
     assert torch.nn.functional.scaled_dot_product_attention is sdpa
     assert entered and exited
     assert unet.training

@@ -21,7 +21,7 @@ import sdtrt.backends.ort
 import sdtrt.export
 import sdtrt.webui.api
 import sdtrt.webui.service as service_module
-from conftest import WEBUI_PROFILE
+from conftest import WEBUI_PROFILE, needs_fp16
 from fakehost import FakeHost
 
 pytest.importorskip("fastapi")
@@ -199,6 +199,7 @@ def test_memory_flags(boot, tiny_checkpoint, flag: str) -> None:  # type: ignore
     assert delta["engine_calls"] == STEPS and delta["fallback_calls"] >= 2
 
 
+@needs_fp16
 def test_half_precision_webui_gets_half_outputs(boot, tiny_checkpoint) -> None:  # type: ignore[no-untyped-def]
     """The WebUI's default fp16 UNet: the engine (fp32 here) is handed fp16 inputs and must answer in fp16. The
     PyTorch reference itself now carries fp16 rounding (~1e-3 relative per call), hence 2e-2."""

@@ -68,8 +68,15 @@ class DictHost:
     def refresh_unet_list(self) -> None:
         self.refreshes += 1
 
-    def generation_lock(self) -> Any:
-        return self.lock
+    @contextlib.contextmanager
+    def quiet_torch(self, waiting: Any) -> Any:
+        if not self.lock.acquire(blocking=False):
+            waiting("waiting for the generation in progress to finish")
+            self.lock.acquire()
+        try:
+            yield
+        finally:
+            self.lock.release()
 
     def tell_user(self, p: object, text: str) -> None:
         self.told.append((p, text))

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import inspect
 import json
 import math
 import shutil
@@ -109,6 +111,37 @@ def clean_module(unet: torch.nn.Module, dtype: torch.dtype) -> Iterator[torch.nn
         unet.train(training)
 
 
+@functools.cache
+def cpu_computes(dtype: torch.dtype) -> bool:
+    """Whether this torch has CPU kernels in `dtype` for every op a UNet trace runs (probed once on tiny tensors).
+    torch 2.1 (A1111 1.10.1's) has no float16 CPU kernels for linear, conv2d, norms, softmax or resizing."""
+    F = torch.nn.functional
+    x = torch.ones(1, 4, 4, 4, dtype=dtype)
+    try:
+        F.conv2d(x, torch.ones(4, 4, 3, 3, dtype=dtype), padding=1)
+        F.group_norm(x, 2)
+        F.layer_norm(x, (4,))
+        F.linear(x, torch.ones(4, 4, dtype=dtype))
+        torch.softmax(x @ x, dim=-1)
+        F.interpolate(x, scale_factor=2.0, mode="nearest")
+    except RuntimeError:
+        return False
+    return True
+
+
+def trace_device(dtype: torch.dtype) -> torch.device:
+    """Where an export in `dtype` can trace: the CPU when torch computes `dtype` there (no device memory used),
+    else the current CUDA GPU. Raises ExportError naming the way out when neither can."""
+    if cpu_computes(dtype):
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    name = str(dtype).replace("torch.", "")
+    raise ExportError(f"this torch ({torch.__version__}) cannot compute {name} on the CPU and there is no CUDA GPU to "
+                      f"trace the export on: export float32 instead, run the build on a machine with a GPU, or use a "
+                      f"torch with {name} CPU kernels")
+
+
 def sample_inputs(io: TensorIO, dtype: torch.dtype, *, batch: int = 2, latent_hw: tuple[int, int] = (16, 24),
                   chunks: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
     """Example inputs for tracing. Latent sizes differ in h and w and batch is 2, so no dimension is traced
@@ -137,6 +170,19 @@ class _Forward(torch.nn.Module):
         if self.with_y:
             return self.unet(sample, timesteps, context, y=y)
         return self.unet(sample, timesteps, context)
+
+
+def torchscript_exporter(export: Callable[..., Any] | None = None) -> dict[str, Any]:
+    """The argument that picks the TorchScript exporter, where `torch.onnx.export` has a choice.
+
+    torch >= 2.5 takes `dynamo=` (and from 2.9 defaults to the dynamo exporter, which renames weights and takes no
+    dynamic_axes); torch 2.1-2.4 (A1111 1.10.1 ships 2.1.2) has only the TorchScript exporter and no such
+    argument. Detected from the signature, never from the version number."""
+    try:
+        params = inspect.signature(export or torch.onnx.export).parameters
+    except (TypeError, ValueError):  # a C function or a wrapper without a signature: pass nothing
+        return {}
+    return {"dynamo": False} if "dynamo" in params else {}
 
 
 def _rename_from_wrapper(model: Any, prefix: str = "unet.") -> None:
@@ -201,11 +247,14 @@ def export_unet(
         raw = Path(tmp) / ONNX_NAME
         try:
             with contextlib.ExitStack() as stack, warnings.catch_warnings():
-                work = stack.enter_context(clean_module(unet, dtype))
+                device = trace_device(dtype)
+                if device.type == "cuda":  # runs last, once the copy is released
+                    stack.callback(torch.cuda.empty_cache)
+                work = stack.enter_context(clean_module(unet, dtype)).to(device)
                 stack.enter_context(plain_attention())
                 for hook in hooks:
                     stack.enter_context(hook())
-                feeds = sample_inputs(io, dtype)
+                feeds = {name: t.to(device) for name, t in sample_inputs(io, dtype).items()}
                 # Head sizes become constants of the graph on purpose (they are fixed per layer); the tracer
                 # warns about every such Python number, which would only bury real warnings.
                 warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
@@ -217,7 +266,7 @@ def export_unet(
                         _Forward(work, io.y_dim is not None),
                         tuple(feeds[n] for n in names),
                         str(raw),
-                        dynamo=False,
+                        **torchscript_exporter(),
                         opset_version=settings.opset,
                         do_constant_folding=False,
                         input_names=names,

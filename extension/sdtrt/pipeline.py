@@ -3,8 +3,10 @@ the WebUI tab and the REST API share."""
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,8 +65,12 @@ def build_engine(
     dtype: str | None = None,
     options: BuildOptions | None = None,
     progress: ProgressCallback = no_progress,
+    torch_guard: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext,
 ) -> BuildOutcome:
-    """Export and build an engine for `checkpoint` with `profiles` into the cache, or reuse an identical one."""
+    """Export and build an engine for `checkpoint` with `profiles` into the cache, or reuse an identical one.
+
+    `torch_guard()` is held while the UNet is created and exported (the part that uses torch); a host that
+    changes torch globally (a model load in the WebUI) keeps its changes out of that window with it."""
     if not profiles:
         from sdtrt.errors import ProfileError
 
@@ -80,11 +86,12 @@ def build_engine(
 
     def produce(tmp: Path) -> BuildResult:
         calls.append(time.perf_counter())
-        unet = build_unet(ckpt.info, sd)
         onnx_dir = tmp / "onnx"
-        exported = export_unet(unet, ckpt.info.io, onnx_dir, settings, state_dict_keys=set(sd),
-                               progress=lambda ph, f: progress(ph, 0.3 * f))
-        del unet
+        with torch_guard():
+            unet = build_unet(ckpt.info, sd)
+            exported = export_unet(unet, ckpt.info.io, onnx_dir, settings, state_dict_keys=set(sd),
+                                   progress=lambda ph, f: progress(ph, 0.3 * f))
+            del unet
         result = be.build(exported.onnx_path, engine_profiles, tmp, options,
                           progress=lambda ph, f: progress(ph, 0.3 + 0.7 * f))
         # the ONNX was an intermediate unless the backend kept it as its engine (hard links survive this)
@@ -94,6 +101,6 @@ def build_engine(
         return result
 
     source = {"name": ckpt.path.name, "sha256": file_sha256(ckpt.path)}
-    manifest = registry.build(key, source, produce)
+    manifest = registry.build(key, source, produce, progress=progress)
     progress("done", 1.0)
     return BuildOutcome(manifest, built=bool(calls))

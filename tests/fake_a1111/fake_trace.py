@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 #: dicts: where ("routed": the wrapper's `diffusion_model(...)` call, "torch": the torch UNet's own forward),
@@ -42,6 +44,23 @@ class RecordsMoves:
         if device is not None:
             moves.append((type(self).__name__, str(device)))
         return super().to(*args, **kwargs)  # type: ignore[misc]
+
+
+#: Fake-only: when set to an Event, a model load waits for it inside InitializeOnMeta (torch patched process-wide),
+#: as a real load of a big checkpoint takes a while in that state. `loading` is set while one waits there.
+load_gate: threading.Event | None = None
+loading = threading.Event()
+
+
+def wait_at_load_gate() -> None:
+    gate = load_gate
+    if gate is None:
+        return
+    loading.set()
+    try:
+        gate.wait(timeout=120)
+    finally:
+        loading.clear()
 
 
 def clear() -> None:

@@ -4,13 +4,16 @@ Configuration comes from the environment, never from paths in this file:
 
 - SDTRT_A1111_DIR: an A1111 checkout (v1.10.x) whose `repositories/` are in place;
 - SDTRT_A1111_PYTHON: its Python (default `<SDTRT_A1111_DIR>/venv/bin/python`);
-- SDTRT_A1111_START_TIMEOUT: seconds to wait for the API (default 300).
+- SDTRT_A1111_START_TIMEOUT: seconds to wait for the API (default 300);
+- SDTRT_CONTROLNET_DIR: a checkout of sd-webui-controlnet for the tests that run it beside this extension (default
+  `<SDTRT_A1111_DIR>/extensions/sd-webui-controlnet`).
 
 `WebUIHost(install, data_dir)` prepares a data dir (a tiny SD1 model written by `tiny_webui_model.py`, a seeded
 `config.json`, this repository symlinked as `extensions/sd-webui-trt`), starts `launch.py` offline on CPU in its
 own process group, waits for the API and for the start-up checkpoint load (`wait_model=False`: the API only),
 and stops it (the whole group) on `stop()` / leaving the `with` block.
 The server's output goes to `<data_dir>/webui.log`; `log_tail()` returns its end for failure messages.
+`extensions={"name": path}` links other extensions into the data dir beside this one.
 `ui=True` starts the Gradio UI as well (`--api` without `--nowebui`), for browser tests.
 """
 
@@ -38,6 +41,7 @@ if TYPE_CHECKING:
 ENV_DIR = "SDTRT_A1111_DIR"
 ENV_PYTHON = "SDTRT_A1111_PYTHON"
 ENV_TIMEOUT = "SDTRT_A1111_START_TIMEOUT"
+ENV_CONTROLNET = "SDTRT_CONTROLNET_DIR"
 
 #: The repository root (this file is tests/integration/a1111_host.py).
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -76,6 +80,12 @@ class A1111Install:
         python = env.get(ENV_PYTHON, "").strip() or str(Path(root) / "venv" / "bin" / "python")
         return cls(Path(root).expanduser().resolve(), Path(python).expanduser())
 
+    def controlnet_dir(self, environ: Mapping[str, str] | None = None) -> Path:
+        """Where sd-webui-controlnet is checked out (SDTRT_CONTROLNET_DIR, else the WebUI's own extensions/)."""
+        env = os.environ if environ is None else environ
+        given = env.get(ENV_CONTROLNET, "").strip()
+        return Path(given).expanduser().resolve() if given else self.root / "extensions" / "sd-webui-controlnet"
+
     def problems(self) -> list[str]:
         out = []
         if not (self.root / "launch.py").is_file():
@@ -107,14 +117,14 @@ def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 def write_tiny_model(install: A1111Install, out_dir: Path, *, seed: int = 0, stem: str = CHECKPOINT_STEM,
-                     timeout: float = 600) -> Path:
+                     unet: str = "sd1", timeout: float = 600) -> Path:
     """Write the tiny SD1 model (checkpoint, yaml, local CLIP folder) with the WebUI's Python; returns the
-    checkpoint path."""
+    checkpoint path. `unet`: the UNet layout (tiny_webui_model.UNET_LAYOUTS)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     pythonpath = os.pathsep.join([str(REPO_ROOT / "extension"),
                                   str(install.root / "repositories" / "stable-diffusion-stability-ai")])
     proc = subprocess.run(
-        [str(install.python), str(MODEL_SCRIPT), str(out_dir), "--seed", str(seed), "--stem", stem],
+        [str(install.python), str(MODEL_SCRIPT), str(out_dir), "--seed", str(seed), "--stem", stem, "--unet", unet],
         cwd=str(out_dir), env=clean_env({"PYTHONPATH": pythonpath}), capture_output=True, text=True,
         timeout=timeout, check=False)
     if proc.returncode != 0:
@@ -131,7 +141,7 @@ class WebUIHost:
                  extra_args: Sequence[str] = (), env: Mapping[str, str] | None = None,
                  config: Mapping[str, Any] | None = None, link_extension: bool = True,
                  checkpoint: Path | None = None, seed: int = 0, wait_model: bool = True,
-                 auth: tuple[str, str] | None = None) -> None:
+                 auth: tuple[str, str] | None = None, extensions: Mapping[str, Path] | None = None) -> None:
         self.install = install
         self.data_dir = Path(data_dir).resolve()
         self.ui = ui
@@ -139,6 +149,7 @@ class WebUIHost:
         self.extra_env = dict(env or {})
         self.config = dict(DEFAULT_CONFIG if config is None else config)
         self.link_extension = link_extension
+        self.other_extensions = {name: Path(path) for name, path in (extensions or {}).items()}
         self.seed = seed
         self.wait_model = wait_model
         self.auth = auth  # HTTP Basic credentials sent by request() (for servers started with --api-auth)
@@ -177,6 +188,11 @@ class WebUIHost:
                 if self.extension_dir.exists():
                     shutil.rmtree(self.extension_dir)
                 self.extension_dir.symlink_to(REPO_ROOT, target_is_directory=True)
+        for name, path in self.other_extensions.items():
+            link = self.data_dir / "extensions" / name
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if not link.is_symlink():
+                link.symlink_to(path.resolve(), target_is_directory=True)
 
     def command(self) -> list[str]:
         assert self.checkpoint is not None
@@ -399,6 +415,33 @@ def png_pixels(png: bytes) -> tuple[int, int, int, bytes]:
         out += line
         prev = line
     return width, height, channels, bytes(out)
+
+
+def encode_png(width: int, height: int, pixels: bytes, channels: int = 3) -> bytes:
+    """An 8-bit gray/RGB/RGBA PNG of raw pixel rows (stdlib only; no filtering)."""
+    import struct
+    import zlib
+
+    color = {1: 0, 3: 2, 4: 6}[channels]
+    stride = width * channels
+    assert len(pixels) == stride * height, (len(pixels), width, height, channels)
+    raw = b"".join(b"\0" + pixels[y * stride:(y + 1) * stride] for y in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, color, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+
+
+def gradient_png(width: int = 64, height: int = 64) -> bytes:
+    """An RGB test image: red grows left to right, green top to bottom, blue along the diagonal."""
+    pixels = bytearray()
+    for y in range(height):
+        for x in range(width):
+            pixels += bytes((255 * x // max(width - 1, 1), 255 * y // max(height - 1, 1),
+                             255 * (x + y) // max(width + height - 2, 1)))
+    return encode_png(width, height, bytes(pixels))
 
 
 if __name__ == "__main__":  # manual use: python a1111_host.py DATA_DIR [--ui]  (Ctrl-C stops it)

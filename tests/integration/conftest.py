@@ -62,13 +62,16 @@ def tiny_webui_checkpoint(a1111_install: A1111Install, tmp_path_factory: pytest.
 @pytest.fixture(scope="session")
 def webui_factory(a1111_install: A1111Install, tiny_webui_checkpoint: Path,
                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., WebUIHost]]:
-    """webui_factory(ui=False, **WebUIHost kwargs) -> a started WebUI over a fresh data dir (stopped at the end
-    of the session, or earlier with host.stop())."""
+    """webui_factory(ui=False, data_dir=None, **WebUIHost kwargs) -> a started WebUI over `data_dir` (default: a
+    fresh one; a given one may hold files written before the start), stopped at the end of the session, or earlier
+    with host.stop()."""
     started: list[WebUIHost] = []
 
-    def make(ui: bool = False, **kw: Any) -> WebUIHost:
+    def make(ui: bool = False, data_dir: Path | None = None, **kw: Any) -> WebUIHost:
         kw.setdefault("checkpoint", tiny_webui_checkpoint)
-        host = WebUIHost(a1111_install, tmp_path_factory.mktemp("a1111-ui" if ui else "a1111-api"), ui=ui, **kw)
+        if data_dir is None:
+            data_dir = tmp_path_factory.mktemp("a1111-ui" if ui else "a1111-api")
+        host = WebUIHost(a1111_install, data_dir, ui=ui, **kw)
         started.append(host)
         _HOSTS.append(host)
         host.start()

@@ -109,6 +109,12 @@ def compare(a: bytes, b: bytes) -> tuple[int, float]:
     return max(diffs), sum(d > 0 for d in diffs) / len(diffs)
 
 
+def fallback_notices(out: dict[str, Any]) -> list[str]:
+    """The extension's "ran on PyTorch" notices in a txt2img response (its `info` JSON's extra_generation_params)."""
+    info = json.loads(out["info"])
+    return [str(v) for v in info["extra_generation_params"].values() if FALLBACK_TEXT in str(v)]
+
+
 @pytest.fixture(scope="module")
 def reference(host: WebUIHost) -> bytes:
     """The PyTorch image (SD Unet None)."""

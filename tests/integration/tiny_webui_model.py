@@ -1,10 +1,13 @@
 """Write a tiny, complete SD1 model that the real A1111 WebUI can load offline (run with the WebUI's Python).
 
-    <webui python> tiny_webui_model.py OUT_DIR [--seed N] [--stem NAME]
+    <webui python> tiny_webui_model.py OUT_DIR [--seed N] [--stem NAME] [--unet sd1|sd1-blocks]
 
 It writes, in OUT_DIR:
 - `<stem>.safetensors`: every tensor of an `ldm.models.diffusion.ddpm.LatentDiffusion` in A1111's key layout.
-  The UNet is `sdtrt.tiny`'s "sd1" UNet (same weights as `write_tiny_checkpoint("sd1", ..., seed)`); the VAE
+  The UNet (`--unet`) is either `sdtrt.tiny`'s "sd1" UNet (the default: 3 levels, 1 res block per level; same
+  weights as `write_tiny_checkpoint("sd1", ..., seed)`) or "sd1-blocks": SD1's block layout (4 levels, 2 res
+  blocks per level, channel mult 1-2-4-4, transformers at the first three levels, so input blocks 2, 5, 8 and 11
+  end the levels, where a T2I-Adapter adds its features) at a tiny width (`SD1_BLOCKS_CHANNELS`); the VAE
   (4 levels, so latents are 1/8 of the image, as A1111 assumes) and the CLIP text encoder (hidden size 768,
   2 layers) get random weights too, output layers and norms included: zero output layers would make every
   image constant, and untouched norms make A1111's emphasis rescaling divide 0 by 0 for short prompts.
@@ -16,6 +19,9 @@ It writes, in OUT_DIR:
 
 Needs, on the module path, the repository's `extension/` folder (for `sdtrt.tiny`) and A1111's
 `repositories/stable-diffusion-stability-ai` (for `ldm`); the caller sets PYTHONPATH.
+
+`write_t2i_adapter()` (plain torch + safetensors, callable from the test process) writes a random-weight
+T2I-Adapter whose feature widths match an "sd1-blocks" UNet, in the key layout sd-webui-controlnet recognises.
 """
 
 from __future__ import annotations
@@ -29,6 +35,13 @@ from typing import Any
 
 VOCAB_SIZE = 49408
 CONTEXT_DIM = 768
+
+#: UNet layouts the writer knows (see the module docstring).
+UNET_LAYOUTS = ("sd1", "sd1-blocks")
+#: model_channels of the "sd1-blocks" UNet (SD1 has 320); its levels have 32, 64, 128 and 128 channels.
+SD1_BLOCKS_CHANNELS = 32
+#: The T2I-Adapter's input: an RGB image pixel-unshuffled by 8 (3 * 8 * 8 channels, as SD1 adapters take).
+T2I_ADAPTER_CIN = 192
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"
 
 
@@ -85,10 +98,20 @@ def write_clip_folder(folder: Path) -> None:
         encoding="utf-8")
 
 
-def model_yaml(clip_folder: Path) -> str:
-    from sdtrt.tiny import TINY
+def unet_spec(layout: str = "sd1") -> Any:
+    """The `sdtrt.unet.UNetSpec` of a UNet layout of UNET_LAYOUTS."""
+    from sdtrt.tiny import TINY, standard_spec
 
-    spec, _ = TINY["sd1"]
+    if layout == "sd1":
+        return TINY["sd1"][0]
+    if layout == "sd1-blocks":
+        return standard_spec(model_channels=SD1_BLOCKS_CHANNELS, channel_mult=(1, 2, 4, 4), num_res_blocks=2,
+                             transformer_depth=(1, 1, 1, 0), num_heads=2)
+    raise ValueError(f"unknown UNet layout {layout!r}; known: {', '.join(UNET_LAYOUTS)}")
+
+
+def model_yaml(clip_folder: Path, layout: str = "sd1") -> str:
+    spec = unet_spec(layout)
     # Transformers sit at the levels whose depth is non-zero; LDM selects them by downsampling factor.
     attn = [2 ** i for i, d in enumerate(spec.transformer_depth) if d]
     assert set(spec.transformer_depth) <= {0, 1} and spec.transformer_depth_middle == 1, "LDM: depth 1 only"
@@ -170,11 +193,49 @@ def randomize_(module: Any, seed: int) -> None:
                 p.copy_(0.1 * r)
 
 
+def t2i_adapter_state_dict(model_channels: int = SD1_BLOCKS_CHANNELS, seed: int = 0) -> dict[str, Any]:
+    """Random weights of an SD1 T2I-Adapter (sd-webui-controlnet's `Adapter` with sk=True, ksize 1, no conv
+    downsampling, 2 res blocks per level) in the key layout its model guess recognises (`conv_in.weight` present):
+    features of model_channels * (1, 2, 4, 4) channels at 1/8, 1/16, 1/32, 1/64 of the image size, as the UNet's
+    levels have them. Convolutions ~ 1/sqrt(fan_in), biases small, so every feature is of order one."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    sd: dict[str, Any] = {}
+
+    def conv(name: str, c_out: int, c_in: int, k: int) -> None:
+        sd[f"{name}.weight"] = torch.randn(c_out, c_in, k, k, generator=g) / math.sqrt(c_in * k * k)
+        sd[f"{name}.bias"] = 0.1 * torch.randn(c_out, generator=g)
+
+    channels = [model_channels * m for m in (1, 2, 4, 4)]
+    conv("conv_in", channels[0], T2I_ADAPTER_CIN, 3)
+    for i, ch in enumerate(channels):
+        for r in range(2):
+            name = f"body.{i * 2 + r}"
+            c_in = channels[i - 1] if i > 0 and r == 0 else ch  # the first block of levels 1-3 downsamples
+            if c_in != ch:
+                conv(f"{name}.in_conv", ch, c_in, 1)
+            conv(f"{name}.block1", ch, ch, 3)
+            conv(f"{name}.block2", ch, ch, 1)
+    return {k: v.contiguous() for k, v in sd.items()}
+
+
+def write_t2i_adapter(path: Path, model_channels: int = SD1_BLOCKS_CHANNELS, seed: int = 0) -> Path:
+    """Write `t2i_adapter_state_dict()` as a .safetensors file (one metadata key: the same bytes every run)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(t2i_adapter_state_dict(model_channels, seed), str(path), metadata={"format": "pt"})
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out_dir", type=Path)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stem", default="tiny-sd1")
+    ap.add_argument("--unet", choices=UNET_LAYOUTS, default="sd1")
     args = ap.parse_args()
 
     import ldm.modules.encoders.modules as encoders
@@ -184,7 +245,7 @@ def main() -> None:
     from omegaconf import OmegaConf
     from safetensors.torch import load_file, save_file
 
-    from sdtrt.tiny import write_tiny_checkpoint
+    from sdtrt.tiny import write_checkpoint, write_tiny_checkpoint
 
     out: Path = args.out_dir.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -192,9 +253,12 @@ def main() -> None:
     write_clip_folder(clip_folder)
 
     # The UNet: exactly sdtrt.tiny's (same seed -> same weights), key layout checked strictly below.
-    ckpt = write_tiny_checkpoint("sd1", out, args.seed, stem=args.stem)
+    if args.unet == "sd1":
+        ckpt = write_tiny_checkpoint("sd1", out, args.seed, stem=args.stem)
+    else:
+        ckpt = write_checkpoint(unet_spec(args.unet), out, args.stem, args.seed)
     unet_sd = load_file(str(ckpt))
-    yaml_text = model_yaml(clip_folder)
+    yaml_text = model_yaml(clip_folder, args.unet)
     ckpt.with_suffix(".yaml").write_text(yaml_text, encoding="utf-8")
 
     # Build the whole LatentDiffusion; the text encoder from the local config (no weights file exists).
@@ -214,7 +278,7 @@ def main() -> None:
     assert all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point())
     save_file(sd, str(ckpt), metadata={"format": "pt"})
     print(json.dumps({"checkpoint": str(ckpt), "yaml": str(ckpt.with_suffix(".yaml")), "clip": str(clip_folder),
-                      "tensors": len(sd), "bytes": ckpt.stat().st_size}))
+                      "unet": args.unet, "tensors": len(sd), "bytes": ckpt.stat().st_size}))
 
 
 if __name__ == "__main__":

@@ -67,7 +67,9 @@ EXPOSED_HINT = (
     "--api-auth user:password to use them"
 )
 
-_PYDANTIC_V2 = pydantic.VERSION.startswith("2")
+#: pydantic 2 configures models with ConfigDict (and bounds lists with max_length); pydantic 1 (A1111 pins 1.10) with
+#: an inner Config class (and max_items). Detected by a v2-only method (1.10.x has a ConfigDict too), not the version.
+_PYDANTIC_V2 = hasattr(pydantic.BaseModel, "model_validate")
 #: FastAPI >= 0.100 calls a parameter's regex `pattern`; older ones (A1111 pins 0.94) call it `regex`.
 _PATTERN_KW = "pattern" if "pattern" in inspect.signature(fastapi.Path).parameters else "regex"
 

@@ -98,8 +98,11 @@ class Host(Protocol):
 
     def refresh_unet_list(self) -> None: ...
 
-    def generation_lock(self) -> AbstractContextManager[object]:
-        """Held while building on a GPU so a build never competes with a generation for memory."""
+    def quiet_torch(self, waiting: Callable[[str], None]) -> AbstractContextManager[object]:
+        """Held while a build touches torch (creating and exporting the UNet; on a GPU the whole build): no
+        generation and no model load runs meanwhile. A host changes torch globally while it loads a model (A1111
+        creates modules on the meta device and disables `Module.to`), so a module made then is broken. Calls
+        `waiting(why)` before it blocks, so the build's job can say what it waits for. Not reentrant."""
 
     def tell_user(self, p: object, text: str) -> None:
         """Show `text` with the generation's result (A1111: p.comment)."""

@@ -30,6 +30,7 @@ from sdtrt.errors import (
 from sdtrt.profiles import Profile
 from sdtrt.registry import Manifest, Registry, stale_reason, validate_engine_id
 from sdtrt.runtime import CorruptEngine, EngineBusy, EngineSession
+from sdtrt.webui import foreign
 from sdtrt.webui.host import BACKEND_CHOICES, LABEL_PREFIX, CheckpointRef, Host, Settings
 from sdtrt.webui.jobs import Job, JobQueue
 from sdtrt.webui.serving import (
@@ -490,7 +491,7 @@ class EngineService:
         settings = self._host().settings()
         self.generation = Generation(p, settings, set())
         if self.active is not None:
-            self.active.problem = None
+            self.active.problem = self.active.bypass = None
         with self._lock:
             changed = any(s.cuda_graphs != settings.cuda_graphs for s in self._sessions.values())
         if changed:  # the CUDA graphs setting changed: engines load again, with the new setting, at first use
@@ -535,16 +536,19 @@ class EngineService:
             self.close_sessions()
 
     def before_sampling(self) -> None:
-        """Before each sampling pass: an extension that replaced the UNet's forward on the instance (ControlNet
-        with active units) runs the UNet's blocks itself, bypassing the engine; give it the PyTorch UNet on the
-        device instead of failing with tensors on two devices."""
-        host = self._host()
-        unet = host.torch_unet()
-        if self.active is None or unet is None or "forward" not in vars(unet):
+        """Before each sampling pass: when the live PyTorch UNet was changed in a way the engine cannot reproduce
+        (a live forward hook such as ControlNet's, tiling's circular padding; see `foreign`), every UNet call of
+        this pass runs on PyTorch, also the calls that reach the class forward (and so the engine) from inside
+        such a hook, and the PyTorch UNet goes back on the device. A hook that was restored does not count."""
+        server = self.active
+        unet = self._host().torch_unet()
+        if server is None:
+            return
+        server.bypass = None if unet is None else foreign.unservable(unet)
+        if server.bypass is None or unet is None or not server.enabled():
             return
         self._torch_unet_to_device(unet)
-        self.notify("another extension (e.g. ControlNet) replaced the UNet's forward; while it runs the UNet's "
-                    "blocks itself, those steps run on PyTorch")
+        self.notify(server.bypass)
 
     # ---- builds and deletes -------------------------------------------------------------------------------
     def submit_build(self, checkpoint: str, profiles: Sequence[str], backend: str = "auto",
@@ -577,13 +581,19 @@ class EngineService:
             from sdtrt.backends import get_backend
             from sdtrt.pipeline import build_engine
 
-            device = get_backend(backend).info().device
-            lock = host.generation_lock() if device != "cpu" else contextlib.nullcontext()
-            progress("waiting for the GPU" if device != "cpu" else "starting", 0.0)
-            with lock:
+            on_gpu = get_backend(backend).info().device != "cpu"
+
+            def quiet() -> contextlib.AbstractContextManager[object]:
+                return host.quiet_torch(lambda why: progress(why, 0.0))
+
+            progress("starting", 0.0)
+            # on a GPU the whole build waits for the WebUI to be idle (it competes for device memory); on a CPU only
+            # the export does (it creates torch modules, which a model load in progress would break)
+            with quiet() if on_gpu else contextlib.nullcontext():
                 outcome = build_engine(Path(ref.filename), parsed, cache,
                                        config=Path(ref.config) if ref.config else None,
-                                       backend=backend, dtype=dtype, progress=progress)
+                                       backend=backend, dtype=dtype, progress=progress,
+                                       torch_guard=contextlib.nullcontext if on_gpu else quiet)
             if replaces and replaces != outcome.manifest.id:
                 with contextlib.suppress(SdtrtError):
                     self.delete(replaces)

@@ -239,6 +239,8 @@ class UnetServer:
         self.enabled = enabled
         self.networks: NetworkSet | None = None
         self.problem: str | None = None  # why this generation runs on PyTorch (a failed LoRA refit); reset per generation
+        #: why this sampling pass runs on PyTorch (the live UNet was changed: a forward hook, tiling); set per pass
+        self.bypass: str | None = None
 
     def set_networks(self, networks: NetworkSet) -> None:
         """Put a LoRA set into every loaded engine now (before the first call of a pass); engines loaded later get
@@ -291,8 +293,9 @@ class UnetServer:
         call = (x, timesteps, context, *args)
         if not self.enabled():
             return self._to_pytorch("sdtrt is switched off", call, kwargs, user=False)
-        if self.unusable is not None or self.problem is not None:
-            return self._to_pytorch(self.unusable or self.problem or "", call, kwargs)
+        reason = self.unusable or self.problem or self.bypass
+        if reason is not None:
+            return self._to_pytorch(reason, call, kwargs)
         y = kwargs.get("y")
         if args or any(k != "y" and v is not None for k, v in kwargs.items()):
             # ControlNet-style residuals or other extensions' arguments: the engine has no inputs for them

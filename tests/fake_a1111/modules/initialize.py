@@ -5,6 +5,9 @@ thread; the fake loads it synchronously at the same point unless --skip-load-mod
 
 from __future__ import annotations
 
+import os
+import threading
+
 from modules.timer import startup_timer
 
 
@@ -42,7 +45,10 @@ def initialize_rest(*, reload_script_modules=False):  # type: ignore[no-untyped-
             sd_hijack.apply_optimizations()
 
     if not shared.cmd_opts.skip_load_model_at_start:
-        load_model()
+        if os.environ.get("FAKE_A1111_THREADED_LOAD"):  # as the real host: the API comes up while the model loads
+            threading.Thread(target=load_model, name="fake-model-load", daemon=True).start()
+        else:
+            load_model()
 
     from modules import extra_networks
 

@@ -131,7 +131,7 @@ class StableDiffusionModelHijack:
 
     def hijack(self, m):  # type: ignore[no-untyped-def]
         self.history.append(("hijack", m))
-        self.layers = [m.model.diffusion_model]
+        self.layers = list(m.modules())  # A1111 flattens the whole model (every child, recursively)
         self.apply_optimizations()
 
     def undo_hijack(self, m):  # type: ignore[no-untyped-def]
@@ -141,7 +141,12 @@ class StableDiffusionModelHijack:
         self.clip = None
 
     def apply_circular(self, enable):  # type: ignore[no-untyped-def]
+        """Tiling: every Conv2d of the model (UNet and VAE) pads circularly, as in A1111."""
+        if self.circular_enabled == enable:
+            return
         self.circular_enabled = enable
+        for layer in [layer for layer in self.layers or () if type(layer) == torch.nn.Conv2d]:
+            layer.padding_mode = "circular" if enable else "zeros"
 
     def clear_comments(self):  # type: ignore[no-untyped-def]
         self.comments = []

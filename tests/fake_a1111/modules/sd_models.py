@@ -17,6 +17,7 @@ import re
 import threading
 from pathlib import Path
 
+import fake_trace
 import torch
 
 from modules import (
@@ -26,6 +27,7 @@ from modules import (
     lowvram,
     paths,
     script_callbacks,
+    sd_disable_initialization,
     sd_hijack,
     sd_models_config,
     sd_models_xl,
@@ -448,6 +450,10 @@ def load_model(checkpoint_info=None, already_loaded_state_dict=None):  # type: i
 
     checkpoint_config = sd_models_config.find_checkpoint_config(state_dict, checkpoint_info)
     print(f"Creating model from config: {checkpoint_config}")
+    # A1111 creates the model with torch patched for the whole process (InitializeOnMeta). The fake holds that
+    # state for as long as a test keeps `fake_trace.load_gate` closed, and builds its own model after it.
+    with sd_disable_initialization.InitializeOnMeta():
+        fake_trace.wait_at_load_gate()
     sd_model = instantiate_from_config(state_dict, checkpoint_config)
     sd_model.used_config = checkpoint_config
     timer.record("create model")

@@ -212,7 +212,7 @@ class Api:
         selectable_scripts, selectable_script_idx = self.get_selectable_script(txt2imgreq.script_name, script_runner)
         sampler, scheduler = sd_samplers.get_sampler_and_scheduler(txt2imgreq.sampler_name or txt2imgreq.sampler_index,
                                                                    txt2imgreq.scheduler)
-        populate = txt2imgreq.model_copy(update={
+        populate = models.copy_model(txt2imgreq, {
             "sampler_name": validate_sampler_name(sampler),
             "scheduler": scheduler,
             "do_not_save_samples": not txt2imgreq.save_images,
@@ -263,7 +263,7 @@ class Api:
         selectable_scripts, selectable_script_idx = self.get_selectable_script(img2imgreq.script_name, script_runner)
         sampler, scheduler = sd_samplers.get_sampler_and_scheduler(img2imgreq.sampler_name or img2imgreq.sampler_index,
                                                                    img2imgreq.scheduler)
-        populate = img2imgreq.model_copy(update={
+        populate = models.copy_model(img2imgreq, {
             "sampler_name": validate_sampler_name(sampler),
             "scheduler": scheduler,
             "do_not_save_samples": not img2imgreq.save_images,

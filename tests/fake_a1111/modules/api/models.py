@@ -9,10 +9,23 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+import pydantic
+from pydantic import BaseModel, Field, create_model
 
 from modules.processing import StableDiffusionProcessingImg2Img, StableDiffusionProcessingTxt2Img
 from modules.shared import opts
+
+if hasattr(BaseModel, "model_validate"):  # pydantic 2 (late 1.10.x have a ConfigDict too)
+    IGNORE_EXTRA: Any = pydantic.ConfigDict(extra="ignore", protected_namespaces=())
+else:  # pydantic 1.10, what A1111 1.10.1 pins (its real models use this style)
+    class IGNORE_EXTRA:  # type: ignore[no-redef]
+        extra = "ignore"
+
+
+def copy_model(model: BaseModel, update: dict[str, Any]) -> BaseModel:
+    """`model_copy` in pydantic 2, `copy` in pydantic 1."""
+    return (model.model_copy if hasattr(model, "model_copy") else model.copy)(update=update)
+
 
 API_NOT_ALLOWED = [
     "self", "kwargs", "sd_model", "outpath_samples", "outpath_grids", "sampler_index", "extra_generation_params",
@@ -43,7 +56,7 @@ def _fields_of(cls) -> dict[str, tuple[Any, Any]]:  # type: ignore[no-untyped-de
 def _generate(name: str, cls, extra: dict[str, tuple[Any, Any]]):  # type: ignore[no-untyped-def]
     fields = _fields_of(cls)
     fields.update(extra)
-    return create_model(name, __config__=ConfigDict(extra="ignore", protected_namespaces=()), **fields)
+    return create_model(name, __config__=IGNORE_EXTRA, **fields)
 
 
 StableDiffusionTxt2ImgProcessingAPI = _generate("StableDiffusionProcessingTxt2Img", StableDiffusionProcessingTxt2Img, {
@@ -92,7 +105,8 @@ class ProgressResponse(BaseModel):
 
 
 class SDModelItem(BaseModel):
-    model_config = ConfigDict(protected_namespaces=())
+    if hasattr(BaseModel, "model_validate"):
+        model_config = pydantic.ConfigDict(protected_namespaces=())
     title: str
     model_name: str
     hash: str | None = None
@@ -108,11 +122,11 @@ def _option_type(default):  # type: ignore[no-untyped-def]
 
 
 _options = {k: (_option_type(v.default), v.default) for k, v in opts.data_labels.items()}
-OptionsModel = create_model("Options", __config__=ConfigDict(extra="ignore", protected_namespaces=()), **_options)
+OptionsModel = create_model("Options", __config__=IGNORE_EXTRA, **_options)
 
 _flags = {}
 for action in __import__("modules.shared", fromlist=["parser"]).parser._actions:
     if action.dest == "help":
         continue
     _flags[action.dest] = (Any, action.default)
-FlagsModel = create_model("Flags", __config__=ConfigDict(extra="ignore", protected_namespaces=()), **_flags)
+FlagsModel = create_model("Flags", __config__=IGNORE_EXTRA, **_flags)
