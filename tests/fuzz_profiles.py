@@ -20,6 +20,8 @@ import atheris  # type: ignore[import-untyped]
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "extension"))
 
+import torch  # noqa: E402,F401  (sdtrt.models needs it; imported before the hooks, which break its import)
+
 atheris.enabled_hooks.add("RegEx")  # guide inputs through the shape regex
 atheris.enabled_hooks.add("str")
 
@@ -32,11 +34,10 @@ with atheris.instrument_imports(include=["sdtrt"]):
         MIN_PIXELS,
         Profile,
         Shape,
-        TensorIO,
-        engine_ranges,
     )
+    from sdtrt.models import SgmUNet, TensorIO
 
-IO = TensorIO(in_channels=4, context_dim=768, y_dim=2816)
+CONTRACT = SgmUNet(TensorIO(in_channels=4, context_dim=768, y_dim=2816))
 NOT_TEXT = [None, 0, -1, 10**9, 1e9, float("nan"), float("inf"), b"1x512x512x75", ["1x512x512x75"], {"a": 1}]
 
 
@@ -55,7 +56,7 @@ def check_profile(p: Profile) -> None:
     again = Profile.parse(str(p))
     assert again == p, (str(p), again)
     assert p.covers(p.opt) and p.covers(p.min) and p.covers(p.max)
-    ranges = engine_ranges(p, IO)
+    ranges = CONTRACT.engine_ranges(p)
     assert all(r.contains(r.opt) and r.contains(r.min) and r.contains(r.max) for r in ranges.values()), ranges
 
 

@@ -48,6 +48,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from schemathesis.generation import GenerationMode
 
+import sdtrt
 from sdtrt.pipeline import build_engine
 from sdtrt.profiles import Profile
 from sdtrt.webui import api as api_module
@@ -471,7 +472,7 @@ def record_fs(seen: list[tuple[str, str]] | None = None) -> Iterator[list[tuple[
 #: Source the frameworks read (FastAPI inspects the endpoint for its error context; lazy imports): code, never a
 #: path an id could name. Only reads of these are allowed outside the cache.
 _CODE_DIRS = tuple(os.path.realpath(d) + os.sep for d in
-                   {sys.prefix, sys.base_prefix, str(Path(api_module.__file__).resolve().parents[1])})
+                   {sys.prefix, sys.base_prefix, str(Path(sdtrt.__file__).resolve().parent)})
 
 
 def assert_inside(seen: list[tuple[str, str]], cache: Path) -> int:

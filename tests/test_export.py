@@ -30,7 +30,7 @@ def exported(tiny_checkpoint, tmp_path_factory: pytest.TempPathFactory):  # type
             ckpt, sd = open_checkpoint(tiny_checkpoint(family))
             unet = build_unet(ckpt.info, sd)
             out = tmp_path_factory.mktemp(f"onnx-{family}-{dtype}")
-            result = export_unet(unet, ckpt.info.io, out, ExportSettings(dtype=dtype), state_dict_keys=set(sd))
+            result = export_unet(unet, ckpt.info.contract, out, ExportSettings(dtype=dtype), state_dict_keys=set(sd))
             cache[(family, dtype)] = (ckpt, sd, unet, result)
         return cache[(family, dtype)]
 
@@ -115,7 +115,7 @@ def test_fp16_export_without_float16_kernels_or_gpu_says_why(tiny_checkpoint, tm
         monkeypatch.setattr(export, "cpu_computes", lambda dtype: dtype == torch.float32)
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ExportError, match=r"cannot compute float16 on the CPU.*export float32 instead"):
-        export_unet(unet, ckpt.info.io, tmp_path / "out", ExportSettings(dtype="float16"), state_dict_keys=set(sd))
+        export_unet(unet, ckpt.info.contract, tmp_path / "out", ExportSettings(dtype="float16"), state_dict_keys=set(sd))
     assert not any((tmp_path / "out").glob("*.onnx"))
     assert export.trace_device(torch.float32).type == "cpu"  # float32 always traces on the CPU
 
@@ -147,7 +147,7 @@ def test_failed_export_restores_global_state(tiny_checkpoint, tmp_path: Path) ->
 
     unet.forward = broken_forward  # type: ignore[method-assign]
     with pytest.raises(ExportError, match="injected failure"):
-        export_unet(unet, ckpt.info.io, tmp_path / "out", ExportSettings(dtype="float16" if FP16_RUNS else "float32"),
+        export_unet(unet, ckpt.info.contract, tmp_path / "out", ExportSettings(dtype="float16" if FP16_RUNS else "float32"),
                     hooks=[host_hook])
     assert torch.nn.functional.scaled_dot_product_attention is sdpa
     assert entered and exited
@@ -175,7 +175,7 @@ def test_large_models_use_one_external_data_file(tiny_checkpoint, tmp_path: Path
     monkeypatch.setattr(export, "EXTERNAL_DATA_THRESHOLD", 0)
     ckpt, sd = open_checkpoint(tiny_checkpoint("sd1"))
     unet = build_unet(ckpt.info, sd)
-    result = export_unet(unet, ckpt.info.io, tmp_path, ExportSettings(), state_dict_keys=set(sd))
+    result = export_unet(unet, ckpt.info.contract, tmp_path, ExportSettings(), state_dict_keys=set(sd))
     data = tmp_path / "unet.onnx.data"
     assert result.external_data and data.is_file()
     assert data.stat().st_size > 4 * sum(v.numel() for v in sd.values()) * 0.9

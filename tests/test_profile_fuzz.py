@@ -23,13 +23,14 @@ from hypothesis import strategies as st
 
 from sdtrt.constants import TOKENS_PER_CHUNK
 from sdtrt.errors import ProfileError, SdtrtError
-from sdtrt.profiles import MAX_BATCH, MAX_CHUNKS, MAX_PIXELS, MIN_PIXELS, Profile, Shape, TensorIO, engine_ranges
+from sdtrt.models import SgmUNet, TensorIO
+from sdtrt.profiles import MAX_BATCH, MAX_CHUNKS, MAX_PIXELS, MIN_PIXELS, Profile, Shape
 
 LONG = os.environ.get("SDTRT_LONG") == "1"
 EXAMPLES = 1000 if LONG else 200
 ATHERIS_SECONDS = int(os.environ.get("SDTRT_ATHERIS_SECONDS") or (120 if LONG else 5))
 TARGET = Path(__file__).resolve().parent / "fuzz_profiles.py"
-IO = TensorIO(in_channels=4, context_dim=768, y_dim=2816)
+CONTRACT = SgmUNet(TensorIO(in_channels=4, context_dim=768, y_dim=2816))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 
 
@@ -48,7 +49,7 @@ def check(profile: Profile) -> None:
         assert getattr(profile.min, f) <= getattr(profile.opt, f) <= getattr(profile.max, f)
     assert Profile.parse(str(profile)) == profile
     assert profile.covers(profile.min) and profile.covers(profile.opt) and profile.covers(profile.max)
-    for r in engine_ranges(profile, IO).values():
+    for r in CONTRACT.engine_ranges(profile).values():
         assert r.contains(r.min) and r.contains(r.opt) and r.contains(r.max)
 
 

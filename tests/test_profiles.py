@@ -9,7 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sdtrt.errors import ProfileError
-from sdtrt.profiles import Profile, Shape, TensorIO, call_shapes, engine_ranges, select_profile, token_chunks
+from sdtrt.models import LdmUNet, SgmUNet, TensorIO
+from sdtrt.profiles import Profile, Shape, select_profile, token_chunks
 
 
 def test_static_is_min_equals_opt_equals_max() -> None:
@@ -20,24 +21,24 @@ def test_static_is_min_equals_opt_equals_max() -> None:
 
 def test_engine_units_double_the_batch_for_cfg_and_count_77_rows_per_chunk() -> None:
     p = Profile.parse("1x512x512x75:2x768x768x150:4x1024x1024x225")
-    r = engine_ranges(p, TensorIO(4, 768, None))
+    r = LdmUNet(TensorIO(4, 768, None)).engine_ranges(p)
     assert r["sample"].min == (1, 4, 64, 64)  # cond and uncond called separately
     assert r["sample"].opt == (4, 4, 96, 96)
     assert r["sample"].max == (8, 4, 128, 128)
     assert r["encoder_hidden_states"].min == (1, 77, 768)
     assert r["encoder_hidden_states"].max == (8, 231, 768)
     assert "y" not in r
-    rx = engine_ranges(p, TensorIO(4, 2048, 2816))
+    rx = SgmUNet(TensorIO(4, 2048, 2816)).engine_ranges(p)
     assert rx["y"].max == (8, 2816)
 
 
 def test_a_call_outside_every_profile_selects_none() -> None:
-    io = TensorIO(4, 768, None)
-    ranges = [engine_ranges(Profile.parse("1x512x512x75"), io), engine_ranges(Profile.parse("1x768x768x75"), io)]
-    assert select_profile(ranges, call_shapes(Shape(1, 768, 768, 75), io)) == 1
-    assert select_profile(ranges, call_shapes(Shape(1, 512, 512, 75), io, cfg=False)) == 0
-    assert select_profile(ranges, call_shapes(Shape(1, 512, 512, 150), io)) is None
-    assert select_profile(ranges, call_shapes(Shape(2, 512, 512, 75), io)) is None
+    c = LdmUNet(TensorIO(4, 768, None))
+    ranges = [c.engine_ranges(Profile.parse("1x512x512x75")), c.engine_ranges(Profile.parse("1x768x768x75"))]
+    assert select_profile(ranges, c.call_dims(Shape(1, 768, 768, 75))) == 1
+    assert select_profile(ranges, c.call_dims(Shape(1, 512, 512, 75), cfg=False)) == 0
+    assert select_profile(ranges, c.call_dims(Shape(1, 512, 512, 150))) is None
+    assert select_profile(ranges, c.call_dims(Shape(2, 512, 512, 75))) is None
 
 
 @pytest.mark.parametrize("spec, message", [

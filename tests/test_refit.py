@@ -33,6 +33,11 @@ def session(engine):  # type: ignore[no-untyped-def]
     s.close()
 
 
+def run(session: EngineSession, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The engine on a host-style call (x, timesteps, context)."""
+    return session(session.contract.feeds(inputs, {}))
+
+
 def base_loader(ckpt: Path):  # type: ignore[no-untyped-def]
     return lambda names: read_unet_state_dict(ckpt, names=names)
 
@@ -56,25 +61,25 @@ def test_a_b_a_matches_pytorch_and_restores_exactly(engine, session: EngineSessi
     conv = sorted(n for n in sd if n.endswith("in_layers.2.weight"))
     g = torch.Generator().manual_seed(0)
     inputs = (torch.randn(2, 4, 8, 8, generator=g), torch.tensor([900.0, 100.0]), torch.randn(2, 77, 768, generator=g))
-    base_out = session(*inputs)
+    base_out = run(session, inputs)
     a = changed_weights(sd, attn[:2] + conv[:1], 1)
     b = changed_weights(sd, attn[1:3], 2)
     base = base_loader(ckpt)
 
     plan_a = session.apply_deltas(("A", 0.8), a, base)
     assert plan_a is not None and plan_a.changed == frozenset(a) and not plan_a.restored
-    out_a = session(*inputs)
+    out_a = run(session, inputs)
     torch.testing.assert_close(out_a, torch_out(ckpt, a, inputs), rtol=1e-4, atol=1e-4)
     assert (out_a - base_out).abs().max() > 1e-2  # the change is visible
 
     plan_b = session.apply_deltas(("B", 1.0), b, base)
     assert plan_b is not None and plan_b.restored == frozenset(set(a) - set(b))
-    torch.testing.assert_close(session(*inputs), torch_out(ckpt, b, inputs), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(run(session, inputs), torch_out(ckpt, b, inputs), rtol=1e-4, atol=1e-4)
 
     session.apply_deltas(("A", 0.8), a, base)
-    assert torch.equal(session(*inputs), out_a)  # bit-identical: nothing drifted
+    assert torch.equal(run(session, inputs), out_a)  # bit-identical: nothing drifted
     session.apply_deltas((), {}, base)
-    assert torch.equal(session(*inputs), base_out)
+    assert torch.equal(run(session, inputs), base_out)
 
 
 def test_unchanged_set_does_no_refit(engine, session: EngineSession, monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -92,14 +97,14 @@ def test_unchanged_set_does_no_refit(engine, session: EngineSession, monkeypatch
 def test_updates_naming_no_engine_weight_change_nothing(engine, session: EngineSession) -> None:  # type: ignore[no-untyped-def]
     ckpt = engine[0]
     inputs = (torch.ones(1, 4, 8, 8), torch.tensor([500.0]), torch.ones(1, 77, 768))
-    before = session(*inputs).clone()
+    before = run(session, inputs).clone()
     with pytest.raises(RefitError, match="name no engine weight"):
         session.apply_deltas("x", {"input_blocks.99.weight": torch.zeros(1)}, base_loader(ckpt))
     sd = read_unet_state_dict(ckpt)
     name = next(n for n in sd if n.endswith("to_q.weight"))
     with pytest.raises(RefitError, match="shape"):
         session.apply_deltas("y", {name: torch.zeros(3, 3)}, base_loader(ckpt))
-    assert torch.equal(session(*inputs), before)
+    assert torch.equal(run(session, inputs), before)
     assert session.deltas.key == ()
 
 

@@ -26,17 +26,20 @@ if str(EXT) not in sys.path:
 
 from sdtrt import registry as registry_mod
 from sdtrt.backends.base import BackendInfo, BuildResult
-from sdtrt.errors import BuildError, EngineNotFound, ProfileError, SdtrtError, StaleEngine
-from sdtrt.fsutil import FileLock, LockTimeout, atomic_write_bytes, read_regular_file, sha256_and_size, sha256_file
-from sdtrt.registry import (
-    MANIFEST_NAME,
-    EngineKey,
+from sdtrt.engine_key import EngineKey, validate_engine_id
+from sdtrt.errors import (
+    BuildError,
+    EngineNotFound,
     InvalidEngineId,
-    Manifest,
     ManifestError,
-    Registry,
-    validate_engine_id,
+    ProfileError,
+    SdtrtError,
+    StaleEngine,
 )
+from sdtrt.fsutil import FileLock, LockTimeout, atomic_write_bytes, read_regular_file, sha256_and_size, sha256_file
+from sdtrt.lease import host_name
+from sdtrt.manifest import MANIFEST_NAME, Manifest
+from sdtrt.registry import Registry
 
 try:
     from hypothesis import HealthCheck, given, settings
@@ -634,7 +637,7 @@ def test_random_time_kills_never_expose_a_partial_engine(tmp_path: Path) -> None
 
 
 def test_cleanup_keeps_live_builds(reg: Registry, built: Manifest) -> None:
-    mine = reg.root / f".tmp-{built.id}-{registry_mod._host()}-{os.getpid()}-abcd"
+    mine = reg.root / f".tmp-{built.id}-{host_name()}-{os.getpid()}-abcd"
     mine.mkdir()
     other_host_fresh = reg.root / f".tmp-{built.id}-elsewhere-1-abcd"
     other_host_fresh.mkdir()

@@ -48,11 +48,12 @@ from reliability_cache_harness import (
     trials,
     where,
 )
-from sdtrt import registry as registry_mod
 from sdtrt.backends.base import BackendInfo, BuildResult
-from sdtrt.errors import BuildError, CacheNotWritable, EngineNotFound, SdtrtError, StaleEngine
+from sdtrt.errors import BuildError, CacheNotWritable, EngineNotFound, ManifestError, SdtrtError, StaleEngine
 from sdtrt.fsutil import FileLock
-from sdtrt.registry import Manifest, ManifestError, Registry
+from sdtrt.lease import Heartbeat, Liveness
+from sdtrt.manifest import Manifest
+from sdtrt.registry import Registry
 
 try:
     from hypothesis import HealthCheck, given, settings
@@ -109,7 +110,7 @@ def _g1_process(cache: str, noop_lock: bool, barrier: Any, counter: str, out: An
 
 
 @pytest.mark.timeout(330)
-def test_g1_many_processes_and_threads_publish_exactly_one_engine(tmp_path: Path, capsys: Any) -> None:
+def test_many_processes_and_threads_publish_exactly_one_engine(tmp_path: Path, capsys: Any) -> None:
     procs, threads = 4, 8
     locked, noop = trials(200, 12), trials(50, 4)
     barrier, out = CTX.Barrier(procs), CTX.Queue()
@@ -218,7 +219,7 @@ def _phase(chain: str) -> str:
 
 
 @pytest.mark.timeout(330)
-def test_g2_sigkill_at_random_points_never_exposes_partial_state(tmp_path: Path, capsys: Any) -> None:
+def test_sigkill_at_random_points_never_exposes_partial_state(tmp_path: Path, capsys: Any) -> None:
     total = trials(500, 40)
     rng = random.Random(20260611)
     chunks, pause = 6, 0.002
@@ -545,7 +546,7 @@ def _calls(tmp_path: Path, scenario: str) -> list[tuple[str, int, str]]:
 
 @needs_proc_fd
 @pytest.mark.timeout(300)
-def test_g3_every_injected_io_failure_fails_cleanly(tmp_path: Path, capsys: Any) -> None:
+def test_every_injected_io_failure_fails_cleanly(tmp_path: Path, capsys: Any) -> None:
     c: Counter[str] = Counter()
     per_op: Counter[str] = Counter()
     bad: list[str] = []
@@ -870,7 +871,7 @@ if HAVE_HYPOTHESIS:
 
     @settings(max_examples=_EXAMPLES, deadline=None)
     @given(raw=st.binary(max_size=2000) | st.text(max_size=500).map(str.encode))
-    def test_row6_any_bytes_parse_or_raise_only_manifest_error(raw: bytes) -> None:
+    def test_any_bytes_parse_or_raise_only_manifest_error(raw: bytes) -> None:
         try:
             m = Manifest.from_json(raw)
         except ManifestError:
@@ -884,7 +885,7 @@ if HAVE_HYPOTHESIS:
 
     @settings(max_examples=trials(300, 40), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
     @given(data=st.data())
-    def test_row6_truncated_or_garbled_manifest_on_disk_never_breaks_list(
+    def test_truncated_or_garbled_manifest_on_disk_never_breaks_list(
         two_engines: tuple[Registry, Manifest, Manifest], data: Any
     ) -> None:
         reg, m, other = two_engines
@@ -922,7 +923,7 @@ if HAVE_HYPOTHESIS:
 
     @settings(max_examples=_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
     @given(data=st.data())
-    def test_row7_missing_extra_or_wrong_type_fields_raise_only_manifest_error(
+    def test_missing_extra_or_wrong_type_fields_raise_only_manifest_error(
         valid_manifest: Manifest, data: Any
     ) -> None:
         d = valid_manifest.to_dict()
@@ -953,7 +954,7 @@ if HAVE_HYPOTHESIS:
 
     @settings(max_examples=trials(500, 60), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
     @given(extra=st.dictionaries(st.text(min_size=1, max_size=8), _json, min_size=1, max_size=3), where_=st.data())
-    def test_row7_unknown_keys_are_ignored(valid_manifest: Manifest, extra: dict[str, Any], where_: Any) -> None:
+    def test_unknown_keys_are_ignored(valid_manifest: Manifest, extra: dict[str, Any], where_: Any) -> None:
         d = valid_manifest.to_dict()
         section = where_.draw(st.sampled_from(["top", "key", "file"]))
         target = d if section == "top" else d["key"] if section == "key" else d["files"][0]
@@ -1119,14 +1120,14 @@ def test_heartbeat_beats_on_every_path(tmp_path: Path) -> None:
     old = time.time() - 1000
     for p in (a, b):
         os.utime(p, (old, old))
-    with registry_mod._Heartbeat(0.05) as beat:
+    with Heartbeat(0.05) as beat:
         beat.add(a)
         beat.add(tmp_path / "gone")  # a path that vanished (published) does not stop the others
         os.utime(a, (old, old))
         beat.add(b)
         time.sleep(0.3)
     assert a.stat().st_mtime > old + 900 and b.stat().st_mtime > old + 900
-    silent = registry_mod._Liveness(tmp_path, b, "x")
+    silent = Liveness(tmp_path, b, "x")
     assert silent.silent_for() < 0.5
     time.sleep(0.2)
     assert silent.silent_for() >= 0.2

@@ -54,14 +54,15 @@ from reliability_serving_support import (
 )
 from sdtrt.backends.base import BuildResult
 from sdtrt.checkpoint import read_unet_state_dict
+from sdtrt.engine_key import EngineKey
 from sdtrt.errors import EngineNotFound, NoMatchingProfile, SdtrtError
 from sdtrt.pipeline import build_engine
 from sdtrt.profiles import Profile
-from sdtrt.registry import EngineKey, Registry
+from sdtrt.registry import Registry
 from sdtrt.runtime import CorruptEngine, EngineSession
+from sdtrt.serving import UnetServer
 from sdtrt.webui.jobs import DONE, FAILED
 from sdtrt.webui.service import EngineService, OptionSpec, SwapFailed
-from sdtrt.webui.serving import UnetServer
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
 
@@ -253,7 +254,7 @@ def corruptions(data: bytes, rng: random.Random) -> Iterator[tuple[str, bytes]]:
 
 
 @pytest.mark.timeout(600)
-def test_g4_bad_plans_are_refused_before_deserialization_and_pytorch_serves(
+def test_bad_plans_are_refused_before_deserialization_and_pytorch_serves(
         cache: Cache, host: LoraHost, deserialize_counter: Injector) -> None:
     refs = Refs(host)
     want = refs(None)
@@ -309,7 +310,7 @@ def test_g4_bad_plans_are_refused_before_deserialization_and_pytorch_serves(
 
 
 @pytest.mark.parametrize("which", ["foreign-version", "foreign-gpu"])
-def test_g4_foreign_version_or_gpu_is_refused_before_deserialization_and_offered_for_rebuild(
+def test_foreign_version_or_gpu_is_refused_before_deserialization_and_offered_for_rebuild(
         cache: Cache, host: LoraHost, svc: EngineService, deserialize_counter: Injector, which: str) -> None:
     engine_id = cache.derived[which]
     rows = {r["id"]: r for r in svc.engine_rows()}
@@ -322,10 +323,12 @@ def test_g4_foreign_version_or_gpu_is_refused_before_deserialization_and_offered
     assert all(torch.equal(o, Refs(host)(None)) for o in outs)
     [reason] = svc.counters.snapshot()["fallback_reasons"]
     assert "stale" in reason and "rebuild it for this machine" in reason
-    assert svc._manifest_any(engine_id).id == engine_id  # what rebuild() starts from: still readable
+    from sdtrt.webui.builds import manifest_even_if_stale
+
+    assert manifest_even_if_stale(svc, engine_id).id == engine_id  # what rebuild() starts from: still readable
 
 
-def test_row2_bit_flipped_plan_is_quarantined_by_the_rebuild_not_deleted(
+def test_bit_flipped_plan_is_quarantined_by_the_rebuild_not_deleted(
         cache: Cache, host: LoraHost, tmp_path: Path) -> None:
     """The load refuses it and lists it as damaged; Rebuild moves the damaged folder aside (bytes kept) and
     publishes a good engine under the same id."""
@@ -357,7 +360,7 @@ def test_row2_bit_flipped_plan_is_quarantined_by_the_rebuild_not_deleted(
         svc.shutdown()
 
 
-def test_row5_runtime_returning_none_is_a_clean_error_and_fallback(
+def test_runtime_returning_none_is_a_clean_error_and_fallback(
         cache: Cache, host: LoraHost, svc: EngineService, monkeypatch: pytest.MonkeyPatch) -> None:
     import onnxruntime
 
@@ -401,7 +404,7 @@ def test_a_read_error_is_not_taken_for_damage(cache: Cache, host: LoraHost, svc:
 @pytest.fixture
 def fake_trt(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[bool], FakeTrtCalls]]:
     """Installs a fake `tensorrt` module and a fake GPU; yields make(rtx_validity) -> FakeTrtCalls."""
-    import sdtrt.backends.tensorrt as trt_backend
+    import sdtrt.backends.tensorrt.library as trt_backend
 
     bound = "sdtrt.backends._tensorrt_bound"
     monkeypatch.setattr(trt_backend, "_BOUND", {})
@@ -523,7 +526,7 @@ def test_pickle_bomb_fixture_really_goes_off(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", ["bomb.pt", "bomb.ckpt", "bomb.pth", "bomb.bin", "bomb-renamed.safetensors"])
-def test_row18_headless_lora_pickles_are_refused_never_unpickled(name: str, cache: Cache, tiny_checkpoint,
+def test_headless_lora_pickles_are_refused_never_unpickled(name: str, cache: Cache, tiny_checkpoint,
                                                                  tmp_path: Path, no_unpickling: list[str]) -> None:
     from sdtrt.check import check_engine
     from sdtrt.cli import main
@@ -544,7 +547,7 @@ def test_row18_headless_lora_pickles_are_refused_never_unpickled(name: str, cach
     assert not canary.exists() and no_unpickling == []
 
 
-def test_row18_webui_refit_refuses_networks_from_pickle_files(cache: Cache, host: LoraHost, svc: EngineService,
+def test_webui_refit_refuses_networks_from_pickle_files(cache: Cache, host: LoraHost, svc: EngineService,
                                                               tmp_path: Path, no_unpickling: list[str]) -> None:
     canary = tmp_path / "canary"
     bomb = write_pickle_bomb(tmp_path / "style.pt", canary)
@@ -585,7 +588,7 @@ def unpickling_calls(source: str, filename: str = "<src>") -> list[str]:
     return found
 
 
-def test_row18_nothing_in_the_extension_can_unpickle() -> None:
+def test_nothing_in_the_extension_can_unpickle() -> None:
     assert unpickling_calls("import torch\nsd = torch.load('x.pt', weights_only=False)\n") == [
         "<src>:2: torch.load()", "<src>:2: weights_only=False"]  # the scan finds what it looks for
     assert unpickling_calls("from pickle import loads\nimport numpy as np\nnp.load('a', allow_pickle=True)")
@@ -596,7 +599,7 @@ def test_row18_nothing_in_the_extension_can_unpickle() -> None:
 
 
 # ---- row 19: a LoRA with wrong names or shapes aborts the refit; the previous weights stay ----------------------
-def test_row19_lora_with_wrong_names_or_shapes_aborts_the_refit_and_previous_weights_stay(
+def test_lora_with_wrong_names_or_shapes_aborts_the_refit_and_previous_weights_stay(
         cache: Cache, host: LoraHost, svc: EngineService, lora_sets: dict[str, dict[str, torch.Tensor]]) -> None:
     refs = Refs(host)
     server = switch(svc, spec_for(cache.e1))
@@ -637,9 +640,9 @@ def classify(out: torch.Tensor, valid: dict[str | None, torch.Tensor]) -> str:
 
 
 @pytest.mark.timeout(300)
-def test_row20_refit_from_another_thread_never_mixes_weights(cache: Cache, host: LoraHost,
+def test_refit_from_another_thread_never_mixes_weights(cache: Cache, host: LoraHost,
                                                              svc: EngineService) -> None:
-    from sdtrt.webui.serving import NetworkSet
+    from sdtrt.serving import NetworkSet
 
     refs = Refs(host)
     valid = {None: refs(None), "a": refs("a"), "b": refs("b")}
@@ -703,7 +706,7 @@ def toy_kind(out: torch.Tensor, values: dict[str | None, float]) -> str:
 
 
 @pytest.mark.timeout(300)
-def test_row20_toy_engine_detects_mixing_and_the_session_lock_prevents_it(
+def test_toy_engine_detects_mixing_and_the_session_lock_prevents_it(
         cache: Cache, host: LoraHost, svc: EngineService, toy: dict[str | None, float],
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The same race on an engine whose refit writes weight by weight: with the session lock no call ever sees a
@@ -711,7 +714,7 @@ def test_row20_toy_engine_detects_mixing_and_the_session_lock_prevents_it(
     import contextlib as cl
 
     from sdtrt.runtime import EngineSession as Session
-    from sdtrt.webui.serving import NetworkSet
+    from sdtrt.serving import NetworkSet
 
     ToyBackend.state.pause = 0.0005  # type: ignore[union-attr]
     seconds = 1.5 if not LONG else 6.0
@@ -902,7 +905,7 @@ class G6:
 
 
 @pytest.mark.timeout(900)
-def test_g6_injected_swap_and_refit_failures_leave_the_previous_unet_serving(
+def test_injected_swap_and_refit_failures_leave_the_previous_unet_serving(
         cache: Cache, host: LoraHost, svc: EngineService) -> None:
     trials = count(12, 200)
     rng = random.Random(2024)
@@ -990,7 +993,7 @@ def build_points() -> list[Point]:
 
 
 @pytest.mark.timeout(900)
-def test_g6_failed_builds_leave_the_active_engine_serving(cache: Cache, host: LoraHost, svc: EngineService) -> None:
+def test_failed_builds_leave_the_active_engine_serving(cache: Cache, host: LoraHost, svc: EngineService) -> None:
     refs = Refs(host)
     server = switch(svc, spec_for(cache.e1))
     host.lora = "a"
@@ -1041,7 +1044,7 @@ def test_no_unet_call_waits_on_a_lock_while_a_build_refit_load_or_delete_runs(
         cache: Cache, host: LoraHost, svc: EngineService, monkeypatch: pytest.MonkeyPatch) -> None:
     from sdtrt.backends.ort import OrtRunner
     from sdtrt.registry import Registry as Reg
-    from sdtrt.webui.serving import NetworkSet
+    from sdtrt.serving import NetworkSet
 
     log = WaitLog()
     instrument_locks(svc, monkeypatch, log)
@@ -1137,13 +1140,13 @@ def test_delete_on_a_read_only_cache_is_a_listed_error(cache: Cache, svc: Engine
         m.setattr(os, "rename", erofs)
         with pytest.raises(CacheNotWritable, match="read-only"):
             svc.delete(victim)
-    assert victim in {r["id"] for r in svc.engine_rows()} and not svc._deleting
+    assert victim in {r["id"] for r in svc.engine_rows()} and not svc.sessions._deleting
     svc.delete(victim)
     assert victim not in {r["id"] for r in svc.engine_rows()}
 
 
 # ---- row 22: call shapes outside every profile --------------------------------------------------------------------
-def test_row22_shapes_outside_every_profile_fall_back_or_fail_clearly(cache: Cache, host: LoraHost,
+def test_shapes_outside_every_profile_fall_back_or_fail_clearly(cache: Cache, host: LoraHost,
                                                                      svc: EngineService) -> None:
     from hypothesis import HealthCheck, example, given, settings
     from hypothesis import strategies as st
@@ -1220,7 +1223,7 @@ def gated_build(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[threading.Eve
 
 
 @pytest.mark.timeout(600)
-def test_row32_a_build_in_progress_keeps_generations_working_and_is_not_ready(
+def test_a_build_in_progress_keeps_generations_working_and_is_not_ready(
         cache: Cache, host: LoraHost, svc: EngineService, gated_build: tuple[threading.Event, threading.Event]) -> None:
     entered, gate = gated_build
     refs = Refs(host)
@@ -1249,7 +1252,7 @@ def test_row32_a_build_in_progress_keeps_generations_working_and_is_not_ready(
 
 
 @pytest.mark.timeout(300)
-def test_row33_shutdown_during_a_build_returns_in_bounded_time(
+def test_shutdown_during_a_build_returns_in_bounded_time(
         cache: Cache, host: LoraHost, svc: EngineService, gated_build: tuple[threading.Event, threading.Event]) -> None:
     entered, gate = gated_build
     server = switch(svc, spec_for(cache.e1))
@@ -1261,9 +1264,9 @@ def test_row33_shutdown_during_a_build_returns_in_bounded_time(
     left = svc.shutdown(timeout=1.0)
     took = time.perf_counter() - t0
     report("row 33 shutdown during a build (in process)", seconds=round(took, 3), left=left)
-    assert took < 2.0 and svc.active is None and not svc._sessions
+    assert took < 2.0 and svc.active is None and not svc.sessions._sessions
     assert left["builds_left"] == [job.id] and svc.jobs.get(queued.id).state == "cancelled"
-    assert torch.equal(server(X, T, C), Refs(host)(None)) and not svc._sessions  # PyTorch; nothing reloaded
+    assert torch.equal(server(X, T, C), Refs(host)(None)) and not svc.sessions._sessions  # PyTorch; nothing reloaded
     gate.set()  # the stuck build wakes up: it was cancelled, so it stops at its next progress report
     final = svc.jobs.wait(job.id, timeout=300)
     assert final.state == "cancelled", (final.state, final.error)
@@ -1308,7 +1311,7 @@ CHILD = textwrap.dedent('''
 
 @pytest.mark.timeout(300)
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM")
-def test_row33_sigterm_during_a_build_exits_in_bounded_time(cache: Cache, tiny_checkpoint, tmp_path: Path) -> None:
+def test_sigterm_during_a_build_exits_in_bounded_time(cache: Cache, tiny_checkpoint, tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "extension"), str(ROOT / "tests")]),
            "SDTRT_CACHE": "", "OMP_NUM_THREADS": "1"}
     env.pop("SDTRT_CACHE")
@@ -1337,7 +1340,7 @@ def test_row33_sigterm_during_a_build_exits_in_bounded_time(cache: Cache, tiny_c
 def network_set(host: LoraHost, lora: str | None) -> Any:
     """The NetworkSet A1111 would give for `lora` (computed from the base weights when the engine needs it)."""
     from sdtrt.refit import merge
-    from sdtrt.webui.serving import NetworkSet
+    from sdtrt.serving import NetworkSet
 
     def compute(base: Any) -> dict[str, torch.Tensor]:
         if lora is None:
@@ -1349,7 +1352,7 @@ def network_set(host: LoraHost, lora: str | None) -> Any:
 
 
 @pytest.mark.timeout(900)
-def test_row34_16_threads_of_mixed_swaps_unloads_status_refits_and_calls(
+def test_16_threads_of_mixed_swaps_unloads_status_refits_and_calls(
         cache: Cache, host: LoraHost, svc: EngineService, toy: dict[str | None, float],
         monkeypatch: pytest.MonkeyPatch) -> None:
     """On toy engines (refit written weight by weight, so a race would show as a mixed value) through the real
@@ -1447,11 +1450,11 @@ def test_row34_16_threads_of_mixed_swaps_unloads_status_refits_and_calls(
     assert not unexpected, unexpected[:5]
     assert not mixed and done["ops"] == threads * per_thread
     # consistent state: nothing half-done, nothing left locked
-    assert svc._deleting == set()
-    for lock in svc._opening.values():
+    assert svc.sessions._deleting == set()
+    for lock in svc.sessions._opening.values():
         assert lock.acquire(blocking=False)
         lock.release()
-    for engine_id, session in list(svc._sessions.items()):
+    for engine_id, session in list(svc.sessions._sessions.items()):
         assert not session.closed and session.manifest.id == engine_id
         assert session.lock.acquire(blocking=False)
         session.lock.release()

@@ -99,17 +99,10 @@ import pytest
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
 import torch
 
-from sdtrt.backends import backend_class, get_backend
+from sdtrt.backends import AUTO_ORDER, BACKENDS, CHOICES, backend_class, get_backend
 from sdtrt.backends.base import Backend, BuildOptions
-from sdtrt.backends.tensorrt import (
-    PLAN_FILE,
-    TORCH_DTYPES,
-    TensorRTBackend,
-    TensorRTRTXBackend,
-    backend_for,
-    parse_onnx,
-)
-from sdtrt.errors import BackendUnavailable, BuildError, RefitError
+from sdtrt.backends.tensorrt import PLAN_FILE, TORCH_DTYPES, TensorRTBackend, TensorRTRTXBackend, parse_onnx
+from sdtrt.errors import BackendUnavailable, BuildError, RefitError, RefitRejected, UnknownWeights
 from sdtrt.profiles import TensorRange
 
 
@@ -236,13 +229,75 @@ def test_parse_without_library_raises_unavailable(tmp_path: Path) -> None:
 # --- (b) probing, registry, no work at import ------------------------------------------------------------------------
 
 
-def test_backend_for_names() -> None:
-    assert backend_for("tensorrt") is TensorRTBackend
-    assert backend_for("tensorrt-rtx") is TensorRTRTXBackend
+def test_one_table_names_every_backend_and_the_choices_derive_from_it() -> None:
+    from sdtrt.webui.host import BACKEND_CHOICES
+
+    assert backend_class("tensorrt") is TensorRTBackend
     assert backend_class("tensorrt-rtx") is TensorRTRTXBackend
     assert all(issubclass(c, Backend) for c in (TensorRTBackend, TensorRTRTXBackend))
-    with pytest.raises(BackendUnavailable):
-        backend_for("tensorrt-llm")
+    assert AUTO_ORDER == tuple(BACKENDS) == ("tensorrt", "tensorrt-rtx", "onnxruntime")
+    assert BACKEND_CHOICES == CHOICES == ("auto", *AUTO_ORDER)
+    assert all(backend_class(name).name == name for name in BACKENDS)
+    with pytest.raises(BackendUnavailable, match="choose one of: auto, tensorrt, tensorrt-rtx, onnxruntime"):
+        backend_class("tensorrt-llm")
+
+
+def test_capabilities_are_declared_on_the_classes() -> None:
+    """Callers ask the class (pipeline.supports_stripping) or the runner (refit_is_atomic), never the name."""
+    from sdtrt.backends.ort import OrtBackend, OrtRunner
+    from sdtrt.backends.tensorrt.runner import TensorRTRunner
+    from sdtrt.pipeline import supports_stripping
+
+    for cls in (TensorRTBackend, TensorRTRTXBackend):
+        caps = cls.capabilities
+        assert caps.devices == ("cuda",) and caps.strips_weights and caps.refit and caps.cuda_graphs
+        assert not caps.atomic_refit and caps.atomic_refit == TensorRTRunner.refit_is_atomic
+        assert supports_stripping(cls())
+    caps = OrtBackend.capabilities
+    assert caps.refit and caps.atomic_refit and not caps.strips_weights and not caps.cuda_graphs
+    assert caps.atomic_refit == OrtRunner.refit_is_atomic
+    assert not supports_stripping(OrtBackend())
+
+
+def test_unknown_weight_names_raise_one_error_type(tmp_path: Path) -> None:
+    """ONNX Runtime here; TensorRT in test_build_run_refit_matches_onnxruntime (GPU). Both raise UnknownWeights, a
+    RefitRejected: the engine still holds its previous weights."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from sdtrt.backends.ort import OrtRunner
+
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["y"])],
+        "add",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+        [helper.make_tensor("w", TensorProto.FLOAT, [2], [1.0, 2.0])],
+    )
+    onnx_path = tmp_path / "add.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), str(onnx_path))
+    runner = OrtRunner(onnx_path)
+    try:
+        with pytest.raises(UnknownWeights, match="no weights named") as info:
+            runner.refit({"w": torch.zeros(2), "not.a.weight": torch.zeros(1)})
+        assert isinstance(info.value, RefitRejected) and isinstance(info.value, RefitError)
+        assert runner.infer({"x": torch.zeros(2)}, 0).tolist() == [1.0, 2.0]  # nothing changed
+    finally:
+        runner.close()
+
+
+def test_atomic_write_takes_library_buffers_and_makes_the_cache_folder(tmp_path: Path) -> None:
+    """The plan and the caches are written by fsutil.atomic_write_bytes from a buffer (IHostMemory) without a copy;
+    a buffer of wider items is written byte for byte."""
+    import array
+
+    from sdtrt.fsutil import atomic_write_bytes
+
+    floats = array.array("f", [1.0, 2.0, 3.0])
+    path = tmp_path / "cache" / "deeper" / "timing.cache"
+    atomic_write_bytes(path, memoryview(floats), make_parents=True)
+    assert path.read_bytes() == floats.tobytes()
+    assert [p.name for p in path.parent.iterdir()] == ["timing.cache"]  # no temp file left
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the message on a machine without a GPU")
@@ -262,9 +317,10 @@ def test_tensorrt_unavailable_gives_pip_hint() -> None:
 
 def test_import_does_no_work() -> None:
     code = (
-        "import sys; import sdtrt.backends.tensorrt as m; "
+        "import sys; import sdtrt.backends.tensorrt as m; from sdtrt.backends import backend_class; "
+        "backend_class('tensorrt-rtx').capabilities; "
         "bad = [n for n in ('tensorrt_rtx', 'tensorrt', 'torch') if n in sys.modules]; "
-        "assert not bad, bad; m.backend_for('tensorrt-rtx')"
+        "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=_EXTENSION)
 
@@ -317,15 +373,34 @@ def test_mypy_passes(fixed_stubs: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_mypy_really_checks_library_calls(fixed_stubs: Path, tmp_path: Path) -> None:
-    """Negative control: the same file with a misspelt library call must fail, so the stubs are in effect."""
-    source = (REPO / "extension/sdtrt/backends/tensorrt.py").read_text(encoding="utf-8")
-    broken = source.replace("builder.create_network(", "builder.create_netwrk(", 1)
+@pytest.mark.parametrize(("module", "call", "misspelt"), [
+    ("build", "builder.create_network(", "builder.create_netwrk("),  # a call on an object the library made
+    ("build", "trt.OnnxParser(", "trt.OnnxParsr("),  # a member of the library handle itself
+    ("runner", "context.execute_async_v3(", "context.execute_async_v4("),
+])
+def test_mypy_really_checks_library_calls(fixed_stubs: Path, tmp_path: Path, module: str, call: str,
+                                          misspelt: str) -> None:
+    """Negative control: the same file with a misspelt library call must fail, so the stubs are in effect for
+    calls made through a library handle."""
+    source = (REPO / f"extension/sdtrt/backends/tensorrt/{module}.py").read_text(encoding="utf-8")
+    broken = source.replace(call, misspelt, 1)
     assert broken != source
     probe = tmp_path / "probe_backend.py"
     probe.write_text(broken, encoding="utf-8")
     result = _mypy(fixed_stubs, str(probe))
-    assert result.returncode != 0 and "create_netwrk" in result.stdout, result.stdout + result.stderr
+    name = misspelt.split(".")[-1].rstrip("(")
+    assert result.returncode != 0 and name in result.stdout, result.stdout + result.stderr
+
+
+def test_mypy_config_checks_every_module_of_the_package() -> None:
+    """mypy.ini names the package folder, so a module added to it is checked too (no stale single-file path)."""
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(REPO / "mypy.ini")
+    files = [f.strip() for f in config["mypy"]["files"].split(",")]
+    assert "extension/sdtrt/backends/tensorrt" in files
+    assert all((REPO / f).exists() for f in files), files
 
 
 # --- (d) GPU: build two profiles, run, compare with ONNX Runtime, refit ------------------------------------------------
@@ -389,7 +464,7 @@ def test_build_run_refit_matches_onnxruntime(name: str, strip: bool, tmp_path: P
     torch.manual_seed(0)
     onnx_path = tmp_path / "tiny.onnx"
     model = export_tiny(onnx_path, torch.float32)
-    backend = backend_for(name)(cache_dir=tmp_path / "cache")  # type: ignore[call-arg]
+    backend = backend_class(name)(cache_dir=tmp_path / "cache")  # type: ignore[call-arg]
     reason = backend.unavailable_reason()
     if reason:
         pytest.skip(reason)
@@ -443,7 +518,7 @@ def test_build_run_refit_matches_onnxruntime(name: str, strip: bool, tmp_path: P
             got = runner.infer({k: v.cuda() for k, v in feeds.items()}, 1).float().cpu()
             torch.testing.assert_close(got, _ort(mixed_path, feeds), rtol=1e-2, atol=1e-2)
 
-        with pytest.raises(RefitError, match="no weights named"):
+        with pytest.raises(UnknownWeights, match="no weights named"):
             runner.refit({"not.a.weight": torch.zeros(1, device="cuda")})
     finally:
         runner.close()
@@ -459,14 +534,14 @@ def test_cuda_graphs_match_plain_runs_and_recapture(name: str, tmp_path: Path) -
     torch.manual_seed(0)
     onnx_path = tmp_path / "tiny.onnx"
     export_tiny(onnx_path, torch.float32)
-    backend = backend_for(name)(cache_dir=tmp_path / "cache")  # type: ignore[call-arg]
+    backend = backend_class(name)(cache_dir=tmp_path / "cache")  # type: ignore[call-arg]
     if backend.unavailable_reason():
         pytest.skip(str(backend.unavailable_reason()))
     out_dir = tmp_path / "engine"
     out_dir.mkdir()
     result = backend.build(onnx_path, _profiles(), out_dir, BuildOptions(refit=True, strip_weights=False))
-    graphs = backend_for(name)(cuda_graphs=True).load(out_dir, result.files, _profiles())  # type: ignore[call-arg]
-    plain = backend_for(name)(cuda_graphs=False).load(out_dir, result.files, _profiles())  # type: ignore[call-arg]
+    graphs = backend_class(name)(cuda_graphs=True).load(out_dir, result.files, _profiles())  # type: ignore[call-arg]
+    plain = backend_class(name)(cuda_graphs=False).load(out_dir, result.files, _profiles())  # type: ignore[call-arg]
     torch.manual_seed(1)
     new_path = tmp_path / "tiny-new.onnx"
     export_tiny(new_path, torch.float32, TinyUNet().eval())

@@ -214,10 +214,13 @@ def test_half_precision_webui_gets_half_outputs(boot, tiny_checkpoint) -> None: 
 
 
 # ---- item 4: toggles --------------------------------------------------------------------------------------
-def test_three_toggles(boot, tiny_checkpoint, engines) -> None:  # type: ignore[no-untyped-def]
+def test_sd_unet_none_a_named_engine_and_sdtrt_off_each_run_what_they_say(boot, tiny_checkpoint, engines) -> None:  # type: ignore[no-untyped-def]
     host = boot(tiny_checkpoint("sd1"))
+    host.clear_trace()
+    before = counters()
     none = gen(host, unet="None")
-    assert next(ref(host).parameters()).device.type == "cpu" or True
+    assert host.sd_unet.current_unet is None  # None: no SdUnet routes the calls ...
+    assert len(host.torch_calls) == STEPS and counters()["engine_calls"] == before["engine_calls"]  # ... PyTorch ran
     named = gen(host, unet=f"[TRT] {engines[1]['sd1']}")
     assert_close(named.latents, none.latents)
     assert host.sd_unet.current_unet.option.label == f"[TRT] {engines[1]['sd1']}"

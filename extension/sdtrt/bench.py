@@ -211,13 +211,11 @@ def _xformers_attention() -> Callable[..., torch.Tensor] | None:
 
 
 def _with_attention(fn: Callable[[], object], attention: Callable[..., torch.Tensor]) -> Callable[[], object]:
+    from sdtrt.export import swapped_attention
+
     def call() -> object:
-        saved = torch.nn.functional.scaled_dot_product_attention
-        torch.nn.functional.scaled_dot_product_attention = attention
-        try:
+        with swapped_attention(attention):
             return fn()
-        finally:
-            torch.nn.functional.scaled_dot_product_attention = saved
 
     return call
 
@@ -247,10 +245,10 @@ def latency_bench(model: str, batch: int, work: Path, *, backend: str = "auto", 
     from sdtrt.backends import backend_class
     from sdtrt.checkpoint import build_unet, open_checkpoint
     from sdtrt.pipeline import build_engine
-    from sdtrt.profiles import Profile, Shape, call_shapes
+    from sdtrt.profiles import Profile, Shape
     from sdtrt.registry import Registry
-    from sdtrt.runtime import EngineSession
-    from sdtrt.webui.serving import Counters, EngineSlot, UnetServer, manifest_io
+    from sdtrt.runtime import EngineSession, engine_contract
+    from sdtrt.serving import Counters, EngineSlot, UnetServer
 
     spec, pixels = LATENCY_MODELS[model]
     ckpt = write_checkpoint(spec, work / model, "bench-0")
@@ -265,17 +263,13 @@ def latency_bench(model: str, batch: int, work: Path, *, backend: str = "auto", 
     info, sd = open_checkpoint(ckpt)
     unet = build_unet(info.info, sd).to(device, dtype)
     registry = Registry(work / "cache")
-    dims = call_shapes(shape, manifest_io(m))
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(dims["sample"], generator=g).to(device, dtype)
-    t = torch.full(dims["timesteps"], 500.0, device=device)
-    c = torch.randn(dims["encoder_hidden_states"], generator=g).to(device, dtype)
-    y = torch.randn(dims["y"], generator=g).to(device, dtype) if "y" in dims else None
-    feeds = {"sample": x, "timesteps": t, "encoder_hidden_states": c, **({"y": y} if y is not None else {})}
+    contract = engine_contract(m)
+    feeds = contract.random_feeds(contract.call_dims(shape), device, dtype, torch.Generator().manual_seed(0))
+    args, kwargs = contract.host_args(feeds)
     torch_used = engine_used = None
     with torch.no_grad():
         if gpu:  # memory first, each side alone on the device
-            unet(x, t, c, y=y)
+            unet(*args, **kwargs)
             torch.cuda.synchronize()
             torch_used = _device_used()
             unet.to("cpu")
@@ -292,7 +286,7 @@ def latency_bench(model: str, batch: int, work: Path, *, backend: str = "auto", 
                 engine_used = _device_used()
                 unet.to(device)
             fns: dict[str, Callable[[], object]] = {
-                "torch": lambda: unet(x, t, c, y=y),
+                "torch": lambda: unet(*args, **kwargs),
                 "engine": lambda: session.runner.infer(feeds, 0),
             }
             xformers = _xformers_attention() if gpu else None
@@ -310,11 +304,10 @@ def latency_bench(model: str, batch: int, work: Path, *, backend: str = "auto", 
             last = session.runner.infer(feeds, 0)
             # a real session (its lock is part of the path) around a runner that answers at once
             stub = EngineSession(m, SimpleNamespace(infer=lambda feeds, index: last),  # type: ignore[arg-type]
-                                 session.profiles, session.ranges, session.io, None)
+                                 session.profiles, session.ranges, session.contract, None)
             slot = EngineSlot(m, lambda _id: stub)
-            server = UnetServer([slot], fallback=lambda *a, **k: x, counters=Counters(), notify=lambda r: None)
-            kwargs = {"y": y} if y is not None else {}
-            served_s = _timed(lambda: server(x, t, c, **kwargs), max(200, repeats), device)
+            server = UnetServer([slot], fallback=lambda *a, **k: last, counters=Counters(), notify=lambda r: None)
+            served_s = _timed(lambda: server(*args, **kwargs), max(200, repeats), device)
         finally:
             session.close()
             if plain is not None:

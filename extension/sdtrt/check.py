@@ -12,11 +12,10 @@ from pathlib import Path
 import torch
 
 from sdtrt.checkpoint import build_unet, file_sha256, open_checkpoint
-from sdtrt.constants import INPUT_CONTEXT, INPUT_SAMPLE, INPUT_TIMESTEPS, INPUT_Y
 from sdtrt.errors import NoMatchingProfile, SdtrtError
 from sdtrt.export import DTYPES
 from sdtrt.lora import LoraSpec
-from sdtrt.profiles import Shape, call_shapes
+from sdtrt.profiles import Shape
 from sdtrt.registry import Registry
 from sdtrt.runtime import EngineSession
 
@@ -84,19 +83,16 @@ def check_engine(cache: Path, engine_id: str, checkpoint: Path, shapes: Sequence
         rows = []
         g = torch.Generator().manual_seed(seed)
         for shape in shapes:
-            dims = call_shapes(shape, session.io)
+            dims = session.contract.call_dims(shape)
             if session.profile_for(dims) is None:
                 raise NoMatchingProfile(
                     f"shape {shape} is outside every profile of {engine_id}: "
                     f"{', '.join(map(str, session.profiles))}"
                 )
-            x = torch.randn(dims[INPUT_SAMPLE], generator=g).to(device, dtype)
-            t = (torch.rand(dims[INPUT_TIMESTEPS], generator=g) * 999).to(device)
-            c = torch.randn(dims[INPUT_CONTEXT], generator=g).to(device, dtype)
-            y = torch.randn(dims[INPUT_Y], generator=g).to(device, dtype) if INPUT_Y in dims else None
+            feeds = session.contract.random_feeds(dims, device, dtype, g)
             with torch.no_grad():
-                ref, torch_ms = _time(functools.partial(unet, x, t, c, y=y), repeats)
-                out, engine_ms = _time(functools.partial(session, x, t, c, y), repeats)
+                ref, torch_ms = _time(functools.partial(session.contract.torch_call, unet, feeds), repeats)
+                out, engine_ms = _time(functools.partial(session, feeds), repeats)
             diff = (out.float().to(ref.device) - ref.float()).abs().max().item()
             scale = ref.float().abs().max().item()
             rows.append(CheckRow(str(shape), diff, scale, diff / scale if scale else float("inf"), torch_ms,

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +19,6 @@ from sdtrt.families import ConfigHints, ModelInfo, detect, read_config
 
 if TYPE_CHECKING:
     import torch
-
-    from sdtrt.unet import UNetModel
 
 #: A safetensors header larger than this is not a checkpoint (and would be a memory bomb).
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -121,11 +121,10 @@ def open_checkpoint(path: Path, config: Path | None = None) -> tuple[Checkpoint,
     return Checkpoint(path, cfg, detect(sd, hints)), sd
 
 
-def build_unet(info: ModelInfo, sd: dict[str, torch.Tensor] | None = None) -> UNetModel:
-    """Instantiate our LDM-compatible UNet for `info`, loading `sd` strictly when given."""
-    from sdtrt.unet import UNetModel
-
-    unet = UNetModel(info.spec).eval().requires_grad_(False)
+def build_unet(info: ModelInfo, sd: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+    """Instantiate the PyTorch module of `info`'s architecture (its model contract's), loading `sd` strictly when
+    given."""
+    unet = info.family.contract.build_module(info.spec).eval().requires_grad_(False)
     if sd is not None:
         try:
             unet.load_state_dict(sd, strict=True)
@@ -135,9 +134,23 @@ def build_unet(info: ModelInfo, sd: dict[str, torch.Tensor] | None = None) -> UN
 
 
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    """sha256 of a file, streamed (A1111 shows its first 10 hex digits as the checkpoint hash)."""
+    """sha256 of a file, streamed (A1111 shows its first 10 hex digits as the checkpoint hash). Remembered per
+    (path, size, modification time) for the life of the process: checkpoints are several GB, and builds that hit
+    the cache, checks and the WebUI ask for the same file's hash again and again."""
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    with _HASHES_LOCK:
+        known = _HASHES.get(key)
+    if known is not None:
+        return known
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
+    with _HASHES_LOCK:
+        _HASHES[key] = h.hexdigest()
     return h.hexdigest()
+
+
+_HASHES: dict[tuple[str, int, int], str] = {}
+_HASHES_LOCK = threading.Lock()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -16,13 +15,11 @@ from typing import Any
 
 from sdtrt.constants import CACHE_ENV
 from sdtrt.errors import SdtrtError
+from sdtrt.locations import default_cache_dir
 
 
 def default_cache() -> Path:
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sd-webui-trt" / "engines"
+    return default_cache_dir()
 
 
 def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
@@ -49,7 +46,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from sdtrt.export import ExportSettings, export_unet
 
     ckpt, sd = open_checkpoint(args.checkpoint, args.config)
-    result = export_unet(build_unet(ckpt.info, sd), ckpt.info.io, args.out,
+    result = export_unet(build_unet(ckpt.info, sd), ckpt.info.contract, args.out,
                          ExportSettings(dtype=args.dtype, opset=args.opset), state_dict_keys=set(sd),
                          progress=_progress(args))
     data = {"onnx": str(result.onnx_path), "weights": len(result.weight_names), "external_data": result.external_data,
@@ -79,33 +76,20 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from sdtrt.backends import backend_class
+    from sdtrt.catalog import BackendProbe, engine_rows
     from sdtrt.registry import Registry
 
-    registry = Registry(args.cache)
-    infos: dict[str, Any] = {}
     rows = []
-    for st in registry.list():
-        ok, reason = st.ok, st.reason
-        if ok and st.manifest is not None:
-            name = st.manifest.key.backend
-            if name not in infos:
-                try:
-                    cls = backend_class(name)
-                    infos[name] = cls().info() if cls.unavailable_reason() is None else None
-                except SdtrtError:
-                    infos[name] = None
-            if infos[name] is not None:
-                full = registry.status(st.id, infos[name])
-                ok, reason = full.ok, full.reason
-        m = st.manifest
+    for row in engine_rows(Registry(args.cache), BackendProbe()):
+        # a build node lists engines for GPUs it does not have: "OK" means not stale, whether or not it runs here
+        m = row.manifest
         rows.append({
-            "id": st.id, "ok": ok, "reason": reason,
+            "id": row.id, "ok": row.stale is None, "reason": row.stale,
             "family": m.key.family if m else None,
             "profiles": list(m.key.profiles) if m else [],
             "backend": f"{m.key.backend} {m.key.backend_version}" if m else None,
             "device": m.key.device if m else None,
-            "size": sum(f.size for f in m.files) if m else None,
+            "size": row.size_bytes,
             "checkpoint": m.source_checkpoint.get("name") if m else None,
         })
     lines = [f"{'OK   ' if r['ok'] else 'STALE'} {r['id']}  {r['family'] or '?'}  {r['backend'] or '?'}  "

@@ -26,11 +26,8 @@ DEFAULT_OPSET = 17
 #: The checkpoint prefix A1111 (LDM/SGM) uses for UNet weights.
 UNET_PREFIX = "model.diffusion_model."
 
-#: Names of the engine's inputs and output, shared by export, build and runtime.
-INPUT_SAMPLE = "sample"
-INPUT_TIMESTEPS = "timesteps"
-INPUT_CONTEXT = "encoder_hidden_states"
-INPUT_Y = "y"
+#: The engines' input and output names belong to the model contracts (sdtrt.models); this one stays only until
+#: the TensorRT runner stops choosing its output by name.
 OUTPUT_LATENT = "latent"
 
 #: Environment variable naming the engine cache folder (CLI default, WebUI default when its setting is empty).

@@ -50,10 +50,23 @@ class RefitRejected(RefitError):
     engine still holds its previous weights."""
 
 
+class UnknownWeights(RefitRejected):
+    """A refit named weights the engine does not have. Every backend raises this one type for it, before anything
+    in the engine changed."""
+
+
 class CacheNotWritable(BuildError):
     """The engine cache is read-only for this process (read-only mount, no permission): engines already in it
     are still served, but nothing can be built or published there. A BuildError, so build callers that catch
     BuildError keep working; an API maps it to 503."""
+
+
+class ManifestError(StaleEngine):
+    """manifest.json is unreadable, fails the schema, or was edited: the engine must not be loaded."""
+
+
+class InvalidEngineId(EngineNotFound, ValueError):
+    """The text cannot be an engine id (path separators, '..', NUL, uppercase, too long...)."""
 
 
 class CorruptEngine(StaleEngine):

@@ -1,7 +1,8 @@
-"""ONNX export of a UNet, from a clean module, with initializers named after the UNet's state-dict keys.
+"""ONNX export of a model, from a clean module, with initializers named after the model's state-dict keys.
 
-The graph has inputs `sample` (N, C, h, w), `timesteps` (N,) float32, `encoder_hidden_states` (N, 77k, ctx) and,
-for SDXL, `y` (N, 2816|2560); output `latent`. Batch, latent size and token count are dynamic. Weights keep their
+The graph's inputs, output, dynamic axes and example inputs are the model contract's (`sdtrt.models`; for the
+UNets: sample, timesteps in float32, context rows and, for SDXL, y; batch, latent size and token count dynamic).
+Weights keep their
 PyTorch names because constant folding is off (a Linear's weight reaches MatMul through a Transpose), so any weight
 can later be refit by name. The graph's dtype is the export dtype: an fp16 graph carries its own precision (fp32
 GroupNorm through Casts), which is what strongly typed TensorRT 11 and TensorRT-RTX need.
@@ -27,18 +28,10 @@ from typing import Any
 import torch
 
 from sdtrt.backends.base import ProgressCallback, no_progress
-from sdtrt.constants import (
-    CHUNK_LEN,
-    DEFAULT_OPSET,
-    INPUT_CONTEXT,
-    INPUT_SAMPLE,
-    INPUT_TIMESTEPS,
-    INPUT_Y,
-    MIN_OPSET,
-    OUTPUT_LATENT,
-)
+from sdtrt.constants import DEFAULT_OPSET, MIN_OPSET
 from sdtrt.errors import ExportError
-from sdtrt.profiles import TensorIO
+from sdtrt.models import ModelContract
+from sdtrt.models.base import WRAPPED
 
 #: Above this many bytes of weights the ONNX is written with one external data file (protobuf stops at 2 GiB).
 EXTERNAL_DATA_THRESHOLD = 1 << 30
@@ -83,14 +76,20 @@ def _math_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Any
 
 
 @contextlib.contextmanager
-def plain_attention() -> Iterator[None]:
-    """Replace torch's SDPA with the plain pattern while tracing; restored even when export fails."""
+def swapped_attention(attention: Callable[..., torch.Tensor]) -> Iterator[None]:
+    """torch's SDPA replaced by `attention` (same signature) inside the block; restored even when it raises. The UNet
+    looks SDPA up at call time, so this reaches every attention layer."""
     orig = torch.nn.functional.scaled_dot_product_attention
-    torch.nn.functional.scaled_dot_product_attention = _math_sdpa  # type: ignore[assignment]
+    torch.nn.functional.scaled_dot_product_attention = attention  # type: ignore[assignment]
     try:
         yield
     finally:
         torch.nn.functional.scaled_dot_product_attention = orig
+
+
+def plain_attention() -> AbstractContextManager[None]:
+    """The plain matmul-softmax-matmul while tracing (the pattern TensorRT fuses)."""
+    return swapped_attention(_math_sdpa)
 
 
 @contextlib.contextmanager
@@ -142,36 +141,6 @@ def trace_device(dtype: torch.dtype) -> torch.device:
                       f"torch with {name} CPU kernels")
 
 
-def sample_inputs(io: TensorIO, dtype: torch.dtype, *, batch: int = 2, latent_hw: tuple[int, int] = (16, 24),
-                  chunks: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Example inputs for tracing. Latent sizes differ in h and w and batch is 2, so no dimension is traced
-    as a constant by accident."""
-    g = torch.Generator().manual_seed(seed)
-    feeds = {
-        INPUT_SAMPLE: torch.randn(batch, io.in_channels, *latent_hw, generator=g).to(dtype),
-        INPUT_TIMESTEPS: torch.rand(batch, generator=g) * 999,
-        INPUT_CONTEXT: torch.randn(batch, chunks * CHUNK_LEN, io.context_dim, generator=g).to(dtype),
-    }
-    if io.y_dim is not None:
-        feeds[INPUT_Y] = torch.randn(batch, io.y_dim, generator=g).to(dtype)
-    return feeds
-
-
-class _Forward(torch.nn.Module):
-    """Positional wrapper so the graph's inputs come in a fixed order with fixed names."""
-
-    def __init__(self, unet: torch.nn.Module, with_y: bool):
-        super().__init__()
-        self.unet = unet
-        self.with_y = with_y
-
-    def forward(self, sample: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
-                y: torch.Tensor | None = None) -> torch.Tensor:
-        if self.with_y:
-            return self.unet(sample, timesteps, context, y=y)
-        return self.unet(sample, timesteps, context)
-
-
 def torchscript_exporter(export: Callable[..., Any] | None = None) -> dict[str, Any]:
     """The argument that picks the TorchScript exporter, where `torch.onnx.export` has a choice.
 
@@ -185,8 +154,8 @@ def torchscript_exporter(export: Callable[..., Any] | None = None) -> dict[str, 
     return {"dynamo": False} if "dynamo" in params else {}
 
 
-def _rename_from_wrapper(model: Any, prefix: str = "unet.") -> None:
-    """Strip the wrapper's `unet.` prefix from initializer names and their uses."""
+def _rename_from_wrapper(model: Any, prefix: str = WRAPPED + ".") -> None:
+    """Strip the export wrapper's prefix from initializer names and their uses."""
     renames = {i.name: i.name[len(prefix):] for i in model.graph.initializer if i.name.startswith(prefix)}
     for init in model.graph.initializer:
         init.name = renames.get(init.name, init.name)
@@ -214,7 +183,7 @@ def _constants_to_nodes(model: Any, keep: set[str]) -> list[str]:
 
 def export_unet(
     unet: torch.nn.Module,
-    io: TensorIO,
+    contract: ModelContract,
     out_dir: Path,
     settings: ExportSettings = ExportSettings(),
     *,
@@ -222,7 +191,7 @@ def export_unet(
     hooks: Sequence[Callable[[], AbstractContextManager[Any]]] = (),
     progress: ProgressCallback = no_progress,
 ) -> ExportResult:
-    """Export `unet` (forward(x, timesteps, context[, y])) to `out_dir/unet.onnx` plus `weights.json`.
+    """Export `unet` with the inputs and output of `contract` to `out_dir/unet.onnx` plus `weights.json`.
 
     `hooks` are context-manager factories entered around the trace (the WebUI adapter turns A1111's attention
     optimizations off and its resizing `cat` on); each is exited in reverse order even when export fails.
@@ -233,15 +202,7 @@ def export_unet(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     keys = state_dict_keys if state_dict_keys is not None else set(unet.state_dict().keys())
-    names = [INPUT_SAMPLE, INPUT_TIMESTEPS, INPUT_CONTEXT] + ([INPUT_Y] if io.y_dim is not None else [])
-    axes: dict[str, dict[int, str]] = {
-        INPUT_SAMPLE: {0: "batch", 2: "height", 3: "width"},
-        INPUT_TIMESTEPS: {0: "batch"},
-        INPUT_CONTEXT: {0: "batch", 1: "context"},
-        OUTPUT_LATENT: {0: "batch", 2: "height", 3: "width"},
-    }
-    if io.y_dim is not None:
-        axes[INPUT_Y] = {0: "batch"}
+    names = contract.input_names()
     progress("export", 0.0)
     with tempfile.TemporaryDirectory(prefix="sdtrt-export-", dir=out_dir) as tmp:
         raw = Path(tmp) / ONNX_NAME
@@ -254,7 +215,7 @@ def export_unet(
                 stack.enter_context(plain_attention())
                 for hook in hooks:
                     stack.enter_context(hook())
-                feeds = {name: t.to(device) for name, t in sample_inputs(io, dtype).items()}
+                feeds = {name: t.to(device) for name, t in contract.example_inputs(dtype).items()}
                 # Head sizes become constants of the graph on purpose (they are fixed per layer); the tracer
                 # warns about every such Python number, which would only bury real warnings.
                 warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
@@ -263,15 +224,15 @@ def export_unet(
                 warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx.*")
                 with torch.no_grad():
                     torch.onnx.export(
-                        _Forward(work, io.y_dim is not None),
+                        contract.export_module(work),
                         tuple(feeds[n] for n in names),
                         str(raw),
                         **torchscript_exporter(),
                         opset_version=settings.opset,
                         do_constant_folding=False,
                         input_names=names,
-                        output_names=[OUTPUT_LATENT],
-                        dynamic_axes=axes,
+                        output_names=[contract.output().name],
+                        dynamic_axes=contract.dynamic_axes(),
                     )
                 del work
         except ExportError:

@@ -25,31 +25,33 @@ from sdtrt.constants import (
     SDXL_REFINER_Y_WIDTH,
 )
 from sdtrt.errors import CheckpointError, UnknownArchitecture
-from sdtrt.profiles import TensorIO
+from sdtrt.models import LdmUNet, ModelContract, SgmUNet, TensorIO
 from sdtrt.unet import UNetSpec
 
 
 @dataclass(frozen=True)
 class FamilyDef:
-    """What identifies a family: its context width, its `y` width (SDXL) and its default head layout."""
+    """What identifies a family: its context width, its `y` width (SDXL) and its default head layout; and the
+    model contract its engines follow."""
 
     name: str
     label: str
     context_dim: int
     y_dim: int | None
+    contract: type[ModelContract]
     num_heads: int = -1
     num_head_channels: int = -1
 
 
 #: The table of supported families, keyed by what the state dict shows: (context width, y width).
 FAMILIES: dict[tuple[int, int | None], FamilyDef] = {
-    (SD1_CONTEXT_DIM, None): FamilyDef("sd1", "SD 1.x", SD1_CONTEXT_DIM, None, num_heads=8),
-    (SD2_CONTEXT_DIM, None): FamilyDef("sd2", "SD 2.x", SD2_CONTEXT_DIM, None, num_head_channels=64),
+    (SD1_CONTEXT_DIM, None): FamilyDef("sd1", "SD 1.x", SD1_CONTEXT_DIM, None, LdmUNet, num_heads=8),
+    (SD2_CONTEXT_DIM, None): FamilyDef("sd2", "SD 2.x", SD2_CONTEXT_DIM, None, LdmUNet, num_head_channels=64),
     (SDXL_BASE_CONTEXT_DIM, SDXL_BASE_Y_WIDTH): FamilyDef(
-        "sdxl-base", "SDXL base", SDXL_BASE_CONTEXT_DIM, SDXL_BASE_Y_WIDTH, num_head_channels=64
+        "sdxl-base", "SDXL base", SDXL_BASE_CONTEXT_DIM, SDXL_BASE_Y_WIDTH, SgmUNet, num_head_channels=64
     ),
     (SDXL_REFINER_CONTEXT_DIM, SDXL_REFINER_Y_WIDTH): FamilyDef(
-        "sdxl-refiner", "SDXL refiner", SDXL_REFINER_CONTEXT_DIM, SDXL_REFINER_Y_WIDTH, num_head_channels=64
+        "sdxl-refiner", "SDXL refiner", SDXL_REFINER_CONTEXT_DIM, SDXL_REFINER_Y_WIDTH, SgmUNet, num_head_channels=64
     ),
 }
 
@@ -76,6 +78,11 @@ class ModelInfo:
     @property
     def io(self) -> TensorIO:
         return TensorIO(self.spec.in_channels, self.spec.context_dim, self.spec.adm_in_channels)
+
+    @property
+    def contract(self) -> ModelContract:
+        """The model contract of this UNet's engines, bound to its dimensions."""
+        return self.family.contract(self.io)
 
     @property
     def arch_hash(self) -> str:

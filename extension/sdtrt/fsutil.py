@@ -59,10 +59,14 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def write_all(fd: int, data: bytes) -> None:
+#: What the writers take: bytes, or a buffer such as memoryview(IHostMemory) (written without a copy).
+Data = bytes | bytearray | memoryview
+
+
+def write_all(fd: int, data: Data) -> None:
     """os.write until every byte is written: a short write (signals, some network file systems) is continued,
     never mistaken for a complete one."""
-    view = memoryview(data)
+    view = memoryview(data).cast("B")  # byte-indexed, whatever the buffer's item type
     while view:
         n = os.write(fd, view)
         if n <= 0:
@@ -70,11 +74,14 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike[str], data: Data, *, make_parents: bool = False) -> None:
     """Write `data` so readers see either the old file or the complete new one, never a torn one: temp file in
     the same directory, fsync, os.replace, fsync of the directory. The temp file is removed on any error, a
-    failing close() included (network file systems report deferred write errors there)."""
+    failing close() included (network file systems report deferred write errors there). `make_parents`: create
+    the missing folders above `path` first (e.g. a cache folder on first use)."""
     target = Path(path)
+    if make_parents:
+        target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
         try:

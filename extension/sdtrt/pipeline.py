@@ -13,10 +13,13 @@ from pathlib import Path
 from sdtrt.backends import get_backend
 from sdtrt.backends.base import Backend, BackendInfo, BuildOptions, BuildResult, ProgressCallback, no_progress
 from sdtrt.checkpoint import build_unet, file_sha256, open_checkpoint
+from sdtrt.engine_key import EngineKey
+from sdtrt.engine_types import RefitMode, WeightsMode
 from sdtrt.export import ExportSettings, export_unet
 from sdtrt.families import ModelInfo
-from sdtrt.profiles import Profile, engine_ranges
-from sdtrt.registry import EngineKey, Manifest, Registry
+from sdtrt.manifest import Manifest
+from sdtrt.profiles import Profile
+from sdtrt.registry import Registry
 
 
 def default_dtype(info: BackendInfo) -> str:
@@ -25,7 +28,7 @@ def default_dtype(info: BackendInfo) -> str:
 
 
 def supports_stripping(backend: Backend) -> bool:
-    return backend.name in ("tensorrt", "tensorrt-rtx")
+    return backend.capabilities.strips_weights
 
 
 def make_key(info: ModelInfo, profiles: Sequence[Profile], backend: Backend, settings: ExportSettings,
@@ -33,18 +36,18 @@ def make_key(info: ModelInfo, profiles: Sequence[Profile], backend: Backend, set
     """Everything that goes into an engine, and nothing else: the checkpoint's weights are not part of it,
     because engines are refittable and filled from any checkpoint of the same architecture."""
     binfo = backend.info()
-    io = info.io
     return EngineKey(
         family=info.family_id,
         arch_hash=info.arch_hash,
-        io={"in_channels": io.in_channels, "context_dim": io.context_dim, "y_dim": io.y_dim},
+        io=info.contract.record(),
         profiles=tuple(str(p) for p in profiles),
         backend=binfo.name,
         backend_version=binfo.version,
         device=binfo.device,
         compute_capability=binfo.compute_capability,
-        refit_mode="refit" if options.refit else "none",
-        weights="stripped" if options.strip_weights and options.refit and supports_stripping(backend) else "embedded",
+        refit_mode=RefitMode.REFIT if options.refit else RefitMode.NONE,
+        weights=WeightsMode.STRIPPED if options.strip_weights and options.refit and supports_stripping(backend)
+        else WeightsMode.EMBEDDED,
         export=settings.to_dict(),
     )
 
@@ -66,11 +69,14 @@ def build_engine(
     options: BuildOptions | None = None,
     progress: ProgressCallback = no_progress,
     torch_guard: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext,
+    checkpoint_sha256: str | None = None,
 ) -> BuildOutcome:
     """Export and build an engine for `checkpoint` with `profiles` into the cache, or reuse an identical one.
 
     `torch_guard()` is held while the UNet is created and exported (the part that uses torch); a host that
-    changes torch globally (a model load in the WebUI) keeps its changes out of that window with it."""
+    changes torch globally (a model load in the WebUI) keeps its changes out of that window with it.
+    `checkpoint_sha256`: the checkpoint's hash when the caller knows it (the WebUI does), so a cache hit reads
+    nothing of a multi-GB file."""
     if not profiles:
         from sdtrt.errors import ProfileError
 
@@ -80,7 +86,8 @@ def build_engine(
     settings = ExportSettings(dtype=dtype or default_dtype(be.info()))
     options = options or BuildOptions(cache_dir=Path(cache) / ".cache")
     key = make_key(ckpt.info, profiles, be, settings, options)
-    engine_profiles = [engine_ranges(p, ckpt.info.io) for p in profiles]
+    contract = ckpt.info.contract
+    engine_profiles = [contract.engine_ranges(p) for p in profiles]
     registry = Registry(cache)
     calls = []
 
@@ -89,7 +96,7 @@ def build_engine(
         onnx_dir = tmp / "onnx"
         with torch_guard():
             unet = build_unet(ckpt.info, sd)
-            exported = export_unet(unet, ckpt.info.io, onnx_dir, settings, state_dict_keys=set(sd),
+            exported = export_unet(unet, contract, onnx_dir, settings, state_dict_keys=set(sd),
                                    progress=lambda ph, f: progress(ph, 0.3 * f))
             del unet
         result = be.build(exported.onnx_path, engine_profiles, tmp, options,
@@ -100,7 +107,7 @@ def build_engine(
         onnx_dir.rmdir()
         return result
 
-    source = {"name": ckpt.path.name, "sha256": file_sha256(ckpt.path)}
+    source = {"name": ckpt.path.name, "sha256": checkpoint_sha256 or file_sha256(ckpt.path)}
     manifest = registry.build(key, source, produce, progress=progress)
     progress("done", 1.0)
     return BuildOutcome(manifest, built=bool(calls))

@@ -3,8 +3,9 @@
 User units: batch = images per batch, height/width in pixels (multiples of 8), tokens as A1111 counts them
 (75 per chunk). A profile is ``BxHxWxT`` (static: min = opt = max) or ``min:opt:max`` of those.
 
-Engine units: the UNet sees batch N = B (cond and uncond in separate calls) up to 2B (batched with CFG),
-latents of H/8 x W/8 and 77 context rows per chunk.
+Engine units (the shape ranges of each engine input) belong to the model contract of the architecture
+(`sdtrt.models`): a UNet sees batch N = B (cond and uncond in separate calls) up to 2B (batched with CFG), latents
+of H/8 x W/8 and 77 context rows per chunk.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from sdtrt.constants import CFG_ROWS, CHUNK_LEN, LATENT_FACTOR, TOKENS_PER_CHUNK
+from sdtrt.constants import LATENT_FACTOR, TOKENS_PER_CHUNK
 from sdtrt.errors import ProfileError
 
 #: Bounds that keep a typo (1e9) from reaching the builder. Pixel limits match what A1111's sliders allow.
@@ -129,15 +130,6 @@ class Profile:
 
 
 @dataclass(frozen=True)
-class TensorIO:
-    """What one engine input looks like for a UNet: channels and widths that depend on the family."""
-
-    in_channels: int
-    context_dim: int
-    y_dim: int | None
-
-
-@dataclass(frozen=True)
 class TensorRange:
     """min/opt/max shape of one engine input."""
 
@@ -150,47 +142,6 @@ class TensorRange:
         return len(dims) == len(self.min) and all(
             lo <= d <= hi for lo, d, hi in zip(self.min, dims, self.max)
         )
-
-
-def engine_ranges(profile: Profile, io: TensorIO) -> dict[str, TensorRange]:
-    """Engine-unit shape ranges of every input for one user profile.
-
-    Batch: the smallest call is B rows (cond and uncond called separately, or no uncond), the largest 2B
-    (cond + uncond batched, A1111's default), the optimum 2B at opt.
-    """
-    from sdtrt.constants import INPUT_CONTEXT, INPUT_SAMPLE, INPUT_TIMESTEPS, INPUT_Y
-
-    def n(shape: Shape, rows: int) -> int:
-        return shape.batch * rows
-
-    lo, mid, hi = profile.min, profile.opt, profile.max
-    n_lo, n_opt, n_hi = n(lo, 1), n(mid, CFG_ROWS), n(hi, CFG_ROWS)
-
-    def sample(s: Shape, batch: int) -> Dims:
-        h, w = s.latent_hw
-        return (batch, io.in_channels, h, w)
-
-    def context(s: Shape, batch: int) -> Dims:
-        return (batch, s.chunks * CHUNK_LEN, io.context_dim)
-
-    ranges = {
-        INPUT_SAMPLE: TensorRange(INPUT_SAMPLE, sample(lo, n_lo), sample(mid, n_opt), sample(hi, n_hi)),
-        INPUT_TIMESTEPS: TensorRange(INPUT_TIMESTEPS, (n_lo,), (n_opt,), (n_hi,)),
-        INPUT_CONTEXT: TensorRange(INPUT_CONTEXT, context(lo, n_lo), context(mid, n_opt), context(hi, n_hi)),
-    }
-    if io.y_dim is not None:
-        ranges[INPUT_Y] = TensorRange(INPUT_Y, (n_lo, io.y_dim), (n_opt, io.y_dim), (n_hi, io.y_dim))
-    return ranges
-
-
-def call_shapes(shape: Shape, io: TensorIO, *, cfg: bool = True) -> dict[str, Dims]:
-    """The engine-input shapes of one UNet call for a generation of `shape` (cond+uncond batched when cfg)."""
-    ranges = engine_ranges(Profile.static(shape), io)
-    rows = shape.batch * (CFG_ROWS if cfg else 1)
-    out: dict[str, Dims] = {}
-    for name, r in ranges.items():
-        out[name] = (rows, *r.opt[1:])
-    return out
 
 
 def select_profile(ranges: list[dict[str, TensorRange]], dims: dict[str, Dims]) -> int | None:

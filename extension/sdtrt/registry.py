@@ -18,354 +18,45 @@ held by a dead host or hung process delays others by at most one lease. Liveness
 heartbeat *changes*, measured on the waiter's monotonic clock, so clocks that disagree between hosts cannot make
 a live build look dead. sha256 in the manifest detects corruption, not tampering: anyone who can
 write to the cache can run code in every replica.
+
+Its parts live beside it: sdtrt.engine_key (keys and ids), sdtrt.manifest (what a published engine vouches
+for), sdtrt.lease (heartbeat and liveness of builds) and sdtrt.cache_cleanup (garbage collection).
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
-import json
 import os
-import re
 import secrets
 import shutil
-import socket
 import stat
-import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from sdtrt.backends.base import BackendInfo, BuildResult, ProgressCallback
-from sdtrt.constants import CACHE_ENV, MANIFEST_SCHEMA
-from sdtrt.errors import BuildError, CacheNotWritable, EngineNotFound, SdtrtError, StaleEngine
+from sdtrt import cache_cleanup
+from sdtrt.constants import CACHE_ENV
+from sdtrt.engine_key import ENGINE_DIR_RE, EngineKey, check_str, json_copy, require_dict, validate_engine_id
+from sdtrt.engine_types import BackendInfo, BuildResult, ProgressCallback
+from sdtrt.errors import BuildError, CacheNotWritable, EngineNotFound, ManifestError, SdtrtError, StaleEngine
 from sdtrt.fsutil import FileLock, atomic_write_bytes, fsync_dir, read_regular_file, sha256_and_size
-from sdtrt.profiles import Profile
+from sdtrt.lease import DEFAULT_LEASE_S, DEFAULT_LOCK_TIMEOUT_S, Heartbeat, Liveness, host_name
+from sdtrt.manifest import (
+    MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
+    EngineStatus,
+    FileEntry,
+    Manifest,
+    check_file_name,
+    stale_reason,
+)
 
-MANIFEST_NAME = "manifest.json"
-#: A manifest is a few KiB; refusing big ones keeps a garbage file from being read into memory.
-MAX_MANIFEST_BYTES = 1 << 20
-#: Builds take minutes (SDXL on a small GPU: tens of minutes); waiters give up after this and build themselves.
-#: A waiter also stops waiting one lease after the build it waits for stops showing signs of life.
-DEFAULT_LOCK_TIMEOUT_S = 3600.0
-#: A running build touches its lock file and temp folder this often (lease / 5), so waiters and `cleanup` on
-#: other hosts can tell it is alive.
-HEARTBEAT_S = 60.0
-#: How long a build may show no heartbeat before waiters stop waiting for it. Five beats: NFS clients cache
-#: attributes for up to 60 s, so a shorter lease could mistake a live build on another host for a dead one.
-DEFAULT_LEASE_S = 5 * HEARTBEAT_S
 #: errno values that mean "this cache is read-only for us" (CacheNotWritable) or "the disk is full".
 _NOT_WRITABLE = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
-WEIGHTS_MODES = ("stripped", "embedded")
-REFIT_MODES = ("refit", "none")
-
-_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
-#: Folders that `engine_id()` can produce; other folder names in the cache are not engines and are ignored.
-_ENGINE_DIR_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*-[0-9a-f]{16}$")
-_TMP_RE = re.compile(r"^\.tmp-(?P<id>.+)-(?P<host>[A-Za-z0-9_.]+)-(?P<pid>\d+)-(?P<rnd>[0-9a-f]+)$")
-_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
-
-
-class ManifestError(StaleEngine):
-    """manifest.json is unreadable, fails the schema, or was edited: the engine must not be loaded."""
-
-
-class InvalidEngineId(EngineNotFound, ValueError):
-    """The text cannot be an engine id (path separators, '..', NUL, uppercase, too long...)."""
-
-
-def validate_engine_id(engine_id: object) -> str:
-    """Return `engine_id` if it is a safe single path component of the id alphabet, else raise InvalidEngineId.
-    Every path the registry builds goes through this, so no id can reach outside the cache."""
-    if not isinstance(engine_id, str) or not _ID_RE.fullmatch(engine_id) or ".." in engine_id:
-        raise InvalidEngineId(
-            f"invalid engine id {engine_id!r}: an id is 1-128 lowercase letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit (for example 'sd1-tensorrt-0123456789abcdef')"
-        )
-    return engine_id
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"\.{2,}", ".", re.sub(r"[^a-z0-9._]+", "-", text.lower())).strip("-._") or "x"
-
-
-def _json_copy(value: object, what: str) -> Any:
-    """Deep copy through JSON, so keys hash the same before and after a round trip and callers cannot mutate
-    a key after the fact. Raises ValueError for values JSON cannot hold exactly (NaN, objects)."""
-    try:
-        return json.loads(json.dumps(value, sort_keys=True, allow_nan=False))
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{what} must hold only JSON values: {e}") from None
-
-
-def _check_str(d: Mapping[str, Any], name: str, *, optional: bool = False, nonempty: bool = True) -> None:
-    if name not in d:
-        raise ValueError(f"missing field {name!r}")
-    v = d[name]
-    if v is None and optional:
-        return
-    if not isinstance(v, str) or (nonempty and not v):
-        raise ValueError(f"field {name!r} must be a {'non-empty ' if nonempty else ''}string, got {v!r}")
-
-
-def _require_dict(v: object, what: str) -> dict[str, Any]:
-    if not isinstance(v, dict) or not all(isinstance(k, str) for k in v):
-        raise ValueError(f"{what} must be a JSON object, got {type(v).__name__}")
-    return v
-
-
-@dataclass(frozen=True)
-class EngineKey:
-    """Everything an engine depends on. Its canonical JSON hashes to the engine id, so a change to any field
-    (another TensorRT, GPU, profile or exporter) means another engine, never a silently reused one.
-
-    checkpoint_sha256 (an addition): sha256 of the checkpoint whose weights are baked in. Set it for
-    weights="embedded" engines, else engines of two checkpoints would share an id; leave it None for stripped
-    engines, which get their weights by refit at load and so serve every checkpoint of the architecture.
-    """
-
-    family: str
-    arch_hash: str
-    io: dict[str, Any]
-    profiles: tuple[str, ...]
-    backend: str
-    backend_version: str
-    device: str
-    compute_capability: str | None
-    refit_mode: str
-    weights: str
-    export: dict[str, Any]
-    checkpoint_sha256: str | None = None
-
-    def __post_init__(self) -> None:
-        """Validate and normalize (profiles re-rendered by Profile, dicts deep-copied). Raises ValueError."""
-        d = {f: getattr(self, f) for f in ("family", "arch_hash", "backend", "backend_version", "device")}
-        d["compute_capability"] = self.compute_capability
-        d["checkpoint_sha256"] = self.checkpoint_sha256
-        for name in ("family", "arch_hash", "backend", "backend_version", "device"):
-            _check_str(d, name)
-        _check_str(d, "compute_capability", optional=True)
-        _check_str(d, "checkpoint_sha256", optional=True)
-        if self.weights not in WEIGHTS_MODES:
-            raise ValueError(f"weights must be one of {WEIGHTS_MODES}, got {self.weights!r}")
-        if self.refit_mode not in REFIT_MODES:
-            raise ValueError(f"refit_mode must be one of {REFIT_MODES}, got {self.refit_mode!r}")
-        if self.weights == "stripped" and self.refit_mode != "refit":
-            raise ValueError("weights='stripped' needs refit_mode='refit': stripped weights come back by refit")
-        if isinstance(self.profiles, str) or not isinstance(self.profiles, Sequence) or not self.profiles:
-            raise ValueError(f"profiles must be a non-empty list of profile strings, got {self.profiles!r}")
-        object.__setattr__(self, "profiles", tuple(str(Profile.parse(p)) for p in self.profiles))
-        object.__setattr__(self, "io", _json_copy(_require_dict(self.io, "io"), "io"))
-        object.__setattr__(self, "export", _json_copy(_require_dict(self.export, "export"), "export"))
-
-    def __hash__(self) -> int:
-        return hash(self.engine_id())
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "family": self.family,
-            "arch_hash": self.arch_hash,
-            "io": _json_copy(self.io, "io"),
-            "profiles": list(self.profiles),
-            "backend": self.backend,
-            "backend_version": self.backend_version,
-            "device": self.device,
-            "compute_capability": self.compute_capability,
-            "refit_mode": self.refit_mode,
-            "weights": self.weights,
-            "export": _json_copy(self.export, "export"),
-            "checkpoint_sha256": self.checkpoint_sha256,
-        }
-
-    @classmethod
-    def from_dict(cls, d: object) -> EngineKey:
-        """Parse a key from JSON data. Raises ManifestError naming the bad field; unknown keys are ignored."""
-        try:
-            d = _require_dict(d, "key")
-            for name in ("family", "arch_hash", "backend", "backend_version", "device", "refit_mode", "weights"):
-                _check_str(d, name)
-            for name in ("io", "export", "profiles", "compute_capability"):
-                if name not in d:
-                    raise ValueError(f"missing field {name!r}")
-            profiles = d["profiles"]
-            if not isinstance(profiles, list) or not all(isinstance(p, str) for p in profiles):
-                raise ValueError(f"field 'profiles' must be a list of strings, got {profiles!r}")
-            return cls(
-                family=d["family"],
-                arch_hash=d["arch_hash"],
-                io=d["io"],
-                profiles=tuple(profiles),
-                backend=d["backend"],
-                backend_version=d["backend_version"],
-                device=d["device"],
-                compute_capability=d["compute_capability"],
-                refit_mode=d["refit_mode"],
-                weights=d["weights"],
-                export=d["export"],
-                checkpoint_sha256=d.get("checkpoint_sha256"),
-            )
-        except ValueError as e:
-            raise ManifestError(f"manifest key is invalid: {e}") from None
-
-    def canonical_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-
-    def engine_id(self) -> str:
-        """'<family>-<backend>-<16 hex of sha256(canonical JSON)>'; the readable prefix is only a label."""
-        digest = hashlib.sha256(self.canonical_json().encode()).hexdigest()[:16]
-        prefix = f"{_slug(self.family)}-{_slug(self.backend)}"[: 128 - 17]
-        return validate_engine_id(f"{prefix}-{digest}")
-
-    def backend_info(self) -> BackendInfo:
-        return BackendInfo(self.backend, self.backend_version, self.device, self.compute_capability)
-
-
-@dataclass(frozen=True)
-class FileEntry:
-    """One engine file, as published: name relative to the engine folder, byte size, hex sha256."""
-
-    name: str
-    size: int
-    sha256: str
-
-
-def _check_file_name(name: object) -> str:
-    """A published file is a plain name inside the engine folder: no separators, no dot-names, not the manifest."""
-    if (
-        not isinstance(name, str)
-        or not name
-        or name in (".", "..", MANIFEST_NAME)
-        or name.startswith(".")
-        or "/" in name
-        or "\\" in name
-        or "\x00" in name
-        or len(name) > 200
-    ):
-        raise ValueError(f"file name {name!r} must be a plain file name (no '/', not starting with '.')")
-    return name
-
-
-@dataclass
-class Manifest:
-    """What a published engine is and which bytes it consists of. Written once, never edited."""
-
-    id: str
-    key: EngineKey
-    files: list[FileEntry]
-    source_checkpoint: dict[str, Any]
-    created: str
-    build_seconds: float
-    sdtrt_version: str
-    extra: dict[str, Any] = field(default_factory=dict)
-    schema: int = MANIFEST_SCHEMA
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "schema": self.schema,
-            "id": self.id,
-            "key": self.key.to_dict(),
-            "files": [{"name": f.name, "size": f.size, "sha256": f.sha256} for f in self.files],
-            "source_checkpoint": _json_copy(self.source_checkpoint, "source_checkpoint"),
-            "created": self.created,
-            "build_seconds": self.build_seconds,
-            "sdtrt_version": self.sdtrt_version,
-            "extra": _json_copy(self.extra, "extra"),
-        }
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True, allow_nan=False) + "\n"
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> Manifest:
-        """Parse and validate. Raises ManifestError (never anything else) for any malformed input."""
-        if not text or not text.strip():
-            raise ManifestError("manifest.json is empty")
-        try:
-            data = json.loads(text)
-        except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            raise ManifestError(f"manifest.json is not valid JSON ({type(e).__name__}: {e})") from None
-        return cls.from_dict(data)
-
-    @classmethod
-    def from_dict(cls, data: object) -> Manifest:
-        """Validate JSON data against schema MANIFEST_SCHEMA; unknown keys are ignored."""
-        try:
-            d = _require_dict(data, "manifest.json")
-            schema = d.get("schema")
-            if type(schema) is not int:
-                raise ValueError(f"field 'schema' must be an integer, got {schema!r}")
-            if schema != MANIFEST_SCHEMA:
-                raise ValueError(
-                    f"schema {schema} is not supported (this sd-webui-trt reads schema {MANIFEST_SCHEMA}); "
-                    "rebuild the engine or use a matching sd-webui-trt"
-                )
-            for name in ("id", "created", "sdtrt_version"):
-                _check_str(d, name)
-            engine_id = validate_engine_id(d["id"])
-            datetime.fromisoformat(d["created"].replace("Z", "+00:00"))
-            seconds = d.get("build_seconds")
-            if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not 0 <= seconds < float("inf"):
-                raise ValueError(f"field 'build_seconds' must be a non-negative number, got {seconds!r}")
-            source = _require_dict(d.get("source_checkpoint"), "field 'source_checkpoint'")
-            _check_str(source, "name", nonempty=False)
-            _check_str(source, "sha256", optional=True, nonempty=False)
-            extra = _require_dict(d.get("extra", {}), "field 'extra'")
-            # json.loads accepts NaN and Infinity; a manifest holding them could be read but never written back
-            # (or served as JSON by the API), so refuse them here like every other malformed value.
-            source = _json_copy(source, "field 'source_checkpoint'")
-            extra = _json_copy(extra, "field 'extra'")
-            files_raw = d.get("files")
-            if not isinstance(files_raw, list) or not files_raw:
-                raise ValueError("field 'files' must be a non-empty list")
-            files: list[FileEntry] = []
-            for i, f in enumerate(files_raw):
-                f = _require_dict(f, f"files[{i}]")
-                name, size, sha = _check_file_name(f.get("name")), f.get("size"), f.get("sha256")
-                if type(size) is not int or size < 0:
-                    raise ValueError(f"files[{i}].size must be a non-negative integer, got {size!r}")
-                if not isinstance(sha, str) or not _SHA_RE.match(sha):
-                    raise ValueError(f"files[{i}].sha256 must be 64 lowercase hex digits, got {sha!r}")
-                files.append(FileEntry(name, size, sha))
-            if len({f.name for f in files}) != len(files):
-                raise ValueError("field 'files' lists a file twice")
-        except (ValueError, KeyError) as e:
-            raise ManifestError(f"manifest.json is invalid: {e}") from None
-        if "key" not in d:
-            raise ManifestError("manifest.json is invalid: missing field 'key'")
-        key = EngineKey.from_dict(d["key"])
-        if key.engine_id() != engine_id:
-            raise ManifestError(
-                f"manifest was edited (its fields no longer match id {engine_id}; they hash to {key.engine_id()}); "
-                "delete and rebuild the engine"
-            )
-        return cls(
-            id=engine_id,
-            key=key,
-            files=files,
-            source_checkpoint=source,
-            created=d["created"],
-            build_seconds=float(seconds),
-            sdtrt_version=d["sdtrt_version"],
-            extra=extra,
-            schema=schema,
-        )
-
-
-@dataclass
-class EngineStatus:
-    """One cache entry as list()/status() see it. `manifest` is None when it could not be parsed."""
-
-    id: str
-    manifest: Manifest | None
-    ok: bool
-    reason: str | None
-    #: True when the engine is intact but was built for another backend version or GPU (`reason` says which):
-    #: it must not be loaded here, and building the same checkpoint and profiles again makes one that can.
-    stale: bool = False
 
 
 @dataclass
@@ -383,131 +74,22 @@ class _Inspection:
         return (ManifestError if self.manifest_problem else StaleEngine)(f"{text}: {self.reason}")
 
 
-def _cc_label(cc: str | None) -> str:
-    if not cc:
-        return ""
-    return f" (sm{cc.replace('.', '')})" if re.fullmatch(r"\d+\.\d+", cc) else f" ({cc})"
-
-
-def _describe(info: BackendInfo) -> str:
-    return f"{info.name} {info.version} on {info.device}{_cc_label(info.compute_capability)}"
-
-
-def stale_reason(key: EngineKey, current: BackendInfo | None) -> str | None:
-    """Why an engine built under `key` must not be loaded under `current` (None: it may)."""
-    if current is None:
-        return None
-    built = key.backend_info()
-    if built == current:
-        return None
-    return f"built with {_describe(built)}; this machine has {_describe(current)}"
-
 
 def _check_source(source: Mapping[str, Any]) -> dict[str, Any]:
     """The checkpoint an engine was made from: {"name": str, "sha256": str | None, ...JSON extras}."""
     try:
-        d = _json_copy(_require_dict(dict(source), "source_checkpoint"), "source_checkpoint")
-        _check_str(d, "name", nonempty=False)
-        _check_str(d, "sha256", optional=True, nonempty=False)
+        d = json_copy(require_dict(dict(source), "source_checkpoint"), "source_checkpoint")
+        check_str(d, "name", nonempty=False)
+        check_str(d, "sha256", optional=True, nonempty=False)
     except (TypeError, ValueError) as e:
         raise BuildError(f"source_checkpoint must be {{'name': str, 'sha256': str | None}}: {e}") from None
     return dict(d)
 
 
-def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:64] or "host"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
 
 def _utc_now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
-
-class _Heartbeat:
-    """Touches paths (the held lock file, the temp folder) every `interval` seconds while a build runs, so other
-    processes can tell it is alive: waiters by the mtimes changing, `cleanup` by the temp folder's age. Touching
-    uses the file system's clock (utime with no time), never this host's."""
-
-    def __init__(self, interval: float) -> None:
-        self.interval = interval
-        self.paths: list[Path] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="sdtrt-build-heartbeat", daemon=True)
-
-    def add(self, path: Path) -> None:
-        """Beat on `path` too, starting now."""
-        self.paths.append(path)
-        self._touch(path)
-
-    @staticmethod
-    def _touch(path: Path) -> None:
-        try:
-            os.utime(path)
-        except OSError:  # gone (published, removed) or not ours to touch: the other paths still beat
-            pass
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            for path in list(self.paths):
-                self._touch(path)
-
-    def __enter__(self) -> _Heartbeat:  # noqa: PYI034
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-
-class _Liveness:
-    """What a waiter watches to tell whether the build it waits for is alive: the mtimes of the id's lock file
-    and of its temp folders. Any change counts as a beat. The silence is timed on this process's monotonic
-    clock, so skew between hosts' clocks (or a clock that jumps) cannot make a live build look dead."""
-
-    def __init__(self, root: Path, lock_file: Path, engine_id: str) -> None:
-        self.root, self.lock_file, self.prefix = root, lock_file, f".tmp-{engine_id}-"
-        self.seen = self._observe()
-        self.changed_at = time.monotonic()
-
-    def _observe(self) -> dict[str, int]:
-        seen: dict[str, int] = {}
-        try:  # open + fstat, not stat: opening revalidates NFS's cached attributes (close-to-open consistency)
-            fd = os.open(self.lock_file, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-            try:
-                seen[""] = os.fstat(fd).st_mtime_ns
-            finally:
-                os.close(fd)
-        except OSError:
-            pass
-        try:
-            names = os.listdir(self.root)
-        except OSError:
-            names = []
-        for name in names:
-            if name.startswith(self.prefix):
-                try:
-                    seen[name] = os.lstat(self.root / name).st_mtime_ns
-                except OSError:
-                    pass
-        return seen
-
-    def silent_for(self) -> float:
-        """Seconds since the last observed beat (or since watching began)."""
-        seen = self._observe()
-        now = time.monotonic()
-        if seen != self.seen:
-            self.seen, self.changed_at = seen, now
-        return now - self.changed_at
 
 
 class Registry:
@@ -540,7 +122,7 @@ class Registry:
         """A fresh dot-name next to the engines: hidden from list(), same file system, so renames are atomic."""
         validate_engine_id(engine_id)
         if kind == "tmp":
-            return self.root / f".tmp-{engine_id}-{_host()}-{os.getpid()}-{secrets.token_hex(4)}"
+            return self.root / f".tmp-{engine_id}-{host_name()}-{os.getpid()}-{secrets.token_hex(4)}"
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         return self.root / f".quarantine-{engine_id}-{stamp}-{secrets.token_hex(2)}"
 
@@ -550,7 +132,7 @@ class Registry:
             names = os.listdir(self.root)
         except OSError:
             return []
-        return sorted(n for n in names if _ENGINE_DIR_RE.match(n) and ".." not in n)
+        return sorted(n for n in names if ENGINE_DIR_RE.match(n) and ".." not in n)
 
     def _not_found(self, engine_id: str) -> EngineNotFound:
         known = self._known_ids()
@@ -561,7 +143,7 @@ class Registry:
         """Check one entry: manifest parses and matches the folder, every file is a regular file of the recorded
         size and (deep) sha256. Returns the reason instead of raising; raises EngineNotFound if absent."""
         d = self.engine_dir(engine_id)
-        if not _ENGINE_DIR_RE.match(engine_id):  # e.g. an operator's "logs" folder: never an engine
+        if not ENGINE_DIR_RE.match(engine_id):  # e.g. an operator's "logs" folder: never an engine
             raise self._not_found(engine_id)
         try:
             st = os.lstat(d)
@@ -652,7 +234,7 @@ class Registry:
         """Remove an engine: rename it to a temp name first, so readers see all of it or none of it. Open files
         stay readable on POSIX; what rmtree cannot remove now (NFS silly-renames) `cleanup` removes later."""
         d = self.engine_dir(engine_id)
-        if not _ENGINE_DIR_RE.match(engine_id) or not os.path.lexists(d):
+        if not ENGINE_DIR_RE.match(engine_id) or not os.path.lexists(d):
             raise self._not_found(engine_id)
         gone = self._side_dir("tmp", engine_id)
         try:
@@ -800,7 +382,7 @@ class Registry:
             try:
                 if lock is not None:
                     self._wait_for_lock(lock, engine_id, lock_timeout, report)
-                with _Heartbeat(self.lease_s / 5) as beat:
+                with Heartbeat(self.lease_s / 5) as beat:
                     if lock is not None and lock.acquired:
                         beat.add(lock.path)
                     found = self._existing(engine_id)  # re-check: the holder we waited for may have published it
@@ -818,7 +400,7 @@ class Registry:
     def _wait_for_lock(self, lock: FileLock, engine_id: str, timeout: float, report: ProgressCallback) -> None:
         """Take the id's lock, or stop waiting when the engine appears, when the holder has been silent for a
         lease, or after `timeout`. Only avoids duplicate work: the caller builds in every case but the first."""
-        live = _Liveness(self.root, lock.path, engine_id)
+        live = Liveness(self.root, lock.path, engine_id)
         last = [0.0]
         silent = [False]
 
@@ -847,7 +429,7 @@ class Registry:
         source: dict[str, Any],
         produce: Callable[[Path], BuildResult],
         report: ProgressCallback,
-        beat: _Heartbeat,
+        beat: Heartbeat,
     ) -> Manifest:
         """Build into a fresh temp folder and publish it; the temp folder never outlives this call."""
         from sdtrt import __version__
@@ -862,8 +444,9 @@ class Registry:
                 raise BuildError(f"the backend returned {type(result).__name__}, not a BuildResult")
             if (result.weights, result.refit_mode) != (key.weights, key.refit_mode):
                 raise BuildError(
-                    f"the backend built weights={result.weights!r}, refit_mode={result.refit_mode!r} but the key "
-                    f"asks for weights={key.weights!r}, refit_mode={key.refit_mode!r}; nothing was published"
+                    f"the backend built weights={str(result.weights)!r}, refit_mode={str(result.refit_mode)!r} but "
+                    f"the key asks for weights={key.weights.value!r}, refit_mode={key.refit_mode.value!r}; nothing "
+                    "was published"
                 )
             report("checking engine files", 0.0)
             files = self._seal(tmp, result.files)
@@ -875,7 +458,7 @@ class Registry:
                 created=_utc_now(),
                 build_seconds=round(time.monotonic() - start, 3),
                 sdtrt_version=__version__,
-                extra=_json_copy(_require_dict(dict(result.extra), "BuildResult.extra"), "BuildResult.extra"),
+                extra=json_copy(require_dict(dict(result.extra), "BuildResult.extra"), "BuildResult.extra"),
             )
             text = manifest.to_json()
             try:
@@ -896,7 +479,7 @@ class Registry:
     def _seal(self, tmp: Path, names: Iterable[object]) -> list[FileEntry]:
         """Make the listed files durable and describe them; remove anything unlisted so the published folder
         holds exactly what the manifest vouches for."""
-        listed = [_check_file_name(n) for n in names]
+        listed = [check_file_name(n) for n in names]
         if not listed or len(set(listed)) != len(listed):
             raise BuildError(f"the backend must list each engine file once, got {listed!r}")
         entries = []
@@ -948,114 +531,9 @@ class Registry:
             return manifest
         raise BuildError(f"could not publish {engine_id}: {final} keeps being replaced by invalid content")
 
-    def _fs_now(self) -> float:
-        """The file system's clock, from a probe folder's mtime (what heartbeats of any host are stamped with);
-        this host's clock when the cache cannot be written."""
-        _, stamp = self._probe()
-        return time.time() if stamp is None else stamp
-
     def cleanup(self, max_age_s: float = 3600.0) -> list[str]:
-        """One garbage-collection pass. Returns the names removed. Removes:
-
-        - temp folders of builds (or deletes) that died: untouched for `max_age_s` (a live build touches its
-          folder every lease / 5), whose process is gone when it ran on this host, and whose id lock is not held;
-        - orphan engine folders, older than `max_age_s`: no manifest.json ("orphan plan"), or a valid manifest
-          whose files are missing ("orphan manifest"). Neither is ever served; a publish never makes one.
-
-        Ages are measured against the file system's clock, not this host's, so a skewed clock cannot make a live
-        build look old. Quarantined engines, damaged engines (build() quarantines them), lock files and anything
-        not named like an engine are kept. Never raises for a file it cannot remove (read-only cache)."""
-        try:
-            names = os.listdir(self.root)
-        except (FileNotFoundError, NotADirectoryError):
-            return []
-        removed: list[str] = []
-        now, host = self._fs_now(), _host()
-        for name in sorted(names):
-            m = _TMP_RE.match(name)
-            if m is None:
-                if _ENGINE_DIR_RE.match(name) and ".." not in name and self._remove_orphan(name, now, max_age_s):
-                    removed.append(name)
-                continue
-            path = self.root / name
-            try:
-                st = os.lstat(path)
-            except FileNotFoundError:
-                continue
-            if now - st.st_mtime < max_age_s:
-                continue
-            if m["host"] == host and _pid_alive(int(m["pid"])):
-                continue
-            if self._lock_held(m["id"]):
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                try:
-                    path.unlink()
-                except OSError:
-                    pass
-            if not os.path.lexists(path):
-                removed.append(name)
-        if removed:
-            try:
-                fsync_dir(self.root)
-            except OSError:
-                pass  # the removals happened; durability of a removal is not worth failing the pass for
-        return removed
-
-    def _remove_orphan(self, engine_id: str, now: float, grace_s: float) -> bool:
-        """Remove an orphan engine folder once nothing in it changed for `grace_s` (mtime and ctime of the folder
-        and its entries: a copy in progress, even one preserving mtimes, keeps the ctime fresh)."""
-        try:
-            r = self._inspect(engine_id, deep=False)
-        except (EngineNotFound, OSError):
-            return False
-        if not r.orphan or not r.inode:
-            return False
-        d = self.engine_dir(engine_id)
-        try:
-            newest = max(os.lstat(d).st_mtime, os.lstat(d).st_ctime)
-            with os.scandir(d) as it:
-                for entry in it:
-                    est = entry.stat(follow_symlinks=False)
-                    newest = max(newest, est.st_mtime, est.st_ctime)
-        except OSError:
-            return False
-        if now - newest < grace_s:
-            return False
-        gone = self._side_dir("tmp", engine_id)
-        try:
-            if os.lstat(d).st_ino != r.inode:
-                return False
-            os.rename(d, gone)  # out of the engine namespace in one step; a crash leaves a `.tmp-` for next time
-        except OSError:
-            return False
-        try:
-            moved = os.lstat(gone).st_ino
-        except OSError:
-            moved = r.inode
-        if moved != r.inode:  # a fresh publish slipped in between the check and the rename: put it back
-            try:
-                os.rename(gone, d)
-                return False
-            except OSError:
-                pass  # the name was taken again meanwhile; what we moved is garbage now either way
-        shutil.rmtree(gone, ignore_errors=True)  # leftovers keep a `.tmp-` name: the next pass removes them
-        return True
-
-    def _lock_held(self, engine_id: str) -> bool:
-        try:
-            lock_file = self.lock_path(engine_id)
-        except InvalidEngineId:
-            return False
-        if not self.locking or not lock_file.exists():
-            return False
-        lock = FileLock(lock_file)
-        try:
-            return not lock.acquire(0) and not lock.unsupported
-        finally:
-            lock.release()
+        """One garbage-collection pass; returns the names removed (see sdtrt.cache_cleanup.cleanup)."""
+        return cache_cleanup.cleanup(self, max_age_s)
 
     def list(self, current: BackendInfo | None = None) -> list[EngineStatus]:
         """Every engine folder with a cheap check (manifest valid, files present with recorded sizes; no
@@ -1067,7 +545,7 @@ class Registry:
             return []
         out: list[EngineStatus] = []
         for entry in entries:
-            if not _ENGINE_DIR_RE.match(entry.name) or ".." in entry.name:
+            if not ENGINE_DIR_RE.match(entry.name) or ".." in entry.name:
                 continue
             try:
                 if not entry.is_dir(follow_symlinks=False) and not entry.is_symlink():

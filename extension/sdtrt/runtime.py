@@ -19,7 +19,6 @@ import torch
 
 from sdtrt.backends import backend_class
 from sdtrt.backends.base import Backend, EngineRunner
-from sdtrt.constants import INPUT_CONTEXT, INPUT_SAMPLE, INPUT_TIMESTEPS, INPUT_Y
 from sdtrt.errors import (
     CorruptEngine,
     EngineBusy,
@@ -31,9 +30,11 @@ from sdtrt.errors import (
     SdtrtError,
     StaleEngine,
 )
-from sdtrt.profiles import Dims, Profile, TensorIO, TensorRange, engine_ranges, select_profile
+from sdtrt.manifest import Manifest, stale_reason
+from sdtrt.models import ModelContract, bind_record
+from sdtrt.profiles import Dims, Profile, TensorRange, select_profile
 from sdtrt.refit import BaseLoader, RefitPlan, WeightTracker
-from sdtrt.registry import Manifest, Registry, stale_reason
+from sdtrt.registry import Registry
 
 
 def _check_files(registry: Registry, engine_id: str, backend: Backend, quarantine: bool) -> Manifest:
@@ -62,13 +63,21 @@ def _check_files(registry: Registry, engine_id: str, backend: Backend, quarantin
         raise CorruptEngine(f"{e}. It was never deserialized. {action}") from None
 
 
+def engine_contract(manifest: Manifest) -> ModelContract:
+    """The model contract an engine was built with (StaleEngine when this version cannot serve it)."""
+    try:
+        return bind_record(manifest.key.io)
+    except (SdtrtError, KeyError, TypeError, ValueError) as e:
+        raise StaleEngine(f"engine {manifest.id}: {e}") from None
+
+
 @dataclass
 class EngineSession:
     manifest: Manifest
     runner: EngineRunner
     profiles: list[Profile]
     ranges: list[dict[str, TensorRange]]
-    io: TensorIO
+    contract: ModelContract
     weights_from: str | None  # sha256 of the checkpoint whose weights are in the engine
     deltas: WeightTracker = field(default_factory=WeightTracker)  # what differs from that checkpoint (LoRA)
     #: set when a refit failed half-way in a backend that cannot undo it: the weights are unknown, reload the engine
@@ -89,16 +98,15 @@ class EngineSession:
         if reason is not None:
             raise StaleEngine(f"engine {engine_id} needs backend {manifest.key.backend}: {reason}")
         manifest = _check_files(registry, engine_id, backend, quarantine)
-        io = TensorIO(int(manifest.key.io["in_channels"]), int(manifest.key.io["context_dim"]),
-                      None if manifest.key.io.get("y_dim") is None else int(manifest.key.io["y_dim"]))
+        contract = engine_contract(manifest)
         profiles = [Profile.parse(p) for p in manifest.key.profiles]
-        ranges = [engine_ranges(p, io) for p in profiles]
+        ranges = [contract.engine_ranges(p) for p in profiles]
         runner = backend.load(registry.engine_dir(engine_id), [f.name for f in manifest.files], ranges,
                               digests={f.name: f.sha256 for f in manifest.files})
         if runner is None:  # a runtime that answers None instead of raising (deserialize_cuda_engine does)
             raise StaleEngine(f"backend {manifest.key.backend} returned no engine for {engine_id}; rebuild it")
         embedded = manifest.key.weights == "embedded" and not runner.needs_weights
-        return cls(manifest, runner, profiles, ranges, io,
+        return cls(manifest, runner, profiles, ranges, contract,
                    manifest.source_checkpoint.get("sha256") if embedded else None, cuda_graphs=cuda_graphs)
 
     @contextlib.contextmanager
@@ -121,7 +129,7 @@ class EngineSession:
         try:
             self.runner.refit(weights, fill=fill)
         except BaseException as e:
-            if not getattr(self.runner, "refit_is_atomic", False) and not isinstance(e, RefitRejected):
+            if not self.runner.refit_is_atomic and not isinstance(e, RefitRejected):
                 self.weights_unknown = f"a refit failed half-way ({type(e).__name__}: {e})"
             raise
 
@@ -165,22 +173,17 @@ class EngineSession:
     def profile_for(self, dims: dict[str, Dims]) -> int | None:
         return select_profile(self.ranges, dims)
 
-    def __call__(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
-                 y: torch.Tensor | None = None) -> torch.Tensor:
-        feeds = {INPUT_SAMPLE: x, INPUT_TIMESTEPS: timesteps.float(), INPUT_CONTEXT: context}
-        if self.io.y_dim is not None:
-            if y is None:
-                raise NoMatchingProfile("this engine (SDXL) needs the y vector")
-            feeds[INPUT_Y] = y
+    def __call__(self, feeds: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Run the engine on its feeds (`contract.feeds` of a host call, or `contract.random_feeds`)."""
         dims = {k: tuple(v.shape) for k, v in feeds.items()}
         index = self.profile_for(dims)
         if index is None:
             raise NoMatchingProfile(
-                f"no profile of engine {self.manifest.id} covers sample {dims[INPUT_SAMPLE]}, context "
-                f"{dims[INPUT_CONTEXT]}; its profiles are {', '.join(map(str, self.profiles))}"
+                f"no profile of engine {self.manifest.id} covers this call ({self.contract.describe(dims)}); its "
+                f"profiles are {', '.join(map(str, self.profiles))}"
             )
         with self.hold():
-            return self.runner.infer(feeds, index).to(x.dtype)
+            return self.runner.infer(dict(feeds), index)
 
     def close(self) -> None:
         """Free the engine once no call or refit uses it (waits for the one in flight). Safe to call twice."""

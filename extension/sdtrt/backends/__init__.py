@@ -1,25 +1,38 @@
-"""Backends: `tensorrt` (10.x, 11.x), `tensorrt-rtx` (1.x) and `onnxruntime`, behind one interface (base.py)."""
+"""Backends: `tensorrt` (10.x, 11.x), `tensorrt-rtx` (1.x) and `onnxruntime`, behind one interface (base.py).
+
+`BACKENDS` is the one table of them; everything that lists backends (AUTO_ORDER, the CLI's and the WebUI's choices)
+derives from it. What a backend can do is declared on its class (`Backend.capabilities`), never inferred from its
+name. Classes are imported on first use, so this package imports on machines without the libraries.
+"""
 
 from __future__ import annotations
+
+import importlib
 
 from sdtrt.backends.base import Backend
 from sdtrt.errors import BackendUnavailable
 
-#: Preference order for "auto": the fastest backend that can run here wins.
-AUTO_ORDER = ("tensorrt", "tensorrt-rtx", "onnxruntime")
+#: name -> "module:class", in preference order for "auto": the fastest backend that can run here wins.
+BACKENDS: dict[str, str] = {
+    "tensorrt": "sdtrt.backends.tensorrt:TensorRTBackend",
+    "tensorrt-rtx": "sdtrt.backends.tensorrt:TensorRTRTXBackend",
+    "onnxruntime": "sdtrt.backends.ort:OrtBackend",
+}
+AUTO_ORDER = tuple(BACKENDS)
 NAMES = AUTO_ORDER
+#: What a user may choose: "auto" or a backend name.
+CHOICES = ("auto", *NAMES)
 
 
 def backend_class(name: str) -> type[Backend]:
-    if name == "onnxruntime":
-        from sdtrt.backends.ort import OrtBackend
-
-        return OrtBackend
-    if name in ("tensorrt", "tensorrt-rtx"):
-        from sdtrt.backends.tensorrt import backend_for
-
-        return backend_for(name)
-    raise BackendUnavailable(f"unknown backend {name!r}; choose one of: auto, {', '.join(NAMES)}")
+    target = BACKENDS.get(name)
+    if target is None:
+        raise BackendUnavailable(f"unknown backend {name!r}; choose one of: auto, {', '.join(NAMES)}")
+    module, _, attr = target.partition(":")
+    cls = getattr(importlib.import_module(module), attr)
+    if not (isinstance(cls, type) and issubclass(cls, Backend) and cls.name == name):
+        raise TypeError(f"{target} is not the Backend named {name!r}")
+    return cls
 
 
 def get_backend(name: str = "auto") -> Backend:

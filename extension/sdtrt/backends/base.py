@@ -8,25 +8,53 @@ package imports on machines without TensorRT, ONNX Runtime or a GPU.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from sdtrt.engine_types import BackendInfo, BuildResult, ProgressCallback
+from sdtrt.errors import UnknownWeights
 from sdtrt.profiles import TensorRange
 
 if TYPE_CHECKING:
     import torch
 
-#: progress(phase, fraction) with fraction in [0, 1]. It may raise to cancel a build (e.g. KeyboardInterrupt).
-ProgressCallback = Callable[[str, float], None]
-
 #: One optimization profile in engine units: input name -> min/opt/max.
 EngineProfile = Mapping[str, TensorRange]
 
 
+#: How many unknown weight names an UnknownWeights message lists.
+_LISTED_NAMES = 8
+
+
 def no_progress(phase: str, fraction: float) -> None:
     """Default progress callback: does nothing."""
+
+
+def check_weight_names(given: Iterable[str], known: set[str]) -> None:
+    """Refuse a refit that names weights the engine does not have: UnknownWeights, the same type in every backend."""
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise UnknownWeights(f"the engine has no weights named {unknown[:_LISTED_NAMES]} ({len(unknown)} unknown)")
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do, declared on its class: callers ask these instead of comparing backend names.
+
+    devices: where its engines run ("cuda": an NVIDIA GPU; "cpu").
+    strips_weights: honours BuildOptions.strip_weights (plans without weights, filled by refit at load).
+    refit: engine weights can be replaced by name after the build (checkpoint switch, LoRA).
+    atomic_refit: a failed refit leaves every previous weight in place (its runners' `refit_is_atomic`).
+    cuda_graphs: loaded engines replay CUDA graphs, so the backend's `cuda_graphs` switch means something.
+    """
+
+    devices: tuple[str, ...] = ()
+    strips_weights: bool = False
+    refit: bool = False
+    atomic_refit: bool = False
+    cuda_graphs: bool = False
 
 
 @dataclass(frozen=True)
@@ -49,31 +77,14 @@ class BuildOptions:
     optimization_level: int | None = None
 
 
-@dataclass(frozen=True)
-class BackendInfo:
-    """What an engine depends on: an engine built under one BackendInfo is stale under another."""
-
-    name: str
-    version: str
-    device: str
-    compute_capability: str | None = None
-
-
-@dataclass
-class BuildResult:
-    """Files the build wrote (relative to the folder it was given) and facts for the manifest."""
-
-    files: list[str]
-    weights: str  # "stripped": must be refit from a checkpoint before use; "embedded": carries its weights
-    refit_mode: str  # "refit" or "none"
-    extra: dict[str, object] = field(default_factory=dict)
-
-
 class EngineRunner(ABC):
     """A loaded engine. One runner serves calls for every profile of its engine without reloading."""
 
     #: True until weights were supplied, for weight-stripped engines.
     needs_weights: bool = False
+    #: A failed refit changes nothing (all or nothing). False: after a failure other than RefitRejected the
+    #: engine's weights are unknown. The backend's Capabilities.atomic_refit says the same for its runners.
+    refit_is_atomic: ClassVar[bool] = False
 
     @abstractmethod
     def infer(self, feeds: Mapping[str, torch.Tensor], profile_index: int) -> torch.Tensor:
@@ -88,7 +99,8 @@ class EngineRunner(ABC):
               fill: Callable[[Sequence[str]], Mapping[str, torch.Tensor]] | None = None) -> None:
         """Replace the named weights (state-dict layout and names); any others keep their values. `fill(names)`
         supplies current values of weights the backend needs along with the given ones (TensorRT asks for every
-        weight it fused with a given one). Raises RefitError."""
+        weight it fused with a given one). Raises RefitError; UnknownWeights (a RefitRejected) for names the engine
+        does not have."""
 
     def close(self) -> None:
         """Free device memory. Safe to call twice."""
@@ -102,6 +114,8 @@ class Backend(ABC):
     """A strategy that turns an ONNX file into an engine and loads it."""
 
     name: ClassVar[str]
+    #: What this backend can do (see Capabilities); a backend that declares nothing can do none of it.
+    capabilities: ClassVar[Capabilities] = Capabilities()
 
     def __init__(self, cache_dir: Path | None = None, *, cuda_graphs: bool = True) -> None:
         """`cache_dir`: where a backend keeps its caches (TensorRT timing cache, TensorRT-RTX runtime cache).

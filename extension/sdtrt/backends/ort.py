@@ -20,9 +20,11 @@ from sdtrt.backends.base import (
     BackendInfo,
     BuildOptions,
     BuildResult,
+    Capabilities,
     EngineProfile,
     EngineRunner,
     ProgressCallback,
+    check_weight_names,
     no_progress,
 )
 from sdtrt.errors import BuildError, RefitError, StaleEngine
@@ -39,7 +41,7 @@ def _providers() -> list[str]:
 
 class OrtRunner(EngineRunner):
     #: A failed refit changes nothing: the new session is made completely before it replaces the old one.
-    refit_is_atomic = True
+    refit_is_atomic: ClassVar[bool] = True
     #: Above this, a refitted model goes through a temporary file with external data (protobuf stops at 2 GiB).
     IN_MEMORY_LIMIT = 1 << 30
 
@@ -108,9 +110,7 @@ class OrtRunner(EngineRunner):
 
     def refit(self, weights: Mapping[str, torch.Tensor],
               fill: Callable[[Sequence[str]], Mapping[str, torch.Tensor]] | None = None) -> None:
-        unknown = sorted(set(weights) - set(self._weights))
-        if unknown:
-            raise RefitError(f"the engine has no weights named {unknown[:5]}" + (" ..." if len(unknown) > 5 else ""))
+        check_weight_names(weights, set(self._weights))
         bad = [n for n, t in weights.items() if tuple(t.shape) != self._weights[n]]
         if bad:
             n = bad[0]
@@ -131,6 +131,11 @@ class OrtRunner(EngineRunner):
 
 class OrtBackend(Backend):
     name: ClassVar[str] = "onnxruntime"
+    #: The CUDA provider where onnxruntime has it and torch sees a GPU, else the CPU. No weight stripping: the engine
+    #: is the ONNX file with its weights.
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        devices=("cpu", "cuda"), refit=True, atomic_refit=OrtRunner.refit_is_atomic
+    )
 
     @classmethod
     def unavailable_reason(cls) -> str | None:

@@ -15,7 +15,8 @@ from typing import Any, Protocol
 
 import torch
 
-from sdtrt.constants import CACHE_ENV
+from sdtrt.backends import CHOICES
+from sdtrt.locations import default_cache_dir
 
 #: Setting keys (A1111 `shared.opts`) and their defaults. One place for both.
 OPT_ENABLED = "sdtrt_enabled"
@@ -24,7 +25,7 @@ OPT_CACHE_DIR = "sdtrt_cache_dir"
 OPT_FALLBACK = "sdtrt_fallback"
 OPT_CUDA_GRAPHS = "sdtrt_cuda_graphs"
 
-BACKEND_CHOICES = ("auto", "tensorrt", "tensorrt-rtx", "onnxruntime")
+BACKEND_CHOICES = CHOICES  # "auto" and every backend, from the one table in sdtrt.backends
 #: pytorch: run calls no engine covers on the PyTorch UNet and say so once; error: fail the generation instead.
 FALLBACK_CHOICES = ("pytorch", "error")
 
@@ -57,8 +58,7 @@ class Settings:
     def cache_path(self, models_dir: Path) -> Path:
         if self.cache_dir:
             return Path(os.path.expanduser(self.cache_dir))
-        env = os.environ.get(CACHE_ENV)
-        return Path(env) if env else Path(models_dir) / "Unet-sdtrt"
+        return default_cache_dir(models_dir)
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,14 @@
 """Engine builds as jobs: one runs at a time on one worker thread, the others wait in FIFO order. Each job has
 an id, a state, a progress fraction and phase, and its result or error, readable from any thread.
 
-Submitting is bounded and, for an `idempotent` queue (the service's, once the API is mounted), idempotent: a
-request equal to one that is queued or running returns that job instead of queueing a second build, and past
-`max_queued` waiting jobs a new one is refused with QueueFull (the API's 429), so a client retrying in a loop
-cannot queue hours of builds or grow memory."""
+Submitting is bounded and, for an `idempotent` queue (the service creates its queue so), idempotent: a request
+equal to one that is queued or running returns that job instead of queueing a second build, and past `max_queued`
+waiting jobs a new one is refused with QueueFull (the API's 429), so a client retrying in a loop cannot queue hours
+of builds or grow memory."""
 
 from __future__ import annotations
 
+import enum
 import logging
 import queue
 import re
@@ -22,8 +23,29 @@ from sdtrt.errors import SdtrtError
 
 log = logging.getLogger("sdtrt")
 
-QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
-_ID_RE = re.compile(r"[0-9a-f]{32}")
+
+class JobState(str, enum.Enum):
+    """Where a job is. A str: the value ("queued", ...) is what JSON, the tab and comparisons with text see."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    def __str__(self) -> str:  # Python 3.11+ would print "JobState.DONE" in f-strings otherwise
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+# the short names the tab and the tests use
+QUEUED, RUNNING, DONE, FAILED = JobState.QUEUED, JobState.RUNNING, JobState.DONE, JobState.FAILED
+CANCELLED = JobState.CANCELLED
+#: Job ids are uuid4 hex (the API validates path ids with this pattern too).
+JOB_ID_PATTERN = r"^[0-9a-f]{32}$"
+_ID_RE = re.compile(JOB_ID_PATTERN)
 #: Finished jobs kept for GET /jobs/{id}; older ones are forgotten first.
 KEEP_FINISHED = 200
 #: Jobs that may wait behind the running one; more are refused (QueueFull).
@@ -49,7 +71,7 @@ class JobCancelled(SdtrtError):
 class Job:
     id: str
     request: dict[str, Any]
-    state: str = QUEUED
+    state: JobState = JobState.QUEUED
     phase: str = "queued"
     progress: float = 0.0
     result: dict[str, Any] | None = None
@@ -61,7 +83,7 @@ class Job:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "id": self.id, "state": self.state, "phase": self.phase, "progress": round(self.progress, 4),
+            "id": self.id, "state": self.state.value, "phase": self.phase, "progress": round(self.progress, 4),
             "request": self.request, "result": self.result, "error": self.error,
             "engine_id": (self.result or {}).get("engine_id"),
             "created": self.created, "started": self.started, "finished": self.finished,
@@ -150,7 +172,7 @@ class JobQueue:
                     raise JobCancelled(f"job {job.id} was cancelled")
                 job.phase, job.progress = phase, max(job.progress, min(1.0, max(0.0, float(fraction))))
 
-            state: str = DONE
+            state = DONE
             error: str | None = None
             result: dict[str, Any] | None = None
             try:
@@ -164,7 +186,7 @@ class JobQueue:
                 state, error, result = FAILED, f"{type(e).__name__}: {e}", None
             with self._lock:
                 job.state, job.error, job.result, job.finished = state, error, result, time.time()
-                job.phase = state
+                job.phase = state.value
                 if state == DONE:
                     job.progress = 1.0
                 self._forget_old()

@@ -5,7 +5,6 @@ option creates, PyTorch fallback and its notices, counters, and build jobs. One 
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import threading
@@ -17,24 +16,16 @@ from typing import Any
 
 import torch
 
-from sdtrt.backends import backend_class
-from sdtrt.backends.base import BackendInfo
+from sdtrt.catalog import BackendProbe, EngineRow, engine_rows
+from sdtrt.engine_key import validate_engine_id
 from sdtrt.errors import (
-    BackendUnavailable,
-    CacheNotWritable,
-    EngineNotFound,
-    ProfileError,
     SdtrtError,
     StaleEngine,
 )
-from sdtrt.profiles import Profile
-from sdtrt.registry import Manifest, Registry, stale_reason, validate_engine_id
-from sdtrt.runtime import CorruptEngine, EngineBusy, EngineSession
-from sdtrt.webui import foreign
-from sdtrt.webui.host import BACKEND_CHOICES, LABEL_PREFIX, CheckpointRef, Host, Settings
-from sdtrt.webui.jobs import Job, JobQueue
-from sdtrt.webui.serving import (
-    BUSY_WAIT_S,
+from sdtrt.manifest import Manifest
+from sdtrt.registry import Registry
+from sdtrt.runtime import EngineSession
+from sdtrt.serving import (
     Counters,
     EngineSlot,
     NetworkSet,
@@ -42,12 +33,12 @@ from sdtrt.webui.serving import (
     UnetServer,
     WeightSource,
 )
+from sdtrt.webui import builds, foreign
+from sdtrt.webui.host import LABEL_PREFIX, CheckpointRef, Host, Settings
+from sdtrt.webui.jobs import Job, JobQueue
+from sdtrt.webui.sessions import SessionPool, close_all
 
 log = logging.getLogger("sdtrt")
-
-
-class EngineInUse(SdtrtError):
-    """The engine serves the active SD Unet; switch SD Unet to None (or another engine) first."""
 
 
 class SwapFailed(SdtrtError):
@@ -78,29 +69,18 @@ class Generation:
     told: set[str]
 
 
-def engine_size(manifest: Manifest) -> int:
-    return sum(f.size for f in manifest.files)
-
-
 class EngineService:
     def __init__(self) -> None:
         self.host: Host | None = None
         self.counters = Counters()
-        self.jobs = JobQueue()
+        self.jobs = JobQueue(idempotent=True)  # an identical request while one is queued or running gets that job
         # Guards the fields below; held only for dictionary-sized work, never while hashing, loading, closing
         # or deleting an engine, so a UNet call never waits on it behind slow work of another thread.
         self._lock = threading.RLock()
         self._registry: Registry | None = None
-        self._sessions: dict[str, EngineSession] = {}
-        self._opening: dict[str, threading.Lock] = {}  # per engine id: one thread loads it, others do not wait long
-        self._deleting: set[str] = set()
-        #: engines refused at load because their files do not match the manifest: id -> (file signature, reason).
-        #: Listed as not ok (and not offered) until their files change, so nobody re-hashes them on every switch.
-        self._refused: dict[str, tuple[tuple[object, ...], str]] = {}
-        self._shut_down = False  # after shutdown(): no engine is loaded again (calls run on PyTorch)
-        self._infos: dict[str, BackendInfo | str] = {}
+        self.sessions = SessionPool(self.registry, lambda: self.settings().cuda_graphs, lambda: self._host().device())
+        self.probe = BackendProbe()
         self._arch: tuple[int, LoadedArch] | None = None
-        self._sha: dict[tuple[str, int, int], str] = {}
         self.generation: Generation | None = None
         self.active: UnetServer | None = None
         self.active_label: str | None = None
@@ -109,7 +89,7 @@ class EngineService:
     # ---- host and settings ----------------------------------------------------------------------------------
     def attach(self, host: Host) -> None:
         self.host = host
-        self._shut_down = False
+        self.sessions.shut_down = False
 
     def collect_garbage(self, max_age_s: float = 3600.0) -> list[str]:
         """One cleanup pass over the cache (what dead builds left behind; see Registry.cleanup). Never raises:
@@ -139,59 +119,33 @@ class EngineService:
         stale: list[EngineSession] = []
         with self._lock:
             if self._registry is None or self._registry.root != root:
-                stale = self._take_sessions()
+                stale = self.sessions.take()
                 self._registry = Registry(root)
             registry = self._registry
-        _close_all(stale)
+        close_all(stale)
         return registry
 
-    def backend_info(self, name: str) -> BackendInfo | str:
-        """The running backend's identity, or the reason it cannot run here (cached: probing may touch the GPU, so
-        it runs outside the lock; two threads probing at once both get the same answer)."""
-        with self._lock:
-            known = self._infos.get(name)
-        if known is not None:
-            return known
-        info: BackendInfo | str
-        try:
-            cls = backend_class(name)
-            reason = cls.unavailable_reason()
-            info = reason if reason is not None else cls().info()
-        except SdtrtError as e:
-            info = str(e)
-        with self._lock:
-            return self._infos.setdefault(name, info)
-
     # ---- engine table -------------------------------------------------------------------------------------
-    def _checked(self) -> list[tuple[str, Manifest | None, str | None]]:
-        """(id, manifest, why it cannot run here or None) for every engine in the cache."""
-        out = []
-        for st in self.registry().list():
-            m, reason = st.manifest, st.reason
-            if m is not None and reason is None:
-                info = self.backend_info(m.key.backend)
-                reason = (f"backend {m.key.backend} cannot run here: {info}" if isinstance(info, str)
-                          else stale_reason(m.key, info))
-            if m is not None and reason is None:
-                reason = self._refusal(m)
-            out.append((st.id, m, reason))
-        return out
+    def catalog(self) -> list[EngineRow]:
+        """Every engine in the cache and whether it can serve here (see sdtrt.catalog), refusals included."""
+        return engine_rows(self.registry(), self.probe, self.sessions.refusal)
 
     def engine_rows(self) -> list[dict[str, Any]]:
         """Every engine in the cache with ok/stale and the reason, for the tab and GET /engines."""
         rows = []
-        for engine_id, m, reason in self._checked():
+        for row in self.catalog():
+            engine_id, m = row.id, row.manifest
             rows.append({
                 "id": engine_id,
-                "ok": reason is None,
-                "reason": reason,
+                "ok": row.ok,
+                "reason": row.reason,
                 "family": m.key.family if m else None,
                 "profiles": list(m.key.profiles) if m else [],
                 "backend": m.key.backend if m else None,
                 "backend_version": m.key.backend_version if m else None,
                 "device": m.key.device if m else None,
                 "dtype": m.key.export.get("dtype") if m else None,
-                "size_bytes": engine_size(m) if m else None,
+                "size_bytes": row.size_bytes,
                 "checkpoint": m.source_checkpoint.get("name") if m else None,
                 "created": m.created if m else None,
                 "active": self.active is not None and any(s.id == engine_id for s in self.active.slots),
@@ -200,8 +154,8 @@ class EngineService:
 
     def usable_manifests(self) -> list[Manifest]:
         backend = self.settings().backend
-        return [m for _, m, reason in self._checked()
-                if m is not None and reason is None and backend in ("auto", m.key.backend)]
+        return [row.manifest for row in self.catalog()
+                if row.manifest is not None and row.ok and backend in ("auto", row.manifest.key.backend)]
 
     # ---- the loaded model ---------------------------------------------------------------------------------
     def loaded_arch(self) -> LoadedArch | None:
@@ -227,20 +181,14 @@ class EngineService:
         self._arch = (id(unet), arch)
         return arch
 
-    def _file_sha256(self, filename: str) -> str:
+    def checkpoint_sha256(self, ref: CheckpointRef) -> str | None:
+        """The host's hash when it has one, else the file's (remembered per path, size and mtime)."""
         from sdtrt.checkpoint import file_sha256
 
-        st = os.stat(filename)
-        key = (filename, st.st_size, st.st_mtime_ns)
-        if key not in self._sha:
-            self._sha[key] = file_sha256(Path(filename))
-        return self._sha[key]
-
-    def checkpoint_sha256(self, ref: CheckpointRef) -> str | None:
         if ref.sha256:
             return ref.sha256
         try:
-            return self._file_sha256(ref.filename)
+            return file_sha256(Path(ref.filename))
         except OSError:
             return None
 
@@ -280,92 +228,11 @@ class EngineService:
             specs.append(OptionSpec(f"{LABEL_PREFIX} {m.id}", None, (m.id,)))
         return specs
 
-    # ---- serving ------------------------------------------------------------------------------------------
-    def _open_session(self, engine_id: str) -> EngineSession:
-        """The loaded engine, shared by every server that uses it. Loading (hashing, deserializing) runs under a
-        per-engine lock, not the service's: a caller that finds another thread loading the same engine gets
-        EngineBusy after BUSY_WAIT_S (its call runs on PyTorch) instead of waiting for the load."""
-        with self._lock:
-            session = self._sessions.get(engine_id)
-            if session is not None and not session.closed:
-                return session
-            if engine_id in self._deleting:
-                raise EngineNotFound(f"engine {engine_id} is being deleted")
-            if self._shut_down:
-                raise SdtrtError("sdtrt was shut down; engines are not loaded any more")
-            opening = self._opening.setdefault(engine_id, threading.Lock())
-        if not opening.acquire(timeout=BUSY_WAIT_S):
-            raise EngineBusy(f"engine {engine_id} is being loaded by another thread")
-        try:
-            with self._lock:
-                session = self._sessions.get(engine_id)
-                if session is not None and not session.closed:
-                    return session
-            registry = self.registry()
-            graphs = self.settings().cuda_graphs
-            try:
-                session = self._in_device(lambda: EngineSession.open(registry, engine_id, cuda_graphs=graphs))
-            except CorruptEngine as e:
-                with contextlib.suppress(Exception):
-                    signature = self._signature(registry.status(engine_id).manifest or registry.get(engine_id))
-                    with self._lock:
-                        self._refused[engine_id] = (signature, str(e))
-                raise
-            with self._lock:
-                if engine_id not in self._deleting and not self._shut_down:
-                    self._sessions[engine_id] = session
-                    return session
-            session.close()
-            raise EngineNotFound(f"engine {engine_id} was deleted (or sdtrt shut down) while it loaded")
-        finally:
-            opening.release()
-
-    def _in_device(self, fn: Any) -> Any:
-        device = self._host().device()
-        if device.type == "cuda" and torch.cuda.is_available():
-            with torch.cuda.device(device):
-                return fn()
-        return fn()
-
-    def _signature(self, manifest: Manifest) -> tuple[object, ...]:
-        d = self.registry().engine_dir(manifest.id)
-        out: list[object] = []
-        for f in manifest.files:
-            try:
-                st = os.stat(d / f.name)
-                out.append((f.name, st.st_size, st.st_mtime_ns, st.st_ino))
-            except OSError:
-                out.append((f.name, None))
-        return tuple(out)
-
-    def _refusal(self, manifest: Manifest) -> str | None:
-        """Why this engine was refused at load, while its files are the ones that were refused."""
-        with self._lock:
-            refused = self._refused.get(manifest.id)
-        if refused is None:
-            return None
-        if refused[0] != self._signature(manifest):
-            with self._lock:
-                self._refused.pop(manifest.id, None)
-            return None
-        return refused[1]
-
-    def _evict_session(self, engine_id: str, session: EngineSession) -> None:
-        with self._lock:
-            if self._sessions.get(engine_id) is session:
-                del self._sessions[engine_id]
-        _close_all([session])
-
-    def _take_sessions(self, keep: Sequence[str] = ()) -> list[EngineSession]:
-        """Under self._lock: remove the sessions not in `keep` from the table; the caller closes them unlocked."""
-        return [self._sessions.pop(i) for i in [i for i in self._sessions if i not in keep]]
-
     def close_sessions(self, keep: Sequence[str] = ()) -> None:
         """Unload every engine not in `keep`. Each close waits for that engine's call or refit in flight."""
-        with self._lock:
-            stale = self._take_sessions(keep)
-        _close_all(stale)
+        self.sessions.close(keep)
 
+    # ---- serving ------------------------------------------------------------------------------------------
     def make_server(self, spec: OptionSpec) -> UnetServer:
         """The server an SdUnet delegates to. Never raises: a problem becomes the reason every call of this
         option runs on PyTorch (and the user is told), so a generation never fails on activation."""
@@ -386,7 +253,7 @@ class EngineService:
                     fams = ", ".join(sorted({m.key.family for m in manifests}))
                     unusable = (f"the engine is for {fams}; the loaded checkpoint is {arch.family} with another "
                                 "architecture. Pick the engine of this checkpoint or build one in the TensorRT tab")
-                slots = [EngineSlot(m, self._open_session, self._evict_session) for m in fitting]
+                slots = [EngineSlot(m, self.sessions.open, self.sessions.evict) for m in fitting]
                 weights = self._weights_for_loaded()
         except StaleEngine as e:  # damaged or foreign files, found by the cheap look before any load
             unusable = f"{e}; rebuild the engine (TensorRT tab) or pick another one"
@@ -447,8 +314,8 @@ class EngineService:
             prepared = True
         with self._lock:
             self.active, self.active_label = server, label
-            stale = self._take_sessions(keep=[s.id for s in server.slots])
-        _close_all(stale)
+            stale = self.sessions.take(keep=[s.id for s in server.slots])
+        close_all(stale)
         if usable and not prepared:
             server.prepare()
 
@@ -492,9 +359,7 @@ class EngineService:
         self.generation = Generation(p, settings, set())
         if self.active is not None:
             self.active.problem = self.active.bypass = None
-        with self._lock:
-            changed = any(s.cuda_graphs != settings.cuda_graphs for s in self._sessions.values())
-        if changed:  # the CUDA graphs setting changed: engines load again, with the new setting, at first use
+        if self.sessions.cuda_graphs_differ(settings.cuda_graphs):  # the CUDA graphs setting changed: engines load again, with the new setting, at first use
             for slot in self.active.slots if self.active is not None else ():
                 slot.evict()
             self.close_sessions()
@@ -550,110 +415,16 @@ class EngineService:
         self._torch_unet_to_device(unet)
         self.notify(server.bypass)
 
-    # ---- builds and deletes -------------------------------------------------------------------------------
+    # ---- builds and deletes (sdtrt.webui.builds) ----------------------------------------------------------
     def submit_build(self, checkpoint: str, profiles: Sequence[str], backend: str = "auto",
                      dtype: str | None = None, replaces: str | None = None) -> Job:
-        """Validate now (unknown checkpoint, bad profile, unknown backend raise), build later on the job thread."""
-        host = self._host()
-        if not isinstance(checkpoint, str) or not checkpoint:
-            raise SdtrtError("give the checkpoint to build for (its title or name as the WebUI lists it)")
-        ref = host.resolve_checkpoint(checkpoint)
-        if not isinstance(profiles, (list, tuple)) or not profiles:
-            raise ProfileError("give at least one profile, e.g. ['1x512x512x75']")
-        parsed = [Profile.parse(p) for p in profiles]
-        backend = backend or "auto"
-        if backend not in BACKEND_CHOICES:
-            raise BackendUnavailable(f"unknown backend {backend!r}; choose one of {', '.join(BACKEND_CHOICES)}")
-        if dtype not in (None, "float16", "float32"):
-            raise SdtrtError(f"dtype must be float16 or float32, not {dtype!r}")
-        registry = self.registry()
-        if not registry.writable():  # refused now (API 503), not as a job that fails later
-            raise CacheNotWritable(
-                f"the engine cache {registry.root} is not writable by this WebUI (read-only mount or no permission); "
-                "engines already there are still served. Build on a machine that can write it, or change the "
-                "cache folder in Settings > TensorRT"
-            )
-        cache = registry.root
-        request = {"checkpoint": ref.title, "profiles": [str(p) for p in parsed], "backend": backend,
-                   "dtype": dtype, "replaces": replaces}
-
-        def work(job: Job, progress: Any) -> dict[str, Any]:
-            from sdtrt.backends import get_backend
-            from sdtrt.pipeline import build_engine
-
-            on_gpu = get_backend(backend).info().device != "cpu"
-
-            def quiet() -> contextlib.AbstractContextManager[object]:
-                return host.quiet_torch(lambda why: progress(why, 0.0))
-
-            progress("starting", 0.0)
-            # on a GPU the whole build waits for the WebUI to be idle (it competes for device memory); on a CPU only
-            # the export does (it creates torch modules, which a model load in progress would break)
-            with quiet() if on_gpu else contextlib.nullcontext():
-                outcome = build_engine(Path(ref.filename), parsed, cache,
-                                       config=Path(ref.config) if ref.config else None,
-                                       backend=backend, dtype=dtype, progress=progress,
-                                       torch_guard=contextlib.nullcontext if on_gpu else quiet)
-            if replaces and replaces != outcome.manifest.id:
-                with contextlib.suppress(SdtrtError):
-                    self.delete(replaces)
-            self.refresh_list()
-            return {"engine_id": outcome.manifest.id, "built": outcome.built,
-                    "size_bytes": engine_size(outcome.manifest)}
-
-        return self.jobs.submit(request, work)
+        return builds.submit(self, checkpoint, profiles, backend, dtype, replaces)
 
     def rebuild(self, engine_id: str) -> Job:
-        """Rebuild a (stale) engine for this machine from its source checkpoint with the same profiles."""
-        m = self._manifest_any(engine_id)
-        name = m.source_checkpoint.get("name")
-        sha = m.source_checkpoint.get("sha256")
-        ref = next((c for c in self._host().checkpoints()
-                    if (sha and c.sha256 == sha) or os.path.basename(c.filename) == name), None)
-        if ref is None:
-            raise SdtrtError(f"engine {engine_id} was built from {name}, which the WebUI does not list any more")
-        backend = self.settings().backend
-        return self.submit_build(ref.title, list(m.key.profiles), backend, m.key.export.get("dtype"),
-                                 replaces=engine_id)
-
-    def _manifest_any(self, engine_id: str) -> Manifest:
-        """The manifest of an engine even when it is stale (for rebuilding)."""
-        validate_engine_id(engine_id)
-        st = self.registry().status(engine_id)
-        if st.manifest is None:
-            raise EngineNotFound(f"engine {engine_id} has no readable manifest ({st.reason}); delete it")
-        return st.manifest
+        return builds.rebuild(self, engine_id)
 
     def delete(self, engine_id: str) -> None:
-        """Unload and delete an engine no active server uses. The slow part (closing, removing files) runs
-        outside the service lock, with the id marked so nothing loads it meanwhile."""
-        validate_engine_id(engine_id)
-        registry = self.registry()
-        with self._lock:
-            if self.active is not None and any(s.id == engine_id for s in self.active.slots):
-                raise EngineInUse(f"engine {engine_id} is in use by SD Unet '{self.active_label}'; set SD Unet "
-                                  "to None (or another engine) and generate once, then delete it")
-            if engine_id in self._deleting:
-                raise EngineInUse(f"engine {engine_id} is being deleted by another request")
-            self._deleting.add(engine_id)
-            session = self._sessions.pop(engine_id, None)
-        try:
-            if session is not None:
-                _close_all([session])
-            registry.delete(engine_id)
-        except SdtrtError:
-            raise
-        except OSError as e:
-            if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-                raise CacheNotWritable(f"engine {engine_id} could not be deleted: the engine cache is read-only for "
-                                       f"this process ({e})") from e
-            raise SdtrtError(f"engine {engine_id} could not be deleted: {type(e).__name__}: {e}") from e
-        except Exception as e:  # anything else: still one of the listed error types
-            raise SdtrtError(f"engine {engine_id} could not be deleted: {type(e).__name__}: {e}") from e
-        finally:
-            with self._lock:
-                self._deleting.discard(engine_id)
-        self.refresh_list()
+        builds.delete(self, engine_id)
 
     def shutdown(self, timeout: float = 5.0) -> dict[str, Any]:
         """Process exit (or the extension unloading for good): stop serving, cancel queued and running builds, and
@@ -664,14 +435,13 @@ class EngineService:
         running."""
         deadline = time.monotonic() + max(0.0, timeout)
         with self._lock:
-            self._shut_down = True
             self.active, self.active_label = None, None
-            stale = self._take_sessions()
+            stale = self.sessions.stop()
         pending = [j for j in self.jobs.list() if j.state in ("queued", "running")]
         for job in pending:
             with contextlib.suppress(SdtrtError):
                 self.jobs.cancel(job.id)
-        closer = threading.Thread(target=_close_all, args=(stale,), name="sdtrt-shutdown", daemon=True)
+        closer = threading.Thread(target=close_all, args=(stale,), name="sdtrt-shutdown", daemon=True)
         closer.start()
         closer.join(max(0.0, deadline - time.monotonic()))
         while time.monotonic() < deadline and any(j.state in ("queued", "running") for j in pending):
@@ -725,15 +495,6 @@ def _check_network_files(host: Host) -> None:
     for name in files() or ():
         if name:
             require_safetensors(name)
-
-
-def _close_all(sessions: Sequence[EngineSession]) -> None:
-    """Close engines (each waits for its call or refit in flight); one that fails to close is logged, not raised."""
-    for session in sessions:
-        try:
-            session.close()
-        except Exception:
-            log.exception("sdtrt: closing engine %s failed", session.manifest.id)
 
 
 def _describe_networks(key: object) -> list[str]:

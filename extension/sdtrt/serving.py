@@ -16,12 +16,12 @@ from typing import Any
 
 import torch
 
-from sdtrt.constants import CHUNK_LEN, INPUT_CONTEXT, INPUT_SAMPLE, INPUT_TIMESTEPS, INPUT_Y, LATENT_FACTOR
 from sdtrt.errors import NoMatchingProfile, SdtrtError
-from sdtrt.profiles import Dims, Profile, TensorIO, TensorRange, engine_ranges, select_profile
+from sdtrt.manifest import Manifest
+from sdtrt.models import NotServable
+from sdtrt.profiles import Dims, Profile, TensorRange, select_profile
 from sdtrt.refit import BaseLoader
-from sdtrt.registry import Manifest
-from sdtrt.runtime import EngineBusy, EngineClosed, EngineSession
+from sdtrt.runtime import EngineBusy, EngineClosed, EngineSession, engine_contract
 
 log = logging.getLogger("sdtrt")
 #: Distinct fallback reasons kept in the counters (a long-running server sees many sizes).
@@ -74,12 +74,6 @@ class Counters:
             }
 
 
-def manifest_io(manifest: Manifest) -> TensorIO:
-    io = manifest.key.io
-    return TensorIO(int(io["in_channels"]), int(io["context_dim"]),
-                    None if io.get("y_dim") is None else int(io["y_dim"]))
-
-
 @dataclass
 class WeightSource:
     """The weights an engine must hold for the loaded checkpoint: identified by `sha256`, read only on refit.
@@ -124,9 +118,9 @@ class EngineSlot:
                  on_evict: Callable[[str, EngineSession], None] = lambda engine_id, session: session.close()):
         self.manifest = manifest
         self._on_evict = on_evict
-        self.io = manifest_io(manifest)
+        self.contract = engine_contract(manifest)
         self.profiles = [Profile.parse(p) for p in manifest.key.profiles]
-        self.ranges: list[dict[str, TensorRange]] = [engine_ranges(p, self.io) for p in self.profiles]
+        self.ranges: list[dict[str, TensorRange]] = [self.contract.engine_ranges(p) for p in self.profiles]
         self._opener = opener
         self.session: EngineSession | None = None
         self.broken: str | None = None
@@ -199,14 +193,6 @@ class EngineSlot:
         finally:
             if session.weights_unknown is not None:
                 self.evict(session)
-
-
-def describe_call(dims: Mapping[str, Dims]) -> str:
-    """A call's shapes in user units: 'batch 2, 512x768 px, 77 tokens-rows (1 chunk)'."""
-    n, _, h, w = dims[INPUT_SAMPLE]
-    rows = dims[INPUT_CONTEXT][1]
-    chunks = -(-rows // CHUNK_LEN)
-    return f"{n} rows, {h * LATENT_FACTOR}x{w * LATENT_FACTOR} px, {chunks} prompt chunk{'s' if chunks > 1 else ''}"
 
 
 class UnetServer:
@@ -296,16 +282,18 @@ class UnetServer:
         reason = self.unusable or self.problem or self.bypass
         if reason is not None:
             return self._to_pytorch(reason, call, kwargs)
-        y = kwargs.get("y")
-        if args or any(k != "y" and v is not None for k, v in kwargs.items()):
-            # ControlNet-style residuals or other extensions' arguments: the engine has no inputs for them
-            extra = ", ".join(sorted(k for k, v in kwargs.items() if k != "y" and v is not None)) or "positional"
-            return self._to_pytorch(f"the UNet call carries extra inputs the engine lacks ({extra})", call, kwargs)
-        feeds = _feeds(x, timesteps, context, y)
-        dims: dict[str, Dims] = {name: tuple(t.shape) for name, t in feeds.items()}
+        refused: str | None = None  # why the engines' contracts cannot take this call
+        seen: tuple[EngineSlot, dict[str, Dims]] | None = None  # a slot that took the call, to describe it
         for slot in self.slots:
-            if slot.broken is not None or (slot.io.y_dim is None) != (y is None):
+            if slot.broken is not None:
                 continue
+            try:
+                feeds = slot.contract.feeds(call, kwargs)
+            except NotServable as e:
+                refused = refused or str(e)
+                continue
+            dims: dict[str, Dims] = {name: tuple(t.shape) for name, t in feeds.items()}
+            seen = seen or (slot, dims)
             index = slot.profile_for(dims)
             if index is None:
                 continue
@@ -332,18 +320,14 @@ class UnetServer:
         broken = [s.broken for s in self.slots if s.broken]
         if broken and all(s.broken for s in self.slots):
             reason = broken[0]
+        elif seen is None and refused is not None:  # no engine takes this kind of call at all
+            return self._to_pytorch(refused, call, kwargs)
         else:
             covered = "; ".join(f"{s.id}: {', '.join(map(str, s.profiles))}" for s in self.slots) or "none"
-            reason = f"no engine profile covers this call ({describe_call(dims)}); profiles: {covered}"
+            described = seen[0].contract.describe(seen[1]) if seen is not None else "no engine"
+            reason = f"no engine profile covers this call ({described}); profiles: {covered}"
         if self.policy() == "error":
             raise NoMatchingProfile(reason + ". Build an engine with a profile for this size in the TensorRT "
                                     "tab, or set the sdtrt fallback policy to 'pytorch'.")
         return self._to_pytorch(reason, call, kwargs)
 
-
-def _feeds(x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None
-           ) -> dict[str, torch.Tensor]:
-    feeds = {INPUT_SAMPLE: x, INPUT_TIMESTEPS: timesteps, INPUT_CONTEXT: context}
-    if y is not None:
-        feeds[INPUT_Y] = y
-    return feeds

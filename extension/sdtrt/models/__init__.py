@@ -1,0 +1,39 @@
+"""Model contracts, one module per architecture (see base.py). A new architecture, or a variant with more inputs
+(ControlNet residuals), is a contract class in its own module plus one line in CONTRACTS."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from sdtrt.errors import SdtrtError
+from sdtrt.models.base import ModelContract, NotServable, TensorIO, TensorSpec
+from sdtrt.models.ldm import LdmUNet
+from sdtrt.models.sgm import SgmUNet
+
+CONTRACTS: dict[str, type[ModelContract]] = {c.name: c for c in (LdmUNet, SgmUNet)}
+
+__all__ = ["CONTRACTS", "LdmUNet", "ModelContract", "NotServable", "SgmUNet", "TensorIO", "TensorSpec", "bind",
+           "bind_record"]
+
+
+def bind(name: str, io: TensorIO) -> ModelContract:
+    try:
+        return CONTRACTS[name](io)
+    except KeyError:
+        raise SdtrtError(f"unknown model contract {name!r}; this version knows {', '.join(sorted(CONTRACTS))}") from None
+
+
+def bind_record(record: Mapping[str, Any]) -> ModelContract:
+    """The contract an engine key records (`ModelContract.record()`). Engines built before contracts were
+    recorded carry only the dimensions: the UNet contract of their architecture, version 1, is theirs. A
+    recorded version this code does not implement raises SdtrtError (the engine is then reported stale)."""
+    y = record.get("y_dim")
+    io = TensorIO(int(record["in_channels"]), int(record["context_dim"]), None if y is None else int(y))
+    name = str(record.get("contract") or (SgmUNet.name if io.y_dim is not None else LdmUNet.name))
+    contract = bind(name, io)
+    version = int(record.get("contract_version", 1))
+    if version != contract.version:
+        raise SdtrtError(f"the engine was built for version {version} of the {name} contract; this version of "
+                         f"sd-webui-trt implements version {contract.version}: rebuild the engine")
+    return contract

@@ -1,0 +1,126 @@
+"""The bodies of the REST API's requests and answers, as the OpenAPI schema describes them (pydantic 2, or pydantic
+1.10 as A1111 1.10 pins it). Only BuildRequest validates anything; the answer models document what the routes
+return."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import pydantic
+from pydantic import BaseModel, Field
+
+from sdtrt.webui.jobs import JobState
+
+MAX_PROFILES = 32
+MAX_PROFILE_CHARS = 200
+MAX_CHECKPOINT_CHARS = 1024
+
+#: pydantic 2 configures models with ConfigDict (and bounds lists with max_length); pydantic 1 (A1111 pins 1.10) with
+#: an inner Config class (and max_items). Detected by a v2-only method (1.10.x has a ConfigDict too), not the version.
+_PYDANTIC_V2 = hasattr(pydantic.BaseModel, "model_validate")
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(..., description="kind of error, e.g. ProfileError, Unauthorized, QueueFull")
+    detail: str = Field(..., description="what was wrong and what to do")
+
+
+_ProfileText = pydantic.constr(max_length=MAX_PROFILE_CHARS)
+
+
+def _bounded_list(description: str, max_items: int) -> Any:
+    """A required list field of at most `max_items` (pydantic 2 says max_length, pydantic 1 max_items)."""
+    bound: dict[str, Any] = {"max_length" if _PYDANTIC_V2 else "max_items": max_items}
+    return Field(..., description=description, **bound)
+
+
+BUILD_EXAMPLE: dict[str, Any] = {
+    "checkpoint": "v1-5-pruned-emaonly", "backend": "auto",
+    "profiles": ["1x512x512x75", "1x512x512x75:2x768x768x150:4x1024x1024x225"],
+}
+
+
+class BuildRequest(BaseModel):
+    checkpoint: str = Field(..., max_length=MAX_CHECKPOINT_CHARS,
+                            description="checkpoint title or name as the WebUI lists it")
+    profiles: list[_ProfileText] = _bounded_list(  # type: ignore[valid-type]
+        "profiles BxHxWxT or min:opt:max of those, e.g. 1x512x512x75", MAX_PROFILES)
+    backend: str = Field("auto", max_length=32, description="auto, tensorrt, tensorrt-rtx or onnxruntime")
+    dtype: str | None = Field(None, max_length=16, description="float16 or float32 (default: the backend's)")
+
+    if _PYDANTIC_V2:
+        model_config = pydantic.ConfigDict(extra="forbid", json_schema_extra={"examples": [BUILD_EXAMPLE]})
+    else:  # pragma: no cover - pydantic 1 (A1111's pin)
+        class Config:
+            extra = "forbid"
+            schema_extra: ClassVar[dict[str, Any]] = {"examples": [BUILD_EXAMPLE]}
+
+
+class EngineRow(BaseModel):
+    id: str
+    ok: bool
+    reason: str | None
+    family: str | None
+    profiles: list[str]
+    backend: str | None
+    backend_version: str | None
+    device: str | None
+    dtype: str | None
+    size_bytes: int | None
+    checkpoint: str | None
+    created: str | None
+    active: bool
+
+
+class EngineList(BaseModel):
+    engines: list[EngineRow]
+
+
+def _one_of(values: list[str]) -> str:
+    return ", ".join(values[:-1]) + " or " + values[-1]
+
+
+class JobBody(BaseModel):
+    id: str
+    # typed as text with the JobState values named, not as the enum: the schema stays what clients already know
+    state: str = Field(..., description=_one_of([s.value for s in JobState]))
+    phase: str
+    progress: float
+    request: dict[str, Any]
+    result: dict[str, Any] | None
+    error: str | None
+    engine_id: str | None
+    created: float
+    started: float | None
+    finished: float | None
+
+
+class JobAccepted(BaseModel):
+    job_id: str
+    job: JobBody
+
+
+class JobList(BaseModel):
+    jobs: list[JobBody]
+
+
+class Deleted(BaseModel):
+    deleted: str
+
+
+class JobCounts(BaseModel):
+    queued: int
+    running: int
+
+
+class StatusBody(BaseModel):
+    enabled: bool
+    backend: str
+    fallback: str
+    cuda_graphs: bool = Field(True, description="the CUDA graphs setting engines load with")
+    cache_dir: str
+    active: dict[str, Any] | None = Field(..., description="label, engines, loaded, ready (loaded and not broken), "
+                                          "backends, unusable, runtime (per engine: CUDA graph counters), networks")
+    counters: dict[str, Any]
+    jobs: JobCounts
+    building: list[dict[str, Any]] = Field(default_factory=list, description="queued and running builds (not ready)")

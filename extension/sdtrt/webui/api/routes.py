@@ -1,0 +1,111 @@
+"""The /sdtrt/v1 routes: each one calls the service and answers through the guard, and `mount` adds them, with
+their OpenAPI documentation, to a FastAPI app (A1111's, from on_app_started)."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import fastapi
+from fastapi import Depends
+from fastapi.security import HTTPBasic
+from starlette.responses import Response
+
+from sdtrt.engine_key import ENGINE_ID_PATTERN
+from sdtrt.webui.api.guard import HTTP_KINDS, MAX_BODY_BYTES, MUTATING, JSONAnswer, answer, guarded_route_class
+from sdtrt.webui.api.models import (
+    BuildRequest,
+    Deleted,
+    EngineList,
+    ErrorBody,
+    JobAccepted,
+    JobBody,
+    JobList,
+    StatusBody,
+)
+from sdtrt.webui.jobs import JOB_ID_PATTERN
+from sdtrt.webui.service import EngineService
+
+PREFIX = "/sdtrt/v1"
+#: FastAPI >= 0.100 calls a parameter's regex `pattern`; older ones (A1111 pins 0.94) call it `regex`.
+_PATTERN_KW = "pattern" if "pattern" in inspect.signature(fastapi.Path).parameters else "regex"
+
+
+def _id_param(pattern: str, max_length: int, what: str) -> Any:
+    constraint: dict[str, Any] = {_PATTERN_KW: pattern}
+    return fastapi.Path(..., max_length=max_length, description=what, **constraint)
+
+
+def mount(app: Any, svc: EngineService, credentials: dict[str, str] | None = None, *, exposed: bool = False,
+          max_body_bytes: int = MAX_BODY_BYTES) -> None:
+    """Add the routes to a FastAPI app (A1111's, from on_app_started). `credentials`: --api-auth parsed;
+    `exposed`: the WebUI listens beyond localhost (see `webui_exposed`)."""
+    credentials = dict(credentials or {})
+    dependencies = [Depends(HTTPBasic(auto_error=False))] if credentials else []  # documents the scheme
+    route_class = guarded_route_class(credentials, exposed, max_body_bytes)
+
+    def route(path: str, method: str, endpoint: Any, ok: int, model: Any, errors: tuple[int, ...],
+              summary: str) -> None:
+        codes = set(errors) | {500}
+        if "{" in path:  # FastAPI documents its own 422 shape for routes with parameters unless we document ours
+            codes.add(422)
+        if credentials:
+            codes.add(401)
+        if method in MUTATING:
+            codes.add(413)
+            if exposed and not credentials:
+                codes.add(403)
+        responses: dict[int | str, dict[str, Any]] = {ok: {"model": model, "description": "success"}}
+        for code in sorted(codes):
+            responses[code] = {"model": ErrorBody, "description": HTTP_KINDS.get(code, "error")}
+        # straight onto the app's router (not include_router, which newer FastAPI keeps as one opaque entry):
+        # each route is then an SdtrtRoute in app.routes, where the tests enumerate them
+        app.router.add_api_route(PREFIX + path, endpoint, methods=[method], dependencies=dependencies,
+                                 status_code=ok, response_model=None, responses=responses, summary=summary,
+                                 tags=["sdtrt"], response_class=JSONAnswer, route_class_override=route_class)
+
+    engine_id_param = _id_param(ENGINE_ID_PATTERN, 128, "engine id, e.g. sd1-tensorrt-0123456789abcdef")
+    job_id_param = _id_param(JOB_ID_PATTERN, 32, "job id: 32 hexadecimal digits")
+
+    def list_engines() -> Response:
+        return answer(lambda: {"engines": svc.engine_rows()})
+
+    def build(req: BuildRequest) -> Response:
+        def go() -> dict[str, Any]:
+            job = svc.submit_build(req.checkpoint, req.profiles, req.backend, req.dtype)
+            return {"job_id": job.id, "job": job.to_dict()}
+        return answer(go, 202)
+
+    def delete_engine(engine_id: str = engine_id_param) -> Response:
+        def go() -> dict[str, Any]:
+            svc.delete(engine_id)
+            return {"deleted": engine_id}
+        return answer(go)
+
+    def rebuild(engine_id: str = engine_id_param) -> Response:
+        def go() -> dict[str, Any]:
+            job = svc.rebuild(engine_id)
+            return {"job_id": job.id, "job": job.to_dict()}
+        return answer(go, 202)
+
+    def list_jobs() -> Response:
+        return answer(lambda: {"jobs": [j.to_dict() for j in svc.jobs.list()]})
+
+    def get_job(job_id: str = job_id_param) -> Response:
+        return answer(lambda: svc.jobs.get(job_id).to_dict())
+
+    def cancel_job(job_id: str = job_id_param) -> Response:
+        return answer(lambda: svc.jobs.cancel(job_id).to_dict())
+
+    def status() -> Response:
+        return answer(svc.status)
+
+    route("/engines", "GET", list_engines, 200, EngineList, (), "engines in the cache")
+    route("/engines", "POST", build, 202, JobAccepted, (400, 422, 429, 503), "build an engine (a job)")
+    route("/engines/{engine_id}", "DELETE", delete_engine, 200, Deleted, (400, 404, 409), "delete an engine")
+    route("/engines/{engine_id}/rebuild", "POST", rebuild, 202, JobAccepted, (400, 404, 429, 503),
+          "rebuild a stale engine for this machine (a job)")
+    route("/jobs", "GET", list_jobs, 200, JobList, (), "build jobs")
+    route("/jobs/{job_id}", "GET", get_job, 200, JobBody, (400, 404), "one build job")
+    route("/jobs/{job_id}", "DELETE", cancel_job, 200, JobBody, (400, 404), "cancel a build job")
+    route("/status", "GET", status, 200, StatusBody, (), "active engine, backend, counters")

@@ -1,0 +1,136 @@
+"""Engine builds and deletes requested from the WebUI (tab, REST API): validated at once, built on the service's
+job queue (waiting for the WebUI to be idle where torch is touched), rebuilt from the source checkpoint, deleted
+once nothing serves them."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sdtrt.engine_key import validate_engine_id
+from sdtrt.errors import BackendUnavailable, CacheNotWritable, EngineNotFound, ProfileError, SdtrtError
+from sdtrt.manifest import Manifest
+from sdtrt.profiles import Profile
+from sdtrt.webui.host import BACKEND_CHOICES
+from sdtrt.webui.jobs import Job
+from sdtrt.webui.sessions import close_all
+
+if TYPE_CHECKING:
+    from sdtrt.webui.service import EngineService
+
+
+class EngineInUse(SdtrtError):
+    """The engine serves the active SD Unet; switch SD Unet to None (or another engine) first."""
+
+
+def engine_size(manifest: Manifest) -> int:
+    return sum(f.size for f in manifest.files)
+
+
+def submit(svc: EngineService, checkpoint: str, profiles: Sequence[str], backend: str = "auto",
+           dtype: str | None = None, replaces: str | None = None) -> Job:
+    """Validate now (unknown checkpoint, bad profile, unknown backend raise), build later on the job thread."""
+    host = svc._host()
+    if not isinstance(checkpoint, str) or not checkpoint:
+        raise SdtrtError("give the checkpoint to build for (its title or name as the WebUI lists it)")
+    ref = host.resolve_checkpoint(checkpoint)
+    if not isinstance(profiles, (list, tuple)) or not profiles:
+        raise ProfileError("give at least one profile, e.g. ['1x512x512x75']")
+    parsed = [Profile.parse(p) for p in profiles]
+    backend = backend or "auto"
+    if backend not in BACKEND_CHOICES:
+        raise BackendUnavailable(f"unknown backend {backend!r}; choose one of {', '.join(BACKEND_CHOICES)}")
+    if dtype not in (None, "float16", "float32"):
+        raise SdtrtError(f"dtype must be float16 or float32, not {dtype!r}")
+    registry = svc.registry()
+    if not registry.writable():  # refused now (API 503), not as a job that fails later
+        raise CacheNotWritable(
+            f"the engine cache {registry.root} is not writable by this WebUI (read-only mount or no permission); "
+            "engines already there are still served. Build on a machine that can write it, or change the "
+            "cache folder in Settings > TensorRT"
+        )
+    cache = registry.root
+    request = {"checkpoint": ref.title, "profiles": [str(p) for p in parsed], "backend": backend,
+               "dtype": dtype, "replaces": replaces}
+
+    def work(job: Job, progress: Any) -> dict[str, Any]:
+        from sdtrt.backends import get_backend
+        from sdtrt.pipeline import build_engine
+
+        on_gpu = get_backend(backend).info().device != "cpu"
+
+        def quiet() -> contextlib.AbstractContextManager[object]:
+            return host.quiet_torch(lambda why: progress(why, 0.0))
+
+        progress("starting", 0.0)
+        # on a GPU the whole build waits for the WebUI to be idle (it competes for device memory); on a CPU only
+        # the export does (it creates torch modules, which a model load in progress would break)
+        with quiet() if on_gpu else contextlib.nullcontext():
+            outcome = build_engine(Path(ref.filename), parsed, cache,
+                                   config=Path(ref.config) if ref.config else None,
+                                   backend=backend, dtype=dtype, progress=progress,
+                                   torch_guard=contextlib.nullcontext if on_gpu else quiet,
+                                   checkpoint_sha256=ref.sha256)
+        if replaces and replaces != outcome.manifest.id:
+            with contextlib.suppress(SdtrtError):
+                delete(svc, replaces)
+        svc.refresh_list()
+        return {"engine_id": outcome.manifest.id, "built": outcome.built,
+                "size_bytes": engine_size(outcome.manifest)}
+
+    return svc.jobs.submit(request, work)
+
+def rebuild(svc: EngineService, engine_id: str) -> Job:
+    """Rebuild a (stale) engine for this machine from its source checkpoint with the same profiles."""
+    m = manifest_even_if_stale(svc, engine_id)
+    name = m.source_checkpoint.get("name")
+    sha = m.source_checkpoint.get("sha256")
+    ref = next((c for c in svc._host().checkpoints()
+                if (sha and c.sha256 == sha) or os.path.basename(c.filename) == name), None)
+    if ref is None:
+        raise SdtrtError(f"engine {engine_id} was built from {name}, which the WebUI does not list any more")
+    backend = svc.settings().backend
+    return submit(svc, ref.title, list(m.key.profiles), backend, m.key.export.get("dtype"),
+                             replaces=engine_id)
+
+def manifest_even_if_stale(svc: EngineService, engine_id: str) -> Manifest:
+    """The manifest of an engine even when it is stale (for rebuilding)."""
+    validate_engine_id(engine_id)
+    st = svc.registry().status(engine_id)
+    if st.manifest is None:
+        raise EngineNotFound(f"engine {engine_id} has no readable manifest ({st.reason}); delete it")
+    return st.manifest
+
+def delete(svc: EngineService, engine_id: str) -> None:
+    """Unload and delete an engine no active server uses. The slow part (closing, removing files) runs
+    outside the service lock, with the id marked so nothing loads it meanwhile."""
+    validate_engine_id(engine_id)
+    registry = svc.registry()
+    with svc._lock:
+        if svc.active is not None and any(s.id == engine_id for s in svc.active.slots):
+            raise EngineInUse(f"engine {engine_id} is in use by SD Unet '{svc.active_label}'; set SD Unet "
+                              "to None (or another engine) and generate once, then delete it")
+        try:
+            session = svc.sessions.start_delete(engine_id)
+        except SdtrtError as e:
+            raise EngineInUse(str(e)) from None
+    try:
+        if session is not None:
+            close_all([session])
+        registry.delete(engine_id)
+    except SdtrtError:
+        raise
+    except OSError as e:
+        if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise CacheNotWritable(f"engine {engine_id} could not be deleted: the engine cache is read-only for "
+                                   f"this process ({e})") from e
+        raise SdtrtError(f"engine {engine_id} could not be deleted: {type(e).__name__}: {e}") from e
+    except Exception as e:  # anything else: still one of the listed error types
+        raise SdtrtError(f"engine {engine_id} could not be deleted: {type(e).__name__}: {e}") from e
+    finally:
+        svc.sessions.finish_delete(engine_id)
+    svc.refresh_list()
