@@ -1205,19 +1205,20 @@ def test_shapes_outside_every_profile_fall_back_or_fail_clearly(cache: Cache, ho
 # ---- rows 32, 33: a build in progress; shutdown during a build ------------------------------------------------------
 @pytest.fixture
 def gated_build(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[threading.Event, threading.Event]]:
-    """A build (inside the registry's private folder, before the export) waits for `gate` after setting
-    `entered`: a build that is in progress for as long as the test needs."""
-    import sdtrt.pipeline
+    """A build (inside the registry's private folder, after the export, in the backend's build step) waits for
+    `gate` after setting `entered`: a build that is in progress for as long as the test needs. The export itself
+    waits for generations and model loads (Host.quiet_torch); the backend's build on a CPU does not."""
+    from sdtrt.backends.ort import OrtBackend
 
     entered, gate = threading.Event(), threading.Event()
-    real = sdtrt.pipeline.export_unet
+    real = OrtBackend.build
 
-    def export(*a: Any, **k: Any) -> Any:
+    def build(*a: Any, **k: Any) -> Any:
         entered.set()
         gate.wait(300)
         return real(*a, **k)
 
-    monkeypatch.setattr(sdtrt.pipeline, "export_unet", export)
+    monkeypatch.setattr(OrtBackend, "build", build)
     yield entered, gate
     gate.set()
 
