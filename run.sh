@@ -10,14 +10,21 @@ cd "$(dirname "$0")"
 VENV=${SDTRT_VENV:-.venv}
 PY=${PYTHON:-python3}
 
-setup() {
-  if [ ! -x "$VENV/bin/python" ]; then "$PY" -m venv "$VENV"; fi
+# enter_venv PYTHON: create $VENV with PYTHON if needed and activate it; succeeds when it is already set up for
+# this pyproject.toml and run.sh (then nothing is installed: offline once installed). mark_venv records that.
+enter_venv() {
+  if [ ! -x "$VENV/bin/python" ]; then
+    "$1" -m venv "$VENV" || { echo "run.sh: cannot create $VENV with $1" >&2; exit 2; }
+  fi
   # shellcheck disable=SC1091
-  . "$VENV/bin/activate"
-  local stamp="$VENV/.sdtrt-setup"
-  local want
-  want=$(cat pyproject.toml run.sh | sha256sum | cut -c1-16)
-  if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then return; fi
+  . "$VENV/bin/activate" || exit 2
+  [ "$(cat "$VENV/.sdtrt-setup" 2>/dev/null)" = "$(venv_wanted)" ]
+}
+venv_wanted() { cat pyproject.toml run.sh | sha256sum | cut -c1-16; }
+mark_venv() { venv_wanted > "$VENV/.sdtrt-setup"; }
+
+setup() {
+  if enter_venv "$PY"; then return; fi
   python -m pip install -q --upgrade pip
   # The CPU build of torch first: anything that asks for plain `torch` would otherwise pull a multi-GB CUDA build.
   python -m pip install -q "torch==2.13.0"
@@ -26,7 +33,7 @@ setup() {
   python -m pip install -q --no-deps "tensorrt-stubs==10.13.0.35.1" "stable-diffusion-sdkit==2.1.5"
   # TensorRT-RTX installs from PyPI alone; its ONNX parser runs without a GPU (CI proves every graph parses).
   python -m pip install -q "tensorrt-rtx-cu12==1.7.1.116" || echo "warning: tensorrt-rtx not installed" >&2
-  echo "$want" > "$stamp"
+  mark_venv
 }
 
 # A1111 1.10.1 as its launcher installs it: Python 3.10, torch 2.1.2 + torchvision 0.16.2 from PyPI (a CUDA
@@ -52,13 +59,7 @@ setup_a1111() {
   VENV=${SDTRT_A1111_VENV:-.venv-a1111}
   local py
   py=$(find_python310) || { echo "run.sh: Python 3.10 is needed for the A1111 environment (set SDTRT_PYTHON310)" >&2; exit 2; }
-  if [ ! -x "$VENV/bin/python" ]; then "$py" -m venv "$VENV"; fi
-  # shellcheck disable=SC1091
-  . "$VENV/bin/activate"
-  local stamp="$VENV/.sdtrt-setup"
-  local want
-  want=$(cat pyproject.toml run.sh | sha256sum | cut -c1-16)
-  if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then return; fi
+  if enter_venv "$py"; then return; fi
   local constraints="$VENV/a1111-constraints.txt"
   printf '%s\n' "${A1111_PINS[@]}" > "$constraints"
   python -m pip install -q "pip==24.0"
@@ -73,7 +74,7 @@ setup_a1111() {
   if [ -n "$broken" ]; then echo "run.sh: the A1111 environment is inconsistent: $broken" >&2; exit 2; fi
   # A1111's own ldm UNet code, for the parity tests (its declared deps would pull another torch)
   python -m pip install -q --no-deps "stable-diffusion-sdkit==2.1.5"
-  echo "$want" > "$stamp"
+  mark_venv
 }
 
 cmd=${1:-demo}

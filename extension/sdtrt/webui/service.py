@@ -131,26 +131,10 @@ class EngineService:
         return engine_rows(self.registry(), self.probe, self.sessions.refusal)
 
     def engine_rows(self) -> list[dict[str, Any]]:
-        """Every engine in the cache with ok/stale and the reason, for the tab and GET /engines."""
-        rows = []
-        for row in self.catalog():
-            engine_id, m = row.id, row.manifest
-            rows.append({
-                "id": engine_id,
-                "ok": row.ok,
-                "reason": row.reason,
-                "family": m.key.family if m else None,
-                "profiles": list(m.key.profiles) if m else [],
-                "backend": m.key.backend if m else None,
-                "backend_version": m.key.backend_version if m else None,
-                "device": m.key.device if m else None,
-                "dtype": m.key.export.get("dtype") if m else None,
-                "size_bytes": row.size_bytes,
-                "checkpoint": m.source_checkpoint.get("name") if m else None,
-                "created": m.created if m else None,
-                "active": self.active is not None and any(s.id == engine_id for s in self.active.slots),
-            })
-        return rows
+        """Every engine in the cache with ok/stale and the reason, for the tab and GET /engines (the catalog's rows,
+        plus whether the active SD Unet uses each)."""
+        active = {s.id for s in self.active.slots} if self.active is not None else set()
+        return [{**row.to_dict(), "active": row.id in active} for row in self.catalog()]
 
     def usable_manifests(self) -> list[Manifest]:
         backend = self.settings().backend
