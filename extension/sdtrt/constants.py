@@ -26,9 +26,7 @@ DEFAULT_OPSET = 17
 #: The checkpoint prefix A1111 (LDM/SGM) uses for UNet weights.
 UNET_PREFIX = "model.diffusion_model."
 
-#: The engines' input and output names belong to the model contracts (sdtrt.models); this one stays only until
-#: the TensorRT runner stops choosing its output by name.
-OUTPUT_LATENT = "latent"
+#: The engines' input and output names belong to the model contracts (sdtrt.models).
 
 #: Environment variable naming the engine cache folder (CLI default, WebUI default when its setting is empty).
 CACHE_ENV = "SDTRT_CACHE"

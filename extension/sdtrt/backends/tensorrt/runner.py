@@ -16,7 +16,6 @@ from sdtrt.backends.tensorrt.graph_ops import StaticBuffers, TensorRTGraphOps
 from sdtrt.backends.tensorrt.library import LibraryHandle
 from sdtrt.backends.tensorrt.messages import QUOTED_MESSAGES, Messages, make_logger
 from sdtrt.backends.tensorrt.tensors import dims, torch_dtype
-from sdtrt.constants import OUTPUT_LATENT
 from sdtrt.errors import CorruptEngine, NoMatchingProfile, RefitError, RefitRejected, SdtrtError, StaleEngine
 from sdtrt.fsutil import atomic_write_bytes
 
@@ -114,7 +113,7 @@ class TensorRTRunner(EngineRunner):
         self.outputs = [n for n in names if modes[n] == lib.trt.TensorIOMode.OUTPUT]
         if not self.outputs:
             raise StaleEngine("the engine has no output tensor; rebuild it")
-        self.main_output = OUTPUT_LATENT if OUTPUT_LATENT in self.outputs else self.outputs[0]
+        self.main_output = self.outputs[0]  # every model contract's engine has one output
         self.dtypes = {n: torch_dtype(engine.get_tensor_dtype(n)) for n in names}
         self._profile = -1
         self._side_stream: torch.cuda.Stream | None = None
