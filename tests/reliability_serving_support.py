@@ -318,7 +318,7 @@ class FakeTrtCalls:
 
 def fake_tensorrt(version: str, calls: FakeTrtCalls, *, rtx_validity: bool, deserialized: Any = None
                   ) -> ModuleType:
-    """A `tensorrt`-like module: enough of ILogger, Runtime and EngineValidity for backends/tensorrt.py's load.
+    """A `tensorrt`-like module: enough of ILogger, Runtime and EngineValidity for the backends/tensorrt package's load.
     deserialize_cuda_engine returns `deserialized` (None: what the real one returns for a foreign or damaged plan).
     With `rtx_validity`, Runtime.get_engine_validity (TensorRT-RTX 1.1+) reads the header only, like the real one."""
     import enum

@@ -400,25 +400,22 @@ def test_a_read_error_is_not_taken_for_damage(cache: Cache, host: LoraHost, svc:
     assert_all_close(outs, Refs(host)(None))
 
 
-# ---- TensorRT / TensorRT-RTX through backends/tensorrt.py with a fake library -----------------------------------------
+# ---- TensorRT / TensorRT-RTX through backends/tensorrt/ with a fake library --------------------------------------------
 @pytest.fixture
 def fake_trt(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[bool], FakeTrtCalls]]:
     """Installs a fake `tensorrt` module and a fake GPU; yields make(rtx_validity) -> FakeTrtCalls."""
     import sdtrt.backends.tensorrt.library as trt_backend
 
-    bound = "sdtrt.backends._tensorrt_bound"
     monkeypatch.setattr(trt_backend, "_BOUND", {})
     monkeypatch.setattr(trt_backend, "_cuda_device", lambda: ("Fake GPU", 8, 9))
     calls = FakeTrtCalls()
 
     def make(rtx_validity: bool) -> FakeTrtCalls:
         monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt("10.99.0", calls, rtx_validity=rtx_validity))
-        trt_backend._BOUND.clear()
-        sys.modules.pop(bound, None)
+        trt_backend._BOUND.clear()  # the next handle is made over the fake module
         return calls
 
     yield make
-    sys.modules.pop(bound, None)
 
 
 def trt_engine(cache: Cache, root: Path, plan: bytes, version: str = "10.99.0") -> str:

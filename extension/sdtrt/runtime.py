@@ -29,6 +29,7 @@ from sdtrt.errors import (
     RefitRejected,
     SdtrtError,
     StaleEngine,
+    UnknownWeights,
 )
 from sdtrt.manifest import Manifest, stale_reason
 from sdtrt.models import ModelContract, bind_record
@@ -161,7 +162,7 @@ class EngineSession:
                 return None
             unknown = sorted(set(deltas) - self.runner.weight_names())
             if unknown:
-                raise RefitError(f"{len(unknown)} weight updates name no engine weight, e.g. {unknown[:3]}")
+                raise UnknownWeights(f"{len(unknown)} weight updates name no engine weight, e.g. {unknown[:3]}")
             plan = self.deltas.plan(key, deltas, base)
             if plan is None:
                 return None
