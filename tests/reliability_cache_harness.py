@@ -177,6 +177,22 @@ def audit(root: Path) -> CacheAudit:
     return a
 
 
+def _qualname(frame: Any) -> str:
+    """'Class.method' of a frame: co_qualname (Python 3.11+), else rebuilt from `self`/`cls` (Python 3.10, what
+    A1111 1.10 runs on), so sites read the same on both."""
+    code = frame.f_code
+    if hasattr(code, "co_qualname"):
+        return str(code.co_qualname)
+    owner = frame.f_locals.get("self", frame.f_locals.get("cls"))
+    if owner is None:
+        return str(code.co_name)
+    klass = owner if isinstance(owner, type) else type(owner)
+    for base in klass.__mro__:  # the class that defines the method, as co_qualname names it
+        if code in {getattr(v, "__code__", None) for v in vars(base).values()}:
+            return f"{base.__name__}.{code.co_name}"
+    return f"{klass.__name__}.{code.co_name}"
+
+
 def where(frame: Any) -> str:
     """The chain of sdtrt and fake-backend functions on the stack at `frame`, from Registry.build (or the
     outermost one) down: 'Registry.build > Registry._build_new > Registry._seal'. Shows which phase of a build a
@@ -185,7 +201,7 @@ def where(frame: Any) -> str:
     while frame is not None:
         file = frame.f_code.co_filename
         if os.sep + "sdtrt" + os.sep in file or file.endswith("reliability_cache_harness.py"):
-            chain.append(getattr(frame.f_code, "co_qualname", frame.f_code.co_name))
+            chain.append(_qualname(frame))
         frame = frame.f_back
     chain.reverse()
     if "Registry.build" in chain:
