@@ -77,12 +77,17 @@ class ModelInfo:
 
     @property
     def io(self) -> TensorIO:
-        return TensorIO(self.spec.in_channels, self.spec.context_dim, self.spec.adm_in_channels)
+        return TensorIO(self.spec.in_channels, self.spec.context_dim, self.spec.adm_in_channels,
+                        self.spec.skip_layout())
 
     @property
     def contract(self) -> ModelContract:
-        """The model contract of this UNet's engines, bound to its dimensions."""
+        """The model contract of this UNet's plain engines, bound to its dimensions."""
         return self.family.contract(self.io)
+
+    def contract_for(self, controlnet: bool) -> ModelContract:
+        """The plain contract, or its variant with ControlNet inputs."""
+        return self.family.contract.variant(controlnet)(self.io)
 
     @property
     def arch_hash(self) -> str:

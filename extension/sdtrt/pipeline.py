@@ -32,14 +32,14 @@ def supports_stripping(backend: Backend) -> bool:
 
 
 def make_key(info: ModelInfo, profiles: Sequence[Profile], backend: Backend, settings: ExportSettings,
-             options: BuildOptions) -> EngineKey:
+             options: BuildOptions, *, controlnet: bool = False) -> EngineKey:
     """Everything that goes into an engine, and nothing else: the checkpoint's weights are not part of it,
     because engines are refittable and filled from any checkpoint of the same architecture."""
     binfo = backend.info()
     return EngineKey(
         family=info.family_id,
         arch_hash=info.arch_hash,
-        io=info.contract.record(),
+        io=info.contract_for(controlnet).record(),
         profiles=tuple(str(p) for p in profiles),
         backend=binfo.name,
         backend_version=binfo.version,
@@ -70,13 +70,14 @@ def build_engine(
     progress: ProgressCallback = no_progress,
     torch_guard: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext,
     checkpoint_sha256: str | None = None,
+    controlnet: bool = False,
 ) -> BuildOutcome:
     """Export and build an engine for `checkpoint` with `profiles` into the cache, or reuse an identical one.
 
     `torch_guard()` is held while the UNet is created and exported (the part that uses torch); a host that
     changes torch globally (a model load in the WebUI) keeps its changes out of that window with it.
     `checkpoint_sha256`: the checkpoint's hash when the caller knows it (the WebUI does), so a cache hit reads
-    nothing of a multi-GB file."""
+    nothing of a multi-GB file. `controlnet`: the engine takes ControlNet residuals too (`models/control.py`)."""
     if not profiles:
         from sdtrt.errors import ProfileError
 
@@ -85,8 +86,8 @@ def build_engine(
     be = get_backend(backend)
     settings = ExportSettings(dtype=dtype or default_dtype(be.info()))
     options = options or BuildOptions(cache_dir=Path(cache) / ".cache")
-    key = make_key(ckpt.info, profiles, be, settings, options)
-    contract = ckpt.info.contract
+    key = make_key(ckpt.info, profiles, be, settings, options, controlnet=controlnet)
+    contract = ckpt.info.contract_for(controlnet)
     engine_profiles = [contract.engine_ranges(p) for p in profiles]
     registry = Registry(cache)
     calls = []

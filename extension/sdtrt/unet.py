@@ -46,6 +46,17 @@ class UNetSpec:
             return channels // self.num_head_channels, self.num_head_channels
         return self.num_heads, channels // self.num_heads
 
+    def skip_layout(self) -> tuple[tuple[int, int], ...]:
+        """(channels, downsampling exponent) of each input block's output, then of the middle block's: where
+        ControlNet residuals go (13 entries for SD1/SD2, 10 for SDXL)."""
+        mc, levels = self.model_channels, len(self.channel_mult)
+        out = [(mc, 0)]
+        for level, mult in enumerate(self.channel_mult):
+            out += [(mult * mc, level)] * self.num_res_blocks
+            if level != levels - 1:
+                out.append((mult * mc, level + 1))
+        return (*out, out[-1])
+
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
 

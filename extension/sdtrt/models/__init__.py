@@ -8,13 +8,14 @@ from typing import Any
 
 from sdtrt.errors import SdtrtError
 from sdtrt.models.base import ModelContract, NotServable, TensorIO, TensorSpec
-from sdtrt.models.ldm import LdmUNet
-from sdtrt.models.sgm import SgmUNet
+from sdtrt.models.control import CONTROL_KW, ControlFeeds
+from sdtrt.models.ldm import LdmUNet, LdmUNetControl
+from sdtrt.models.sgm import SgmUNet, SgmUNetControl
 
-CONTRACTS: dict[str, type[ModelContract]] = {c.name: c for c in (LdmUNet, SgmUNet)}
+CONTRACTS: dict[str, type[ModelContract]] = {c.name: c for c in (LdmUNet, LdmUNetControl, SgmUNet, SgmUNetControl)}
 
-__all__ = ["CONTRACTS", "LdmUNet", "ModelContract", "NotServable", "SgmUNet", "TensorIO", "TensorSpec", "bind",
-           "bind_record"]
+__all__ = ["CONTRACTS", "CONTROL_KW", "ControlFeeds", "LdmUNet", "LdmUNetControl", "ModelContract", "NotServable",
+           "SgmUNet", "SgmUNetControl", "TensorIO", "TensorSpec", "bind", "bind_record"]
 
 
 def bind(name: str, io: TensorIO) -> ModelContract:
@@ -29,7 +30,8 @@ def bind_record(record: Mapping[str, Any]) -> ModelContract:
     recorded carry only the dimensions: the UNet contract of their architecture, version 1, is theirs. A
     recorded version this code does not implement raises SdtrtError (the engine is then reported stale)."""
     y = record.get("y_dim")
-    io = TensorIO(int(record["in_channels"]), int(record["context_dim"]), None if y is None else int(y))
+    skips = tuple((int(c), int(level)) for c, level in record.get("skips") or ())
+    io = TensorIO(int(record["in_channels"]), int(record["context_dim"]), None if y is None else int(y), skips)
     name = str(record.get("contract") or (SgmUNet.name if io.y_dim is not None else LdmUNet.name))
     contract = bind(name, io)
     version = int(record.get("contract_version", 1))

@@ -38,6 +38,9 @@ class TensorIO:
     in_channels: int
     context_dim: int
     y_dim: int | None
+    #: (channels, downsampling exponent) of each skip connection, the middle block's last (`UNetSpec.skip_layout`);
+    #: only the variants with ControlNet inputs record it
+    skips: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -54,9 +57,22 @@ class ModelContract(ABC):
     #: registered name (recorded in the engine key) and version: a new version means new engines
     name: ClassVar[str]
     version: ClassVar[int]
+    #: whether the engine takes ControlNet residuals (see control.py); such a variant serves plain calls too
+    takes_control: ClassVar[bool] = False
+    #: the variant with ControlNet inputs of a plain contract (set by the architecture's module), if any
+    control_variant: ClassVar[type[ModelContract] | None] = None
 
     def __init__(self, io: TensorIO):
         self.io = io
+
+    @classmethod
+    def variant(cls, controlnet: bool) -> type[ModelContract]:
+        """This contract, or its variant with ControlNet inputs."""
+        if not controlnet or cls.takes_control:
+            return cls
+        if cls.control_variant is None:
+            raise SdtrtError(f"the {cls.name} engines have no variant with ControlNet inputs")
+        return cls.control_variant
 
     @classmethod
     @abstractmethod

@@ -3,6 +3,7 @@ inpainting variants. No `y` vector."""
 
 from __future__ import annotations
 
+from sdtrt.models.control import ControlledUNet
 from sdtrt.models.unet import UNetContract
 
 
@@ -10,3 +11,16 @@ class LdmUNet(UNetContract):
     name = "ldm-unet"
     version = 1
     takes_y = False
+
+
+class LdmUNetControl(ControlledUNet):
+    """With ControlNet inputs: 13 residuals (12 skips and the middle block), T2I-Adapter features after input
+    blocks 2, 5, 8 and 11 (the last block of each level)."""
+
+    name = "ldm-unet-control"
+    version = 1
+    takes_y = False
+    adapter_after = (2, 5, 8, 11)
+
+
+LdmUNet.control_variant = LdmUNetControl

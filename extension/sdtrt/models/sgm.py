@@ -3,6 +3,7 @@ inpainting included. Takes the `y` vector, which A1111 passes as a keyword."""
 
 from __future__ import annotations
 
+from sdtrt.models.control import ControlledUNet
 from sdtrt.models.unet import UNetContract
 
 
@@ -10,3 +11,17 @@ class SgmUNet(UNetContract):
     name = "sgm-unet"
     version = 1
     takes_y = True
+
+
+class SgmUNetControl(ControlledUNet):
+    """With ControlNet inputs: 10 residuals (9 skips and the middle block), T2I-Adapter features after input
+    blocks 3, 5 and 8 (sd-webui-controlnet adds SDXL's fourth feature after the middle block, which is the last
+    residual's place)."""
+
+    name = "sgm-unet-control"
+    version = 1
+    takes_y = True
+    adapter_after = (3, 5, 8)
+
+
+SgmUNet.control_variant = SgmUNetControl

@@ -17,6 +17,9 @@ TIMESTEPS = "timesteps"
 CONTEXT = "encoder_hidden_states"
 Y = "y"
 LATENT = "latent"
+#: The keyword under which a host call carries what a ControlNet hook adds (`control.ControlFeeds`); only the
+#: ControlNet serving path sends it, and only the variants with ControlNet inputs take it.
+CONTROL_KW = "sdtrt_control"
 
 
 class _Positional(torch.nn.Module):
@@ -114,6 +117,9 @@ class UNetContract(ModelContract):
         if len(args) < 3:
             raise NotServable(f"the UNet call has {len(args)} positional inputs, not x, timesteps and context")
         x, timesteps, context, *rest = args
+        if kwargs.get(CONTROL_KW) is not None:
+            raise NotServable("this engine has no ControlNet inputs (build one with ControlNet inputs to serve "
+                              "ControlNet units)")
         y = kwargs.get("y")
         extra = sorted(k for k, v in kwargs.items() if k != "y" and v is not None)
         if rest or extra:
