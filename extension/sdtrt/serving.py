@@ -267,21 +267,32 @@ class UnetServer:
         log.error("sdtrt: %s", slot.broken)
         return slot.broken
 
-    def _to_pytorch(self, reason: str, args: tuple[Any, ...], kwargs: dict[str, Any], *, user: bool = True
-                    ) -> torch.Tensor:
+    def to_pytorch(self, reason: str, args: tuple[Any, ...], kwargs: dict[str, Any], *, user: bool = True,
+                    fallback: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
         self.counters.fallback(reason)
         if user:
             self.notify(reason)
-        return self.fallback(*args, **kwargs)
+        return (fallback or self.fallback)(*args, **kwargs)
+
+    @property
+    def takes_control(self) -> bool:
+        """Whether a usable engine of this server has ControlNet inputs."""
+        return any(s.broken is None and s.contract.takes_control for s in self.slots)
 
     def __call__(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, *args: Any,
                  **kwargs: Any) -> torch.Tensor:
-        call = (x, timesteps, context, *args)
+        return self.serve((x, timesteps, context, *args), kwargs, self.fallback)
+
+    def serve(self, call: tuple[Any, ...], kwargs: dict[str, Any], fallback: Callable[..., torch.Tensor]
+              ) -> torch.Tensor:
+        """One UNet call: on the first engine whose contract takes it and whose profile covers it, else
+        `fallback(*call, **kwargs)` (counted, and told unless the extension is off)."""
+        x = call[0]
         if not self.enabled():
-            return self._to_pytorch("sdtrt is switched off", call, kwargs, user=False)
+            return self.to_pytorch("sdtrt is switched off", call, kwargs, user=False, fallback=fallback)
         reason = self.unusable or self.problem or self.bypass
         if reason is not None:
-            return self._to_pytorch(reason, call, kwargs)
+            return self.to_pytorch(reason, call, kwargs, fallback=fallback)
         refused: str | None = None  # why the engines' contracts cannot take this call
         seen: tuple[EngineSlot, dict[str, Dims]] | None = None  # a slot that took the call, to describe it
         for slot in self.slots:
@@ -304,16 +315,16 @@ class UnetServer:
                     stage = "failed during a call"
                     out = session.runner.infer(feeds, index)
             except (EngineBusy, EngineClosed) as e:  # this call only: the engine is fine, just not free now
-                return self._to_pytorch(str(e), call, kwargs)
+                return self.to_pytorch(str(e), call, kwargs, fallback=fallback)
             except NetworksFailed as e:  # this generation: the engine lacks the LoRA set
                 self.problem = str(e)
                 self.counters.error(self.problem)
                 log.error("sdtrt: %s", self.problem)
-                return self._to_pytorch(self.problem, call, kwargs)
+                return self.to_pytorch(self.problem, call, kwargs, fallback=fallback)
             except Exception as e:  # noqa: BLE001 - fall back rather than fail a generation
                 reason = self._broken(slot, e, stage)
                 if stage == "failed during a call":
-                    return self._to_pytorch(reason, call, kwargs)
+                    return self.to_pytorch(reason, call, kwargs, fallback=fallback)
                 continue
             self.counters.engine_call()
             return out.to(device=x.device, dtype=x.dtype)
@@ -321,7 +332,7 @@ class UnetServer:
         if broken and all(s.broken for s in self.slots):
             reason = broken[0]
         elif seen is None and refused is not None:  # no engine takes this kind of call at all
-            return self._to_pytorch(refused, call, kwargs)
+            return self.to_pytorch(refused, call, kwargs, fallback=fallback)
         else:
             covered = "; ".join(f"{s.id}: {', '.join(map(str, s.profiles))}" for s in self.slots) or "none"
             described = seen[0].contract.describe(seen[1]) if seen is not None else "no engine"
@@ -329,5 +340,5 @@ class UnetServer:
         if self.policy() == "error":
             raise NoMatchingProfile(reason + ". Build an engine with a profile for this size in the TensorRT "
                                     "tab, or set the sdtrt fallback policy to 'pytorch'.")
-        return self._to_pytorch(reason, call, kwargs)
+        return self.to_pytorch(reason, call, kwargs, fallback=fallback)
 

@@ -33,7 +33,7 @@ from sdtrt.serving import (
     UnetServer,
     WeightSource,
 )
-from sdtrt.webui import builds, foreign
+from sdtrt.webui import builds, controlnet, foreign
 from sdtrt.webui.host import LABEL_PREFIX, CheckpointRef, Host, Settings
 from sdtrt.webui.jobs import Job, JobQueue
 from sdtrt.webui.sessions import SessionPool, close_all
@@ -374,6 +374,9 @@ class EngineService:
         if self.generation is not None and self.generation.p is p:
             self.generation = None
         host = self._host()
+        unet = host.torch_unet()
+        if unet is not None:
+            controlnet.uninstall(unet)
         if self._unet_moved and self.active is not None and self.active.enabled() and not host.lowvram():
             unet = host.torch_unet()
             if unet is not None:
@@ -393,11 +396,56 @@ class EngineService:
         unet = self._host().torch_unet()
         if server is None:
             return
-        server.bypass = None if unet is None else foreign.unservable(unet)
+        if unet is not None:
+            controlnet.uninstall(unet)  # a previous pass's; installed again below when this pass is served
+        hook = None if unet is None else controlnet.recognise(unet)
+        if hook is not None and unet is not None:
+            server.bypass = (controlnet.unsupported(hook) or controlnet.patched_module(unet)
+                             or foreign.conv_problem(unet)
+                             or (None if server.takes_control else controlnet.NO_CONTROL_ENGINE))
+            controlnet.install(unet, hook, self._controlnet_call)  # served, or counted as PyTorch calls
+        else:
+            server.bypass = None if unet is None else foreign.unservable(unet)
         if server.bypass is None or unet is None or not server.enabled():
             return
         self._torch_unet_to_device(unet)
         self.notify(server.bypass)
+
+    def _controlnet_call(self, hook: controlnet.Hook, args: tuple[Any, ...], kwargs: dict[str, Any]
+                         ) -> torch.Tensor:
+        """One UNet call of a ControlNet pass (see webui/controlnet.py): the hook's code, the blocks on the engine.
+        Whatever the engine cannot take runs through the hook on the PyTorch UNet, told and counted."""
+        server, unet = self.active, self._host().torch_unet()
+        slot = None if server is None else next((s for s in server.slots if s.broken is None
+                                                 and s.contract.takes_control), None)
+        if server is None or unet is None:
+            return hook.bound(*args, **kwargs)
+
+        def through_hook(*_: Any, **__: Any) -> torch.Tensor:
+            self._torch_unet_to_device(unet)
+            return hook.bound(*args, **kwargs)
+
+        reason = server.unusable or server.problem or server.bypass or (
+            None if slot is not None else controlnet.NO_CONTROL_ENGINE)
+        if not server.enabled() or reason is not None or slot is None:
+            return server.to_pytorch(reason or "sdtrt is switched off", args, kwargs, user=server.enabled(),
+                                     fallback=through_hook)
+        contract = slot.contract
+
+        def pytorch(*_: Any, **__: Any) -> torch.Tensor:
+            raise controlnet.RunOnPyTorch()
+
+        try:
+            return controlnet.serve(hook, args, kwargs, unet, contract.io.skips, contract.adapters,  # type: ignore[attr-defined]
+                                    lambda call, kw: server.serve(call, kw, pytorch))
+        except controlnet.RunOnPyTorch:
+            pass
+        except controlnet.Unexpected as e:
+            reason = f"sd-webui-controlnet did something the engine has no input for ({e}); this call ran on PyTorch"
+            server.counters.fallback(reason)
+            self.notify(reason)
+        self._torch_unet_to_device(unet)
+        return hook.bound(*args, **kwargs)
 
     # ---- builds and deletes (sdtrt.webui.builds) ----------------------------------------------------------
     def submit_build(self, checkpoint: str, profiles: Sequence[str], backend: str = "auto",

@@ -1,0 +1,149 @@
+"""ControlNet generations on an engine with ControlNet inputs (webui/controlnet.py) in the fake A1111 1.10.1 with
+the sd-webui-controlnet stand-in: each image against SD Unet None's (PyTorch running the same hook), every UNet call
+on the engine, unsupported unit types on PyTorch with the notice, nothing left behind for the next generation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from fakehost import FakeHost
+from test_webui_a1111 import ROOT, STEPS, assert_close, gen
+from test_webui_host_changes import CONTROLNET, differs, run, units
+
+pytest.importorskip("fastapi")
+
+PROFILE = "1x64x64x75:1x64x64x75:2x128x128x150"
+
+
+@pytest.fixture(scope="module")
+def control_cache(tiny_checkpoint, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """Engines with ControlNet inputs for the seed-0 SD1 and SDXL checkpoints (the hosts load those)."""
+    from sdtrt.pipeline import build_engine
+    from sdtrt.profiles import Profile
+
+    cache = tmp_path_factory.mktemp("control-cache")
+    for family in ("sd1", "sdxl-base"):
+        build_engine(tiny_checkpoint(family, 0), [Profile.parse(PROFILE)], cache, backend="onnxruntime",
+                     controlnet=True)
+    return cache
+
+
+@pytest.fixture
+def host_for(tmp_path, control_cache, tiny_checkpoint):  # type: ignore[no-untyped-def]
+    import sdtrt.webui.service as service_module
+
+    hosts = []
+
+    def boot(family: str = "sd1") -> FakeHost:
+        service_module._SERVICE = None
+        cfg = {"sd_unet": "Automatic", "sdtrt_enabled": True, "sdtrt_fallback": "pytorch",
+               "sdtrt_cache_dir": str(control_cache)}
+        host = FakeHost.boot(tmp_path / f"cn-{family}", [tiny_checkpoint(family)], config=cfg, args=["--no-half"],
+                             extensions={"sd-webui-trt": ROOT, "sd-webui-controlnet": CONTROLNET})
+        hosts.append(host)
+        return host
+
+    yield boot
+    for host in hosts:
+        host.close()
+    if service_module._SERVICE is not None:
+        service_module._SERVICE.close_sessions()
+    service_module._SERVICE = None
+
+
+def engine_matches_pytorch(host: FakeHost, *unit_specs: dict[str, Any], calls: int = STEPS, **kw: Any) -> Any:
+    plain = gen(host, unet="None", **kw)
+    reference = gen(host, unet="None", alwayson_scripts=units(*unit_specs), **kw)
+    assert differs(reference, plain) > 0.01  # the units have an effect under PyTorch
+    result, d = run(host, alwayson_scripts=units(*unit_specs), **kw)
+    assert_close(result.latents, reference.latents)
+    assert d == {"engine_calls": calls, "fallback_calls": 0}, d
+    assert "TensorRT fallback" not in result.info
+    unet = host.sd_model.model.diffusion_model
+    assert next(unet.parameters()).device.type == "cpu"  # the PyTorch UNet stayed offloaded
+    return result
+
+
+@pytest.mark.parametrize("unit", [
+    {"module": "controlnet", "weight": 1.0},
+    {"module": "controlnet", "weight": 0.5, "control_mode": "prompt"},
+    {"module": "controlnet", "weight": 1.0, "control_mode": "controlnet"},
+    {"module": "t2i_adapter", "weight": 0.8},
+    {"module": "colorfix", "weight": 0.7},
+])
+def test_controlnet_units_run_on_the_engine(host_for, unit) -> None:  # type: ignore[no-untyped-def]
+    engine_matches_pytorch(host_for("sd1"), unit)
+
+
+def test_two_units_a_guidance_window_and_a_batch(host_for) -> None:  # type: ignore[no-untyped-def]
+    host = host_for("sd1")
+    engine_matches_pytorch(host, {"module": "controlnet", "weight": 0.6, "guidance_start": 0.3,
+                                  "guidance_end": 0.7},
+                           {"module": "t2i_adapter", "weight": 1.0}, batch_size=2, width=88, height=72)
+
+
+def test_hires_fix_both_passes_on_the_engine(host_for) -> None:  # type: ignore[no-untyped-def]
+    host = host_for("sd1")
+    engine_matches_pytorch(host, {"module": "controlnet", "weight": 1.0}, calls=STEPS + 2, enable_hr=True,
+                           hr_scale=1.5, hr_second_pass_steps=2, denoising_strength=0.5)
+
+
+def test_sdxl_controlnet_and_adapter(host_for) -> None:  # type: ignore[no-untyped-def]
+    host = host_for("sdxl-base")
+    engine_matches_pytorch(host, {"module": "controlnet", "weight": 1.0}, {"module": "t2i_adapter", "weight": 1.0})
+
+
+@pytest.mark.parametrize(("module", "told"), [("reference_only", "AttentionInjection"),
+                                              ("ip_adapter", "IPAdapter")])
+def test_units_that_change_the_unets_inside_run_on_pytorch_with_the_notice(host_for, module, told) -> None:  # type: ignore[no-untyped-def]
+    host = host_for("sd1")
+    plain = gen(host, unet="None")
+    reference = gen(host, unet="None", alwayson_scripts=units({"module": module, "weight": 1.0}))
+    assert differs(reference, plain) > 0.01
+    result, d = run(host, alwayson_scripts=units({"module": module, "weight": 1.0}))
+    assert_close(result.latents, reference.latents)
+    assert d["engine_calls"] == 0
+    assert "TensorRT fallback" in result.info and told in result.info
+    # nothing the unit or we did stays behind: the next plain generation runs on the engine
+    result, d = run(host)
+    assert_close(result.latents, plain.latents)
+    assert d == {"engine_calls": STEPS, "fallback_calls": 0}
+    assert "forward" not in vars(host.sd_model.model.diffusion_model) or \
+        vars(host.sd_model.model.diffusion_model)["forward"].__func__ is type(host.sd_model.model.diffusion_model).forward
+
+
+def test_a_controlnet_generation_leaves_nothing_behind(host_for) -> None:  # type: ignore[no-untyped-def]
+    from sdtrt.webui.controlnet import installed_wrapper, recognise
+
+    host = host_for("sd1")
+    plain = gen(host, unet="None")
+    engine_matches_pytorch(host, {"module": "controlnet", "weight": 1.0})
+    unet = host.sd_model.model.diffusion_model
+    assert installed_wrapper(unet) is None and recognise(unet) is None
+    result, d = run(host)
+    assert_close(result.latents, plain.latents)
+    assert d == {"engine_calls": STEPS, "fallback_calls": 0}
+
+
+def test_plain_engine_sends_controlnet_to_pytorch_naming_the_fix(tmp_path, engines, tiny_checkpoint) -> None:  # type: ignore[no-untyped-def]
+    import sdtrt.webui.service as service_module
+
+    service_module._SERVICE = None
+    cfg = {"sd_unet": "Automatic", "sdtrt_enabled": True, "sdtrt_fallback": "pytorch",
+           "sdtrt_cache_dir": str(engines[0])}
+    host = FakeHost.boot(tmp_path / "plain", [tiny_checkpoint("sd1")], config=cfg, args=["--no-half"],
+                         extensions={"sd-webui-trt": ROOT, "sd-webui-controlnet": CONTROLNET})
+    try:
+        unit = {"module": "controlnet", "weight": 1.0}
+        reference = gen(host, unet="None", alwayson_scripts=units(unit))
+        result, d = run(host, alwayson_scripts=units(unit))
+        assert_close(result.latents, reference.latents)
+        assert d == {"engine_calls": 0, "fallback_calls": STEPS}
+        assert "ControlNet inputs" in result.info
+    finally:
+        host.close()
+        if service_module._SERVICE is not None:
+            service_module._SERVICE.close_sessions()
+        service_module._SERVICE = None
