@@ -11,8 +11,16 @@ import torch
 from sdtrt.checkpoint import build_unet, open_checkpoint
 from sdtrt.errors import SdtrtError
 from sdtrt.manifest import Manifest
-from sdtrt.models import CONTROL_KW, ControlFeeds, LdmUNet, LdmUNetControl, NotServable, SgmUNetControl, TensorIO
-from sdtrt.models import bind_record
+from sdtrt.models import (
+    CONTROL_KW,
+    ControlFeeds,
+    LdmUNet,
+    LdmUNetControl,
+    NotServable,
+    SgmUNetControl,
+    TensorIO,
+    bind_record,
+)
 from sdtrt.pipeline import build_engine
 from sdtrt.profiles import Profile
 from sdtrt.registry import Registry
@@ -145,3 +153,22 @@ def test_skip_layout_of_sd1_and_sdxl_matches_the_hooks_residual_counts() -> None
     assert [lv for _, lv in sd1.skip_layout()] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 3]
     assert LdmUNetControl(TensorIO(4, 768, None, sd1.skip_layout())).adapters == (2, 5, 8, 11)
     assert SgmUNetControl(TensorIO(4, 2048, 2816, sdxl.skip_layout())).adapters == (3, 5, 8)
+
+
+def test_cli_builds_and_lists_an_engine_with_controlnet_inputs(tiny_checkpoint, tmp_path: Path, capsys) -> None:
+    import json
+
+    from sdtrt.cli import main
+
+    cache = tmp_path / "cache"
+    assert main(["build", str(tiny_checkpoint("sd1", 3)), "--backend", "onnxruntime", "--profile", "1x64x64x75",
+                 "--cache", str(cache), "--controlnet", "--json"]) == 0
+    built = json.loads(capsys.readouterr().out)
+    assert built["manifest"]["key"]["io"]["contract"] == "ldm-unet-control"
+    assert main(["build", str(tiny_checkpoint("sd1", 3)), "--backend", "onnxruntime", "--profile", "1x64x64x75",
+                 "--cache", str(cache), "--json"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert plain["id"] != built["id"]  # both variants coexist in the cache
+    assert main(["list", "--cache", str(cache), "--json"]) == 0
+    rows = {r["id"]: r for r in json.loads(capsys.readouterr().out)["engines"]}
+    assert rows[built["id"]]["controlnet"] is True and rows[plain["id"]]["controlnet"] is False

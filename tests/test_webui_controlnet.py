@@ -147,3 +147,34 @@ def test_plain_engine_sends_controlnet_to_pytorch_naming_the_fix(tmp_path, engin
         if service_module._SERVICE is not None:
             service_module._SERVICE.close_sessions()
         service_module._SERVICE = None
+
+
+def test_api_builds_an_engine_with_controlnet_inputs(tmp_path, tiny_checkpoint) -> None:  # type: ignore[no-untyped-def]
+    import sdtrt.webui.service as service_module
+    from test_webui_a1111 import svc
+
+    service_module._SERVICE = None
+    cfg = {"sd_unet": "Automatic", "sdtrt_enabled": True, "sdtrt_cache_dir": str(tmp_path / "c")}
+    host = FakeHost.boot(tmp_path / "api", [tiny_checkpoint("sd1")], config=cfg, args=["--no-half"],
+                         extensions={"sd-webui-trt": ROOT, "sd-webui-controlnet": CONTROLNET})
+    try:
+        client = host.client()
+        bad = client.post("/sdtrt/v1/engines", json={"checkpoint": "sd1-s0", "profiles": [PROFILE],
+                                                     "backend": "onnxruntime", "controlnet": "maybe"})
+        assert bad.status_code == 422
+        job_id = client.post("/sdtrt/v1/engines", json={"checkpoint": "sd1-s0", "profiles": [PROFILE],
+                                                        "backend": "onnxruntime", "controlnet": True}).json()["job_id"]
+        job = svc().jobs.wait(job_id, timeout=300)
+        assert job.state == "done", job.error
+        rows = client.get("/sdtrt/v1/engines").json()["engines"]
+        assert [r["controlnet"] for r in rows] == [True]
+        unit = {"module": "controlnet", "weight": 1.0}
+        reference = gen(host, unet="None", alwayson_scripts=units(unit))
+        result, d = run(host, alwayson_scripts=units(unit))
+        assert_close(result.latents, reference.latents)
+        assert d == {"engine_calls": STEPS, "fallback_calls": 0}
+    finally:
+        host.close()
+        if service_module._SERVICE is not None:
+            service_module._SERVICE.close_sessions()
+        service_module._SERVICE = None

@@ -80,6 +80,7 @@ class EngineRow:
             "size_bytes": self.size_bytes,
             "checkpoint": m.source_checkpoint.get("name") if m else None,
             "created": m.created if m else None,
+            "controlnet": bool(m and str(m.key.io.get("contract", "")).endswith("-control")),
         }
 
 

@@ -68,7 +68,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     options = BuildOptions(refit=not args.no_refit, strip_weights=not (args.no_strip or args.no_refit),
                            cache_dir=Path(args.cache) / ".cache")
     outcome = build_engine(args.checkpoint, _parse_profiles(args.profile), args.cache, config=args.config,
-                           backend=args.backend, dtype=args.dtype, options=options, progress=_progress(args))
+                           backend=args.backend, dtype=args.dtype, options=options, progress=_progress(args),
+                           controlnet=args.controlnet)
     m = outcome.manifest
     data = {"id": m.id, "built": outcome.built, "manifest": m.to_dict()}
     _emit(args, data, m.id)
@@ -91,8 +92,10 @@ def cmd_list(args: argparse.Namespace) -> int:
             "device": m.key.device if m else None,
             "size": row.size_bytes,
             "checkpoint": m.source_checkpoint.get("name") if m else None,
+            "controlnet": row.to_dict()["controlnet"],
         })
-    lines = [f"{'OK   ' if r['ok'] else 'STALE'} {r['id']}  {r['family'] or '?'}  {r['backend'] or '?'}  "
+    lines = [f"{'OK   ' if r['ok'] else 'STALE'} {r['id']}  {r['family'] or '?'}"
+             f"{' +ControlNet' if r['controlnet'] else ''}  {r['backend'] or '?'}  "
              f"{', '.join(r['profiles'])}" + ("" if r["ok"] else f"  ({r['reason']})") for r in rows]
     _emit(args, {"cache": str(args.cache), "engines": rows}, "\n".join(lines) or f"no engines in {args.cache}")
     return 0
@@ -219,6 +222,9 @@ def parser() -> argparse.ArgumentParser:
                     help="graph precision (default: float32 on CPU, float16 on GPUs)")
     sp.add_argument("--no-strip", action="store_true",
                     help="keep the weights in the TensorRT plan (default: weight-stripped, filled by refit at load)")
+    sp.add_argument("--controlnet", action="store_true",
+                    help="engine with ControlNet inputs: serves sd-webui-controlnet's ControlNet and T2I-Adapter "
+                         "units on the engine, and plain generations too")
     sp.add_argument("--no-refit", action="store_true",
                     help="a non-refittable engine: no checkpoint switching or LoRA, possibly faster")
     common(sp)

@@ -26,7 +26,7 @@ import torch
 from sdtrt.constants import CFG_ROWS
 from sdtrt.errors import SdtrtError
 from sdtrt.models.base import NotServable, TensorIO, TensorSpec
-from sdtrt.models.unet import CONTEXT, CONTROL_KW, SAMPLE, TIMESTEPS, Y, UNetContract
+from sdtrt.models.unet import CONTEXT, CONTROL_KW, SAMPLE, TIMESTEPS, UNetContract, Y
 from sdtrt.profiles import Dims, Profile, Shape, TensorRange
 
 #: Distinct zero-input shapes kept per engine (a long-running server sees many sizes).

@@ -134,6 +134,21 @@ class UNetContract(ModelContract):
             feeds[Y] = y
         return feeds
 
+    @staticmethod
+    def split_call(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[Any, Any, Any, Any]:
+        """(x, timesteps, context, y) of a host call `forward(x, timesteps=None, context=None, y=None, **kw)`."""
+        values = [*args[:4], *([None] * (4 - min(len(args), 4)))]
+        for i, name in enumerate(("x", "timesteps", "context", "y")):
+            if name in kwargs:
+                values[i] = kwargs[name]
+        return values[0], values[1], values[2], values[3]
+
+    @staticmethod
+    def make_call(x: Any, timesteps: Any, context: Any, y: Any, **extra: Any
+                  ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The host call (args, kwargs) of these inputs, as A1111 routes it (`y` as a keyword), plus `extra`."""
+        return (x, timesteps, context), {**extra, **({"y": y} if y is not None else {})}
+
     def describe(self, dims: Mapping[str, Dims]) -> str:
         """'2 rows, 512x768 px, 1 prompt chunk'."""
         n, _, h, w = dims[SAMPLE]

@@ -32,7 +32,7 @@ def engine_size(manifest: Manifest) -> int:
 
 
 def submit(svc: EngineService, checkpoint: str, profiles: Sequence[str], backend: str = "auto",
-           dtype: str | None = None, replaces: str | None = None) -> Job:
+           dtype: str | None = None, replaces: str | None = None, controlnet: bool = False) -> Job:
     """Validate now (unknown checkpoint, bad profile, unknown backend raise), build later on the job thread."""
     host = svc._host()
     if not isinstance(checkpoint, str) or not checkpoint:
@@ -54,8 +54,10 @@ def submit(svc: EngineService, checkpoint: str, profiles: Sequence[str], backend
             "cache folder in Settings > TensorRT"
         )
     cache = registry.root
+    if not isinstance(controlnet, bool):
+        raise SdtrtError(f"controlnet must be true or false, not {controlnet!r}")
     request = {"checkpoint": ref.title, "profiles": [str(p) for p in parsed], "backend": backend,
-               "dtype": dtype, "replaces": replaces}
+               "dtype": dtype, "replaces": replaces, "controlnet": controlnet}
 
     def work(job: Job, progress: Any) -> dict[str, Any]:
         from sdtrt.backends import get_backend
@@ -74,7 +76,7 @@ def submit(svc: EngineService, checkpoint: str, profiles: Sequence[str], backend
                                    config=Path(ref.config) if ref.config else None,
                                    backend=backend, dtype=dtype, progress=progress,
                                    torch_guard=contextlib.nullcontext if on_gpu else quiet,
-                                   checkpoint_sha256=ref.sha256)
+                                   checkpoint_sha256=ref.sha256, controlnet=controlnet)
         if replaces and replaces != outcome.manifest.id:
             with contextlib.suppress(SdtrtError):
                 delete(svc, replaces)
@@ -94,8 +96,9 @@ def rebuild(svc: EngineService, engine_id: str) -> Job:
     if ref is None:
         raise SdtrtError(f"engine {engine_id} was built from {name}, which the WebUI does not list any more")
     backend = svc.settings().backend
+    takes_control = bool(m.key.io.get("contract", "").endswith("-control"))
     return submit(svc, ref.title, list(m.key.profiles), backend, m.key.export.get("dtype"),
-                             replaces=engine_id)
+                  replaces=engine_id, controlnet=takes_control)
 
 def manifest_even_if_stale(svc: EngineService, engine_id: str) -> Manifest:
     """The manifest of an engine even when it is stale (for rebuilding)."""

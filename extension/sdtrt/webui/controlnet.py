@@ -21,14 +21,13 @@ with the reason told to the user.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from sdtrt.models import CONTROL_KW, ControlFeeds
+from sdtrt.models import ControlFeeds
 
 #: sd-webui-controlnet unit types (ControlModelType member names) whose effect is residuals, adapter features,
 #: extra context tokens, a changed `y`/sample or post-processing of the output: the engine serves them.
@@ -141,15 +140,6 @@ def uninstall(unet: torch.nn.Module) -> None:
         unet.forward = ours.sdtrt_wraps  # type: ignore[method-assign]
 
 
-_SIGNATURE = inspect.Signature([
-    inspect.Parameter("x", inspect.Parameter.POSITIONAL_OR_KEYWORD),
-    inspect.Parameter("timesteps", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None),
-    inspect.Parameter("context", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None),
-    inspect.Parameter("y", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None),
-    inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD),
-])
-
-
 class Unexpected(Exception):
     """The hook did something this module does not know how to hand to the engine."""
 
@@ -251,20 +241,17 @@ class _Recorder:
 
 
 def serve(hook: Hook, args: tuple[Any, ...], kwargs: dict[str, Any], unet: torch.nn.Module,
-          skips: tuple[tuple[int, int], ...], adapters: tuple[int, ...],
-          engine: Callable[[tuple[Any, ...], dict[str, Any]], torch.Tensor]) -> torch.Tensor:
-    """One UNet call through the hook with the blocks on the engine. `engine(call, kwargs)` runs the engine (or
-    raises RunOnPyTorch); Unexpected when the hook did something the engine has no input for."""
-    bound = _SIGNATURE.bind(*args, **kwargs)
-    x, timesteps = bound.arguments["x"], bound.arguments.get("timesteps")
+          skips: tuple[tuple[int, int], ...], adapters: tuple[int, ...], x: torch.Tensor, timesteps: Any,
+          engine: Callable[[torch.Tensor, Any, torch.Tensor, torch.Tensor | None, ControlFeeds], torch.Tensor]
+          ) -> torch.Tensor:
+    """One UNet call `forward(*args, **kwargs)` (whose sample is `x`) through the hook with the blocks on the engine.
+    `engine(sample, timesteps, context, y, feeds)` runs the engine (or raises RunOnPyTorch); Unexpected when the
+    hook did something the engine has no input for."""
     out_dtype = x.dtype
 
-    def run(sample: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None,
+    def run(sample: torch.Tensor, t: Any, context: torch.Tensor, y: torch.Tensor | None,
             feeds: ControlFeeds) -> torch.Tensor:
-        kw: dict[str, Any] = {CONTROL_KW: feeds}
-        if y is not None:
-            kw["y"] = y
-        return engine((sample, t, context), kw).to(out_dtype)
+        return engine(sample, t, context, y, feeds).to(out_dtype)
 
     recorder = _Recorder(unet, skips, adapters, x, run, timesteps)
     return hook.func(recorder, *args, **kwargs)

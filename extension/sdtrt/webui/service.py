@@ -23,6 +23,7 @@ from sdtrt.errors import (
     StaleEngine,
 )
 from sdtrt.manifest import Manifest
+from sdtrt.models import CONTROL_KW, ControlFeeds
 from sdtrt.registry import Registry
 from sdtrt.runtime import EngineSession
 from sdtrt.serving import (
@@ -435,9 +436,15 @@ class EngineService:
         def pytorch(*_: Any, **__: Any) -> torch.Tensor:
             raise controlnet.RunOnPyTorch()
 
+        def engine(sample: torch.Tensor, t: Any, context: torch.Tensor, y: torch.Tensor | None,
+                   feeds: ControlFeeds) -> torch.Tensor:
+            call, kw = contract.make_call(sample, t, context, y, **{CONTROL_KW: feeds})  # type: ignore[attr-defined]
+            return server.serve(call, kw, pytorch)
+
+        x, timesteps, _, _ = contract.split_call(args, kwargs)  # type: ignore[attr-defined]
         try:
             return controlnet.serve(hook, args, kwargs, unet, contract.io.skips, contract.adapters,  # type: ignore[attr-defined]
-                                    lambda call, kw: server.serve(call, kw, pytorch))
+                                    x, timesteps, engine)
         except controlnet.RunOnPyTorch:
             pass
         except controlnet.Unexpected as e:
@@ -449,8 +456,8 @@ class EngineService:
 
     # ---- builds and deletes (sdtrt.webui.builds) ----------------------------------------------------------
     def submit_build(self, checkpoint: str, profiles: Sequence[str], backend: str = "auto",
-                     dtype: str | None = None, replaces: str | None = None) -> Job:
-        return builds.submit(self, checkpoint, profiles, backend, dtype, replaces)
+                     dtype: str | None = None, replaces: str | None = None, controlnet: bool = False) -> Job:
+        return builds.submit(self, checkpoint, profiles, backend, dtype, replaces, controlnet)
 
     def rebuild(self, engine_id: str) -> Job:
         return builds.rebuild(self, engine_id)

@@ -47,7 +47,8 @@ def table(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
         status = "ok" if r["ok"] else f"stale: {r['reason']}"
         if r.get("active"):
             status += " (active)"
-        out.append([r["id"], status, r["family"] or "?", "\n".join(r["profiles"]), r["backend"] or "?",
+        family = (r["family"] or "?") + (" + ControlNet inputs" if r.get("controlnet") else "")
+        out.append([r["id"], status, family, "\n".join(r["profiles"]), r["backend"] or "?",
                     r.get("dtype") or "?", format_size(r["size_bytes"]), r["checkpoint"] or "?",
                     (r["created"] or "")[:19]])
     return out
@@ -92,10 +93,11 @@ def profile_from_fields(batch: Sequence[float], height: Sequence[float], width: 
 
 def run_build(svc: EngineService, checkpoint: str, profiles_text: str, backend: str,
               progress: Callable[[float, str], None], poll: float = 0.25,
-              submit: Callable[[], Job] | None = None) -> str:
+              submit: Callable[[], Job] | None = None, controlnet: bool = False) -> str:
     """Submit a build and follow it, reporting (fraction, phase) until it ends. Returns the outcome message."""
     try:
-        job = submit() if submit else svc.submit_build(checkpoint, profiles_from_text(profiles_text), backend)
+        job = submit() if submit else svc.submit_build(checkpoint, profiles_from_text(profiles_text), backend,
+                                                       controlnet=bool(controlnet))
     except SdtrtError as e:
         return f"Not started: {e}"
     while True:
@@ -177,6 +179,11 @@ def create_tab(svc: EngineService, checkpoint_titles: Callable[[], list[str]],
                             fields[name] = [gr.Number(label=f"{name} {which}", value=v, precision=0, step=step)
                                             for which, v in zip(("min", "opt", "max"), values)]
                     add = gr.Button("Add profile", elem_id="sdtrt_add_profile")
+                controlnet = gr.Checkbox(
+                    label="ControlNet inputs: run sd-webui-controlnet's ControlNet, T2I-Adapter, ReVision, style "
+                          "adapter and inpaint units on the engine (it serves plain generations too); "
+                          "reference-only, IP-Adapter and ControlLLLite run on PyTorch",
+                    value=False, elem_id="sdtrt_controlnet")
                 build = gr.Button("Build", variant="primary", elem_id="sdtrt_build")
                 message = gr.Textbox(label="Result", interactive=False, elem_id="sdtrt_message")
             with gr.Column(scale=4):
@@ -203,8 +210,8 @@ def create_tab(svc: EngineService, checkpoint_titles: Callable[[], list[str]],
                 return text, f"Profile not added: {e}"
             return (text.rstrip() + "\n" if text and text.strip() else "") + spec, ""
 
-        def on_build(ckpt: str, text: str, be: str, progress: Any = gr.Progress()) -> Any:  # noqa: B008
-            msg = run_build(svc, ckpt, text, be, lambda f, d: progress(f, desc=d))
+        def on_build(ckpt: str, text: str, be: str, cn: bool, progress: Any = gr.Progress()) -> Any:  # noqa: B008
+            msg = run_build(svc, ckpt, text, be, lambda f, d: progress(f, desc=d), controlnet=cn)
             return (msg, *refreshed())
 
         def on_delete(engine_id: str) -> Any:
@@ -216,7 +223,8 @@ def create_tab(svc: EngineService, checkpoint_titles: Callable[[], list[str]],
         editor = [c for name in ("batch", "height", "width", "tokens") for c in fields[name]]
         preset.change(on_preset, inputs=[preset], outputs=[profiles])
         add.click(on_add, inputs=[profiles, *editor], outputs=[profiles, message])
-        build.click(on_build, inputs=[checkpoint, profiles, backend], outputs=[message, engines, to_delete])
+        build.click(on_build, inputs=[checkpoint, profiles, backend, controlnet],
+                    outputs=[message, engines, to_delete])
         delete.click(on_delete, inputs=[to_delete], outputs=[message, engines, to_delete])
         refresh.click(refreshed, outputs=[engines, to_delete])
         rebuild.click(on_rebuild, outputs=[message, engines, to_delete])

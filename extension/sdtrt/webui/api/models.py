@@ -47,6 +47,8 @@ class BuildRequest(BaseModel):
         "profiles BxHxWxT or min:opt:max of those, e.g. 1x512x512x75", MAX_PROFILES)
     backend: str = Field("auto", max_length=32, description="auto, tensorrt, tensorrt-rtx or onnxruntime")
     dtype: str | None = Field(None, max_length=16, description="float16 or float32 (default: the backend's)")
+    controlnet: bool = Field(False, description="engine with ControlNet inputs (serves sd-webui-controlnet's "
+                                                "ControlNet and T2I-Adapter units, and plain generations)")
 
     if _PYDANTIC_V2:
         model_config = pydantic.ConfigDict(extra="forbid", json_schema_extra={"examples": [BUILD_EXAMPLE]})
@@ -70,6 +72,7 @@ class EngineRow(BaseModel):
     checkpoint: str | None
     created: str | None
     active: bool
+    controlnet: bool = False
 
 
 class EngineList(BaseModel):
