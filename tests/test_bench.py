@@ -26,6 +26,13 @@ def test_latency_bench_json_and_chart(tmp_path: Path, capsys) -> None:  # type: 
         assert 0 < r["host_overhead_ms"] < r["engine"]["median_ms"]
         assert r["build_s"] > 0 and r["refit_s"] > 0 and r["backend"] == "onnxruntime"
         assert r["engine_no_graphs"] is None and r["cuda_graphs"] == {}  # graphs exist on GPU backends only
+    cn = data["controlnet"]
+    assert [(r["model"], r["batch"]) for r in cn] == [("tiny", 1)]
+    for r in cn:
+        assert abs(r["ratio"] - r["engine"]["median_ms"] / r["torch"]["median_ms"]) < 1e-9
+        assert abs(r["plain_call_cost"] - r["control_engine_plain_call"]["median_ms"]
+                   / r["plain_engine"]["median_ms"]) < 1e-9
+        assert r["plain_engine"]["median_ms"] > 0 and r["backend"] == "onnxruntime"
     with Image.open(chart) as img:
         assert img.size[0] == 900 and img.size[1] > 100
 

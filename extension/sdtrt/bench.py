@@ -131,8 +131,8 @@ def format_refit(rows: Sequence[RefitBench]) -> str:
     return "\n".join(lines)
 
 
-def to_dicts(rows: Sequence[RefitBench]) -> list[dict[str, object]]:
-    return [asdict(r) for r in rows]
+def to_dicts(rows: Sequence[object]) -> list[dict[str, object]]:
+    return [asdict(r) for r in rows]  # type: ignore[call-overload]
 
 
 # ---- latency: engine vs PyTorch per UNet call --------------------------------------------------------------------
@@ -318,6 +318,78 @@ def latency_bench(model: str, batch: int, work: Path, *, backend: str = "auto", 
     return LatencyRow(model, pixels, batch, m.key.backend, device, str(dtype).replace("torch.", ""), tt, te, tn, tx,
                       te.median_ms / tt.median_ms, 1000 / tt.median_ms, 1000 / te.median_ms,
                       ts.median_ms, build_s, refit_s, torch_used, engine_used, graphs)
+
+
+@dataclass(frozen=True)
+class ControlNetRow:
+    """A ControlNet unit's UNet call: the engine with ControlNet inputs against PyTorch running the UNet's blocks
+    with the same residuals added (what sd-webui-controlnet does on PyTorch), and what the control inputs cost a
+    plain call (the same engine fed zeros against the plain engine). The ControlNet model itself runs on PyTorch
+    in both cases and is not timed."""
+
+    model: str
+    pixels: int
+    batch: int
+    backend: str
+    device: str
+    dtype: str
+    torch: Timing  # PyTorch UNet blocks with the residuals
+    engine: Timing  # engine with ControlNet inputs, residuals fed
+    ratio: float  # engine / torch median
+    plain_engine: Timing  # the plain engine, plain call
+    control_engine_plain_call: Timing  # the engine with ControlNet inputs, plain call (zeros)
+    plain_call_cost: float  # control_engine_plain_call / plain_engine median (1.0 = free)
+
+
+def controlnet_bench(model: str, batch: int, work: Path, *, backend: str = "auto", repeats: int = 10
+                     ) -> ControlNetRow:
+    from sdtrt.checkpoint import build_unet, open_checkpoint
+    from sdtrt.pipeline import build_engine
+    from sdtrt.profiles import Profile, Shape
+    from sdtrt.registry import Registry
+    from sdtrt.runtime import EngineSession, engine_contract
+
+    spec, pixels = LATENCY_MODELS[model]
+    ckpt = write_checkpoint(spec, work / f"{model}-cn", "bench-0")
+    shape = Shape(batch, pixels, pixels, 75)
+    cache = work / "cache-cn"
+    plain_m = build_engine(ckpt, [Profile.static(shape)], cache, backend=backend).manifest
+    m = build_engine(ckpt, [Profile.static(shape)], cache, backend=backend, controlnet=True).manifest
+    device = "cpu" if m.key.device == "cpu" else "cuda"
+    dtype = torch.float32 if m.key.export.get("dtype") == "float32" else torch.float16
+    info, sd = open_checkpoint(ckpt)
+    unet = build_unet(info.info, sd).to(device, dtype)
+    contract, plain_contract = engine_contract(m), engine_contract(plain_m)
+    g = torch.Generator().manual_seed(0)
+    feeds = contract.random_feeds(contract.call_dims(shape), device, dtype, g)
+    plain_feeds = {k: v for k, v in feeds.items() if k in plain_contract.input_names()}
+    zero_feeds = contract.feeds(*plain_contract.host_args(plain_feeds))
+    registry = Registry(cache)
+    with torch.no_grad():
+        session, plain = EngineSession.open(registry, m.id), EngineSession.open(registry, plain_m.id)
+        try:
+            samples = _interleaved({
+                "torch": lambda: contract.torch_call(unet, feeds),
+                "engine": lambda: session.runner.infer(feeds, 0),
+                "plain": lambda: plain.runner.infer(plain_feeds, 0),
+                "zeros": lambda: session.runner.infer(zero_feeds, 0),
+            }, repeats, device)
+        finally:
+            session.close()
+            plain.close()
+    tt, te, tp, tz = (Timing.of(samples[k]) for k in ("torch", "engine", "plain", "zeros"))
+    return ControlNetRow(model, pixels, batch, m.key.backend, device, str(dtype).replace("torch.", ""), tt, te,
+                         te.median_ms / tt.median_ms, tp, tz, tz.median_ms / tp.median_ms)
+
+
+def format_controlnet(rows: Sequence[ControlNetRow]) -> str:
+    lines = ["ControlNet  model  px    batch backend      torch+residuals_ms engine_ms ratio  plain_engine_ms "
+             "zeros_fed_ms plain_call_cost"]
+    for r in rows:
+        lines.append(f"ControlNet  {r.model:6} {r.pixels:5} {r.batch:5} {r.backend:12} {r.torch.median_ms:18.2f} "
+                     f"{r.engine.median_ms:9.2f} {r.ratio:5.3f} {r.plain_engine.median_ms:15.2f} "
+                     f"{r.control_engine_plain_call.median_ms:12.2f} {r.plain_call_cost:15.3f}")
+    return "\n".join(lines)
 
 
 def format_latency(rows: Sequence[LatencyRow]) -> str:

@@ -146,7 +146,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         rows = [refit_bench(f, rank=args.rank, device=device) for f in (args.family or ["sd15", "sdxl"])]
         _emit(args, {"refit": to_dicts(rows)}, format_refit(rows))
         return 0
-    from sdtrt.bench import LATENCY_MODELS, format_latency, latency_bench, latency_chart
+    from sdtrt.bench import LATENCY_MODELS, controlnet_bench, format_controlnet, format_latency, latency_bench
+    from sdtrt.bench import latency_chart
 
     models = args.model or (["sd15", "sd21", "sdxl"] if device == "cuda" else ["tiny", "small"])
     unknown = sorted(set(models) - set(LATENCY_MODELS))
@@ -155,9 +156,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="sdtrt-bench-") as tmp:
         lat = [latency_bench(m, b, Path(tmp), backend=args.backend, repeats=args.repeats)
                for m in models for b in (args.batch or [1, 4])]
+        # one ControlNet row per model, at the first batch size
+        cn = [controlnet_bench(m, (args.batch or [1])[0], Path(tmp), backend=args.backend, repeats=args.repeats)
+              for m in models]
     chart = str(latency_chart(lat, args.chart)) if args.chart else None
-    _emit(args, {"latency": to_dicts(lat), "chart": chart, "torch": torch.__version__},
-          format_latency(lat) + (f"\nchart: {chart}" if chart else ""))
+    _emit(args, {"latency": to_dicts(lat), "controlnet": to_dicts(cn), "chart": chart, "torch": torch.__version__},
+          format_latency(lat) + "\n" + format_controlnet(cn) + (f"\nchart: {chart}" if chart else ""))
     return 0
 
 

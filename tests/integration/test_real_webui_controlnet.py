@@ -1,4 +1,9 @@
-"""sd-webui-controlnet v1.1.455 beside sd-webui-trt in the real A1111 1.10.1 (issue 11 items 4 and 5).
+"""sd-webui-controlnet v1.1.455 beside sd-webui-trt in the real A1111 1.10.1 (issue 11 items 4 and 5, issue 13).
+
+First with a plain engine (no ControlNet inputs): units run on PyTorch with the notice. Then an engine with
+ControlNet inputs is built through the API, and T2I-Adapter units (weights, the three control modes, a guidance
+window, two units, hires fix) run every UNet call on it, each image within 2/255 of SD Unet None's with the same
+units; reference-only still runs on PyTorch with the notice.
 
 ControlNet runs the UNet's blocks itself while a unit is active (its hook replaces the UNet's `forward` on the
 instance, and leaves that attribute behind, bound to the class forward, when it restores), so the engine cannot
@@ -232,5 +237,68 @@ def test_reference_only_unit_gives_pytorchs_image_with_the_notice(host: WebUIHos
 
 def test_after_a_reference_only_generation_the_next_one_runs_on_the_engine(host: WebUIHost) -> None:
     generate(host, "Automatic", **with_units(unit("reference_only")))
+    check_next_generation_runs_on_the_engine(host, "a reference-only generation")
+    assert host.extension_errors() == [], host.log_tail(150)
+
+
+# ---- issue 13: an engine with ControlNet inputs -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def control_engine(host: WebUIHost) -> str:
+    status, answer = host.request("POST", "/sdtrt/v1/engines", {
+        "checkpoint": host.checkpoint.stem, "profiles": [PROFILE], "backend": "onnxruntime",  # type: ignore[union-attr]
+        "controlnet": True})
+    assert status == 202, answer
+    job = wait_job(host, answer["job_id"])
+    assert job["state"] == "done", job
+    rows = host.get("/sdtrt/v1/engines")["engines"]
+    assert sorted(r["controlnet"] for r in rows) == [False, True], rows  # both variants, side by side
+    print(f"engine with ControlNet inputs built in {job['finished'] - job['started']:.1f}s")
+    return str(job["result"]["engine_id"])
+
+
+def check_units_run_on_the_engine(host: WebUIHost, units: list[dict[str, Any]], what: str, **kw: Any) -> None:
+    """With `units` and the engine active: SD Unet None's image with the same units, every UNet call on the engine
+    (as many as the same generation without units makes), no notice; the units have a visible effect."""
+    _, plain, plain_delta = generate(host, "Automatic", **kw)
+    assert plain_delta["fallback_calls"] == 0, plain_delta
+    _, plain_torch, _ = generate(host, "None", **kw)
+    ref_out, reference, _ = generate(host, "None", **with_units(*units), **kw)
+    effect, _ = compare(plain_torch, reference)
+    assert effect > 10 * MAX_8BIT_DIFF, f"{what}: the units barely change the image ({effect}); nothing is tested"
+    out, pixels, delta = generate(host, "Automatic", **with_units(*units), **kw)
+    worst, frac = compare(reference, pixels)
+    print(f"{what} on the engine vs SD Unet None: max 8-bit diff {worst}, differing {frac:.5%}; effect {effect}; "
+          f"counters {delta}")
+    assert controlnet_params(out) == controlnet_params(ref_out)
+    assert fallback_notices(out) == [], out["info"][:800]
+    assert delta["engine_calls"] == plain_delta["engine_calls"] and delta["fallback_calls"] == 0, delta
+    assert worst <= MAX_8BIT_DIFF and frac <= MAX_DIFFERING_FRACTION, (what, worst, frac)
+
+
+@pytest.mark.parametrize(("extra", "what"), [
+    ({}, "T2I-Adapter, weight 1"),
+    ({"weight": 0.5, "control_mode": "My prompt is more important"}, "T2I-Adapter, weight 0.5, prompt mode"),
+    ({"control_mode": "ControlNet is more important"}, "T2I-Adapter, ControlNet mode"),
+    ({"guidance_start": 0.0, "guidance_end": 0.5}, "T2I-Adapter, guidance window (first half)"),
+])
+def test_t2i_adapter_runs_on_the_engine(host: WebUIHost, adapter_model: str, control_engine: str,
+                                        extra: dict[str, Any], what: str) -> None:
+    check_units_run_on_the_engine(host, [unit("none", adapter_model, **extra)], what)
+
+
+def test_two_units_run_on_the_engine(host: WebUIHost, adapter_model: str, control_engine: str) -> None:
+    check_units_run_on_the_engine(host, [unit("none", adapter_model, weight=0.6),
+                                         unit("none", adapter_model, weight=0.4,
+                                              control_mode="My prompt is more important")], "two units")
+
+
+def test_hires_fix_with_a_unit_runs_on_the_engine(host: WebUIHost, adapter_model: str, control_engine: str) -> None:
+    check_units_run_on_the_engine(host, [unit("none", adapter_model)], "T2I-Adapter with hires fix",
+                                  enable_hr=True, hr_scale=2, hr_second_pass_steps=2, denoising_strength=0.5,
+                                  hr_upscaler="Latent")
+
+
+def test_reference_only_still_runs_on_pytorch_with_a_control_engine(host: WebUIHost, control_engine: str) -> None:
+    check_unit_runs_on_pytorch(host, unit("reference_only"), "reference-only (engine with ControlNet inputs)")
     check_next_generation_runs_on_the_engine(host, "a reference-only generation")
     assert host.extension_errors() == [], host.log_tail(150)

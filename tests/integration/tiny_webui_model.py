@@ -1,13 +1,15 @@
 """Write a tiny, complete SD1 model that the real A1111 WebUI can load offline (run with the WebUI's Python).
 
-    <webui python> tiny_webui_model.py OUT_DIR [--seed N] [--stem NAME] [--unet sd1|sd1-blocks]
+    <webui python> tiny_webui_model.py OUT_DIR [--seed N] [--stem NAME] [--unet sd1|sd1-blocks|sd1-width]
 
 It writes, in OUT_DIR:
 - `<stem>.safetensors`: every tensor of an `ldm.models.diffusion.ddpm.LatentDiffusion` in A1111's key layout.
   The UNet (`--unet`) is either `sdtrt.tiny`'s "sd1" UNet (the default: 3 levels, 1 res block per level; same
   weights as `write_tiny_checkpoint("sd1", ..., seed)`) or "sd1-blocks": SD1's block layout (4 levels, 2 res
   blocks per level, channel mult 1-2-4-4, transformers at the first three levels, so input blocks 2, 5, 8 and 11
-  end the levels, where a T2I-Adapter adds its features) at a tiny width (`SD1_BLOCKS_CHANNELS`); the VAE
+  end the levels, where a T2I-Adapter adds its features) at a tiny width (`SD1_BLOCKS_CHANNELS`), or "sd1-width":
+  SD1's block layout at SD1's full width (320 channels; a ControlNet proper is always that wide) without the
+  levels' transformers (the middle block keeps its one), about half of SD1's parameters; the VAE
   (4 levels, so latents are 1/8 of the image, as A1111 assumes) and the CLIP text encoder (hidden size 768,
   2 layers) get random weights too, output layers and norms included: zero output layers would make every
   image constant, and untouched norms make A1111's emphasis rescaling divide 0 by 0 for short prompts.
@@ -37,7 +39,7 @@ VOCAB_SIZE = 49408
 CONTEXT_DIM = 768
 
 #: UNet layouts the writer knows (see the module docstring).
-UNET_LAYOUTS = ("sd1", "sd1-blocks")
+UNET_LAYOUTS = ("sd1", "sd1-blocks", "sd1-width")
 #: model_channels of the "sd1-blocks" UNet (SD1 has 320); its levels have 32, 64, 128 and 128 channels.
 SD1_BLOCKS_CHANNELS = 32
 #: The T2I-Adapter's input: an RGB image pixel-unshuffled by 8 (3 * 8 * 8 channels, as SD1 adapters take).
@@ -107,6 +109,9 @@ def unet_spec(layout: str = "sd1") -> Any:
     if layout == "sd1-blocks":
         return standard_spec(model_channels=SD1_BLOCKS_CHANNELS, channel_mult=(1, 2, 4, 4), num_res_blocks=2,
                              transformer_depth=(1, 1, 1, 0), num_heads=2)
+    if layout == "sd1-width":
+        return standard_spec(model_channels=320, channel_mult=(1, 2, 4, 4), num_res_blocks=2,
+                             transformer_depth=(0, 0, 0, 0), num_heads=8)
     raise ValueError(f"unknown UNet layout {layout!r}; known: {', '.join(UNET_LAYOUTS)}")
 
 

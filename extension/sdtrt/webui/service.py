@@ -239,6 +239,9 @@ class EngineService:
                     unusable = (f"the engine is for {fams}; the loaded checkpoint is {arch.family} with another "
                                 "architecture. Pick the engine of this checkpoint or build one in the TensorRT tab")
                 slots = [EngineSlot(m, self.sessions.open, self.sessions.evict) for m in fitting]
+                # plain calls go to the first slot that covers them: a plain engine before one with ControlNet
+                # inputs (which serves them too, fed zeros); ControlNet calls find the latter
+                slots.sort(key=lambda slot: slot.contract.takes_control)
                 weights = self._weights_for_loaded()
         except StaleEngine as e:  # damaged or foreign files, found by the cheap look before any load
             unusable = f"{e}; rebuild the engine (TensorRT tab) or pick another one"
