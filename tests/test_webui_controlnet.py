@@ -77,6 +77,16 @@ def test_controlnet_units_run_on_the_engine(host_for, unit) -> None:  # type: ig
     engine_matches_pytorch(host_for("sd1"), unit)
 
 
+def test_style_adapter_tokens_run_on_the_engine(host_for) -> None:  # type: ignore[no-untyped-def]
+    """77 prompt tokens + 8 style tokens = 85 context rows, inside the profile's 75-150 token range."""
+    engine_matches_pytorch(host_for("sd1"), {"module": "t2ia_style_clipvision", "weight": 1.0})
+
+
+def test_sdxl_revision_changes_y_and_runs_on_the_engine(host_for) -> None:  # type: ignore[no-untyped-def]
+    engine_matches_pytorch(host_for("sdxl-base"), {"module": "revision_clipvision", "weight": 1.0},
+                           {"module": "controlnet", "weight": 0.5})
+
+
 def test_two_units_a_guidance_window_and_a_batch(host_for) -> None:  # type: ignore[no-untyped-def]
     host = host_for("sd1")
     engine_matches_pytorch(host, {"module": "controlnet", "weight": 0.6, "guidance_start": 0.3,
@@ -178,3 +188,26 @@ def test_api_builds_an_engine_with_controlnet_inputs(tmp_path, tiny_checkpoint) 
         if service_module._SERVICE is not None:
             service_module._SERVICE.close_sessions()
         service_module._SERVICE = None
+
+
+def test_a_unit_that_fails_while_the_engine_serves_runs_on_pytorch(host_for, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A unit whose own code fails when the PyTorch UNet is not on the device (as ControlNet-LoRA could): the call
+    runs again through the hook on PyTorch, with the UNet moved back, and the generation does not fail."""
+    import sdtrt.webui.controlnet as cn
+
+    host = host_for("sd1")
+    unit = {"module": "controlnet", "weight": 1.0}
+    reference = gen(host, unet="None", alwayson_scripts=units(unit))
+    real_serve = cn.serve
+
+    def serve_once_broken(*a: Any, **k: Any) -> Any:
+        raise RuntimeError("injected: Expected all tensors to be on the same device")
+
+    monkeypatch.setattr(cn, "serve", serve_once_broken)
+    result, d = run(host, alwayson_scripts=units(unit))
+    assert_close(result.latents, reference.latents)
+    assert d == {"engine_calls": 0, "fallback_calls": STEPS}
+    assert "same device" in result.info
+    monkeypatch.setattr(cn, "serve", real_serve)
+    result, d = run(host, alwayson_scripts=units(unit))
+    assert d == {"engine_calls": STEPS, "fallback_calls": 0}

@@ -454,6 +454,13 @@ class EngineService:
             reason = f"sd-webui-controlnet did something the engine has no input for ({e}); this call ran on PyTorch"
             server.counters.fallback(reason)
             self.notify(reason)
+        except Exception as e:  # noqa: BLE001 - e.g. a unit that needs the PyTorch UNet on the device
+            log.exception("sdtrt: a ControlNet call failed with the engine serving it")
+            reason = (f"a ControlNet call failed with the engine serving it ({type(e).__name__}: {e}); it ran on "
+                      "PyTorch")
+            server.counters.fallback(reason)
+            server.counters.error(reason)
+            self.notify(reason)
         self._torch_unet_to_device(unet)
         return hook.bound(*args, **kwargs)
 

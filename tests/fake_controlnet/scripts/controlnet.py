@@ -42,7 +42,9 @@ UNITS = 2
 class ControlModelType(enum.Enum):
     ControlNet = "ControlNet, Lvmin Zhang"
     T2I_Adapter = "T2I_Adapter, Chong Mou"
+    T2I_StyleAdapter = "T2I_StyleAdapter, Chong Mou"
     AttentionInjection = "AttentionInjection, Lvmin Zhang"
+    ReVision = "ReVision, Stability"
     IPAdapter = "IPAdapter, Hu Ye"
 
     @property
@@ -52,6 +54,8 @@ class ControlModelType(enum.Enum):
 
 MODULE_TYPES = {"controlnet": ControlModelType.ControlNet, "colorfix": ControlModelType.ControlNet,
                 "t2i_adapter": ControlModelType.T2I_Adapter, "reference_only": ControlModelType.AttentionInjection,
+                "t2ia_style_clipvision": ControlModelType.T2I_StyleAdapter,
+                "revision_clipvision": ControlModelType.ReVision,
                 "ip_adapter": ControlModelType.IPAdapter}
 
 
@@ -135,6 +139,17 @@ class UnetHook:
             cond_mark = torch.ones(rows, 1, 1, 1).to(x)
             if rows % 2 == 0:
                 cond_mark[rows // 2:] = 0  # A1111 batches the cond rows first, then the uncond rows
+            if is_sdxl:  # ReVision: the first 1280 values of y become the image embedding (cond rows only)
+                revision = [p for p in outer.control_params if not p.guidance_stopped
+                            and p.control_model_type is ControlModelType.ReVision]
+                if revision:
+                    emb = sum(p.weight * _pattern(p.seed, 1, 1280, 1, 1, y).reshape(1, 1280) for p in revision)
+                    y[:, :1280] = emb * cond_mark[:, :, 0, 0]
+            for p in outer.control_params:  # the style adapter appends 8 tokens to the context
+                if not p.guidance_stopped and p.control_model_type is ControlModelType.T2I_StyleAdapter:
+                    tokens = _pattern(p.seed, 1, 8, 1, context.shape[2], context)[0, :, 0]
+                    tokens = (tokens * p.weight).expand(rows, 8, context.shape[2]) * cond_mark[:, :, :, 0]
+                    context = torch.cat([context, tokens], dim=1)
             for p in outer.control_params:
                 if p.guidance_stopped or not (p.control_model_type.is_controlnet
                                               or p.control_model_type is ControlModelType.T2I_Adapter):
