@@ -70,7 +70,7 @@ def control_engines(tiny_checkpoint, tmp_path_factory: pytest.TempPathFactory): 
     return get
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl-base", "sd1-inpaint"])
+@pytest.mark.parametrize("family", ["sd1", "sd2-v", "sdxl-base", "sdxl-refiner", "sd1-inpaint"])
 def test_engine_with_control_inputs_matches_the_hooks_block_loop(family: str, control_engines) -> None:
     manifest, unet, cache = control_engines(family)
     contract = bind_record(manifest.key.io)

@@ -36,11 +36,12 @@ def host_for(tmp_path, control_cache, tiny_checkpoint):  # type: ignore[no-untyp
 
     hosts = []
 
-    def boot(family: str = "sd1") -> FakeHost:
+    def boot(family: str = "sd1", seed: int = 0) -> FakeHost:
         service_module._SERVICE = None
         cfg = {"sd_unet": "Automatic", "sdtrt_enabled": True, "sdtrt_fallback": "pytorch",
                "sdtrt_cache_dir": str(control_cache)}
-        host = FakeHost.boot(tmp_path / f"cn-{family}", [tiny_checkpoint(family)], config=cfg, args=["--no-half"],
+        host = FakeHost.boot(tmp_path / f"cn-{family}-{seed}", [tiny_checkpoint(family, seed)], config=cfg,
+                             args=["--no-half"],
                              extensions={"sd-webui-trt": ROOT, "sd-webui-controlnet": CONTROLNET})
         hosts.append(host)
         return host
@@ -85,6 +86,19 @@ def test_style_adapter_tokens_run_on_the_engine(host_for) -> None:  # type: igno
 def test_sdxl_revision_changes_y_and_runs_on_the_engine(host_for) -> None:  # type: ignore[no-untyped-def]
     engine_matches_pytorch(host_for("sdxl-base"), {"module": "revision_clipvision", "weight": 1.0},
                            {"module": "controlnet", "weight": 0.5})
+
+
+def test_lora_and_another_checkpoint_with_a_controlnet_unit(host_for, tiny_checkpoint) -> None:  # type: ignore[no-untyped-def]
+    """The engine was built from the seed-0 checkpoint; the host runs a seed-3 checkpoint of the same architecture
+    (its weights refitted in) with a LoRA (refitted on top), and a ControlNet unit."""
+    from test_webui_lora import add_lora
+
+    host = host_for("sd1", seed=3)
+    add_lora(host, "net", tiny_checkpoint("sd1", 3), "lora", seed=3)
+    unit = {"module": "controlnet", "weight": 1.0}
+    without = gen(host, unet="None", alwayson_scripts=units(unit))
+    result = engine_matches_pytorch(host, unit, prompt="a photo of a cat <lora:net:0.8>")
+    assert differs(result, without) > 0.01  # the LoRA has an effect too
 
 
 def test_two_units_a_guidance_window_and_a_batch(host_for) -> None:  # type: ignore[no-untyped-def]
