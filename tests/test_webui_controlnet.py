@@ -24,7 +24,7 @@ def control_cache(tiny_checkpoint, tmp_path_factory: pytest.TempPathFactory):  #
     from sdtrt.profiles import Profile
 
     cache = tmp_path_factory.mktemp("control-cache")
-    for family in ("sd1", "sdxl-base"):
+    for family in ("sd1", "sd1-inpaint", "sdxl-base"):
         build_engine(tiny_checkpoint(family, 0), [Profile.parse(PROFILE)], cache, backend="onnxruntime",
                      controlnet=True)
     return cache
@@ -73,6 +73,7 @@ def engine_matches_pytorch(host: FakeHost, *unit_specs: dict[str, Any], calls: i
     {"module": "controlnet", "weight": 1.0, "control_mode": "controlnet"},
     {"module": "t2i_adapter", "weight": 0.8},
     {"module": "colorfix", "weight": 0.7},
+    {"module": "shuffle", "weight": 1.0},
 ])
 def test_controlnet_units_run_on_the_engine(host_for, unit) -> None:  # type: ignore[no-untyped-def]
     engine_matches_pytorch(host_for("sd1"), unit)
@@ -85,6 +86,13 @@ def test_style_adapter_tokens_run_on_the_engine(host_for) -> None:  # type: igno
 
 def test_sdxl_revision_changes_y_and_runs_on_the_engine(host_for) -> None:  # type: ignore[no-untyped-def]
     engine_matches_pytorch(host_for("sdxl-base"), {"module": "revision_clipvision", "weight": 1.0},
+                           {"module": "controlnet", "weight": 0.5})
+
+
+def test_inpaint_model_with_inpaint_only(host_for) -> None:  # type: ignore[no-untyped-def]
+    """An inpainting model (9 input channels): the hook replaces the mask and masked-image channels and blends the
+    output; the engine gets the sample the hook built."""
+    engine_matches_pytorch(host_for("sd1-inpaint"), {"module": "inpaint_only", "weight": 1.0},
                            {"module": "controlnet", "weight": 0.5})
 
 

@@ -53,6 +53,7 @@ class ControlModelType(enum.Enum):
 
 
 MODULE_TYPES = {"controlnet": ControlModelType.ControlNet, "colorfix": ControlModelType.ControlNet,
+                "shuffle": ControlModelType.ControlNet, "inpaint_only": ControlModelType.ControlNet,
                 "t2i_adapter": ControlModelType.T2I_Adapter, "reference_only": ControlModelType.AttentionInjection,
                 "t2ia_style_clipvision": ControlModelType.T2I_StyleAdapter,
                 "revision_clipvision": ControlModelType.ReVision,
@@ -70,6 +71,7 @@ class ControlParams:
         self.soft_injection = mode == "prompt"
         self.cfg_injection = mode == "controlnet"
         self.guidance_stopped = False
+        self.global_average_pooling = unit["module"] == "shuffle"  # a pooled (shuffle) model: [B, C, 1, 1]
         self.seed = 100 * index + 1
 
 
@@ -166,8 +168,10 @@ class UnetHook:
                                for i, k in enumerate(points + [n_skips - 1])][:4]
                     scales = [p.weight * s for s in (0.25, 0.62, 0.825, 1.0)] if p.soft_injection else [p.weight] * 4
                     target = total_t2i
-                if p.cfg_injection:
+                if p.cfg_injection or p.global_average_pooling:
                     control = [c * cond_mark for c in control]
+                if p.global_average_pooling:
+                    control = [c.mean(dim=(2, 3), keepdim=True) for c in control]
                 for i, (c, s) in enumerate(zip(control, scales)):
                     target[i] = c * s + target[i]
 
@@ -180,6 +184,11 @@ class UnetHook:
                                                **({"y": y} if is_sdxl else {}))
                     finally:
                         outer.attention_write = False
+
+            x_in = x
+            for p in outer.control_params:  # inpaint models: the masked image and mask channels are replaced
+                if p.preprocessor["name"] == "inpaint_only" and x.shape[1] == 9:
+                    x = torch.cat([x[:, :4], _pattern(p.seed + 7, rows, 5, x.shape[2], x.shape[3], x)], dim=1)
 
             hs = []
             t_emb = timestep_embedding(timesteps, self.model_channels).to(x.dtype)
@@ -204,6 +213,8 @@ class UnetHook:
             h = self.out(h)
 
             for p in outer.control_params:
+                if p.preprocessor["name"] == "inpaint_only":  # blend towards the input latent, as restore does
+                    h = h * 0.8 + 0.2 * x_in[:, :4]
                 if p.preprocessor["name"] == "colorfix":
                     blurred = torch.nn.functional.avg_pool2d(h, 3, stride=1, padding=1)
                     h = h * (1 - 0.5 * p.weight) + blurred * 0.5 * p.weight
