@@ -233,3 +233,15 @@ def test_a_unit_that_fails_while_the_engine_serves_runs_on_pytorch(host_for, mon
     monkeypatch.setattr(cn, "serve", real_serve)
     result, d = run(host, alwayson_scripts=units(unit))
     assert d == {"engine_calls": STEPS, "fallback_calls": 0}
+
+
+def test_error_policy_fails_an_uncovered_controlnet_generation(host_for) -> None:  # type: ignore[no-untyped-def]
+    """With the fallback policy "error", a ControlNet call no profile covers fails the generation (as a plain one
+    does) instead of running on PyTorch."""
+    host = host_for("sd1")
+    unit = {"module": "controlnet", "weight": 1.0}
+    with pytest.raises(Exception, match="no engine profile covers"):
+        gen(host, alwayson_scripts=units(unit), width=256, height=256,
+            override_settings={"sdtrt_fallback": "error"})
+    _, d = run(host, alwayson_scripts=units(unit))  # the next generation is served as usual
+    assert d == {"engine_calls": STEPS, "fallback_calls": 0}

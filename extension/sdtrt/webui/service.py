@@ -19,6 +19,7 @@ import torch
 from sdtrt.catalog import BackendProbe, EngineRow, engine_rows
 from sdtrt.engine_key import validate_engine_id
 from sdtrt.errors import (
+    NoMatchingProfile,
     SdtrtError,
     StaleEngine,
 )
@@ -450,6 +451,8 @@ class EngineService:
                                     x, timesteps, engine)
         except controlnet.RunOnPyTorch:
             pass
+        except NoMatchingProfile:
+            raise  # the fallback policy is "error": the user asked for a failed generation over a slow one
         except controlnet.Unexpected as e:
             reason = f"sd-webui-controlnet did something the engine has no input for ({e}); this call ran on PyTorch"
             server.counters.fallback(reason)
