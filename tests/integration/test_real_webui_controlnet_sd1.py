@@ -15,7 +15,6 @@ within 2/255 and run every UNet call on the engine, as many as the same generati
 
 from __future__ import annotations
 
-import os
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,20 +23,24 @@ import pytest
 
 from .a1111_host import A1111Install, WebUIHost, clean_env, write_tiny_model
 from .test_real_webui_controlnet import CONTROLNET, check_units_run_on_the_engine, unit
+from .test_real_webui_controlnet import controlnet_dir as controlnet_dir  # noqa: PLC0414 (the fixture, by name)
 from .test_real_webui_sdtrt import PROFILE, sdtrt_config, wait_job
 
 pytestmark = pytest.mark.integration
 
 CONTROLNET_STEM = "control_tiny_sd15_gradient"
 
-#: Runs in the WebUI's Python: argv = controlnet dir, output file, seed. Instantiates sd-webui-controlnet's own SD1
-#: ControlNet class and saves every parameter random (float16, as released ControlNets are).
+#: Runs in the WebUI's Python: argv = controlnet dir, output file, seed, this folder. Instantiates
+#: sd-webui-controlnet's own SD1 ControlNet class and saves every parameter random (`tiny_webui_model.randomize_`,
+#: float16 as released ControlNets are).
 CONTROLNET_WRITE = r'''
-import math, sys, types
+import sys, types
 import torch
 from safetensors.torch import save_file
 
-cn_dir, path, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+cn_dir, path, seed, here = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+sys.path.insert(0, here)
+from tiny_webui_model import randomize_
 modules = types.ModuleType("modules")
 modules.__path__ = []
 devices = types.ModuleType("modules.devices")
@@ -50,29 +53,11 @@ from scripts.cldm import ControlNet
 net = ControlNet(in_channels=4, model_channels=320, hint_channels=3, num_res_blocks=2, attention_resolutions=[1, 2, 4],
                  channel_mult=[1, 2, 4, 4], num_heads=8, transformer_depth=[1, 1, 1, 0], transformer_depth_middle=1,
                  context_dim=768, use_linear_in_transformer=False, use_fp16=False)
-g = torch.Generator().manual_seed(seed)
-with torch.no_grad():
-    for name, p in net.named_parameters():
-        r = torch.randn(p.shape, generator=g)
-        if p.ndim > 1:
-            p.copy_(r / math.sqrt(p[0].numel()))
-        elif "norm" in name and name.endswith("weight"):
-            p.copy_(1.0 + 0.1 * r)
-        else:
-            p.copy_(0.1 * r)
+randomize_(net, seed)
 sd = {"control_model." + k: v.detach().to(torch.float16).contiguous() for k, v in net.state_dict().items()}
 save_file(sd, path)
 print(len(sd))
 '''
-
-
-@pytest.fixture(scope="module")
-def controlnet_dir(a1111_install: A1111Install) -> Path:
-    path = a1111_install.controlnet_dir()
-    if not (path / "scripts" / "controlnet.py").is_file():
-        pytest.skip(f"no sd-webui-controlnet checkout at {path} (set SDTRT_CONTROLNET_DIR; see "
-                    f"tests/integration/README.md)")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +71,8 @@ def write_controlnet(install: A1111Install, controlnet_dir: Path, path: Path, se
     # ldm only: generative-models has a regular `scripts` package, which would shadow sd-webui-controlnet's
     # namespace package `scripts` (cldm.py falls back to ldm's blocks without sgm)
     pythonpath = str(install.root / "repositories" / "stable-diffusion-stability-ai")
-    proc = subprocess.run([str(install.python), "-c", CONTROLNET_WRITE, str(controlnet_dir), str(path), str(seed)],
+    proc = subprocess.run([str(install.python), "-c", CONTROLNET_WRITE, str(controlnet_dir), str(path), str(seed),
+                           str(Path(__file__).resolve().parent)],
                           env=clean_env({"PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": pythonpath}),
                           capture_output=True, text=True, timeout=1200, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
