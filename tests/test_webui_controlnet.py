@@ -4,6 +4,7 @@ on the engine, unsupported unit types on PyTorch with the notice, nothing left b
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -36,12 +37,12 @@ def host_for(tmp_path, control_cache, tiny_checkpoint):  # type: ignore[no-untyp
 
     hosts = []
 
-    def boot(family: str = "sd1", seed: int = 0) -> FakeHost:
+    def boot(family: str = "sd1", seed: int = 0, cache: Path | None = None) -> FakeHost:
         service_module._SERVICE = None
         cfg = {"sd_unet": "Automatic", "sdtrt_enabled": True, "sdtrt_fallback": "pytorch",
-               "sdtrt_cache_dir": str(control_cache)}
-        host = FakeHost.boot(tmp_path / f"cn-{family}-{seed}", [tiny_checkpoint(family, seed)], config=cfg,
-                             args=["--no-half"],
+               "sdtrt_cache_dir": str(cache or control_cache)}
+        host = FakeHost.boot(tmp_path / f"cn-{family}-{seed}-{len(hosts)}", [tiny_checkpoint(family, seed)],
+                             config=cfg, args=["--no-half"],
                              extensions={"sd-webui-trt": ROOT, "sd-webui-controlnet": CONTROLNET})
         hosts.append(host)
         return host
@@ -159,57 +160,35 @@ def test_a_controlnet_generation_leaves_nothing_behind(host_for) -> None:  # typ
     assert d == {"engine_calls": STEPS, "fallback_calls": 0}
 
 
-def test_plain_engine_sends_controlnet_to_pytorch_naming_the_fix(tmp_path, engines, tiny_checkpoint) -> None:  # type: ignore[no-untyped-def]
-    import sdtrt.webui.service as service_module
-
-    service_module._SERVICE = None
-    cfg = {"sd_unet": "Automatic", "sdtrt_enabled": True, "sdtrt_fallback": "pytorch",
-           "sdtrt_cache_dir": str(engines[0])}
-    host = FakeHost.boot(tmp_path / "plain", [tiny_checkpoint("sd1")], config=cfg, args=["--no-half"],
-                         extensions={"sd-webui-trt": ROOT, "sd-webui-controlnet": CONTROLNET})
-    try:
-        unit = {"module": "controlnet", "weight": 1.0}
-        reference = gen(host, unet="None", alwayson_scripts=units(unit))
-        result, d = run(host, alwayson_scripts=units(unit))
-        assert_close(result.latents, reference.latents)
-        assert d == {"engine_calls": 0, "fallback_calls": STEPS}
-        assert "ControlNet inputs" in result.info
-    finally:
-        host.close()
-        if service_module._SERVICE is not None:
-            service_module._SERVICE.close_sessions()
-        service_module._SERVICE = None
+def test_plain_engine_sends_controlnet_to_pytorch_naming_the_fix(host_for, engines) -> None:  # type: ignore[no-untyped-def]
+    host = host_for("sd1", cache=engines[0])
+    unit = {"module": "controlnet", "weight": 1.0}
+    reference = gen(host, unet="None", alwayson_scripts=units(unit))
+    result, d = run(host, alwayson_scripts=units(unit))
+    assert_close(result.latents, reference.latents)
+    assert d == {"engine_calls": 0, "fallback_calls": STEPS}
+    assert "ControlNet inputs" in result.info
 
 
-def test_api_builds_an_engine_with_controlnet_inputs(tmp_path, tiny_checkpoint) -> None:  # type: ignore[no-untyped-def]
-    import sdtrt.webui.service as service_module
+def test_api_builds_an_engine_with_controlnet_inputs(host_for, tmp_path) -> None:  # type: ignore[no-untyped-def]
     from test_webui_a1111 import svc
 
-    service_module._SERVICE = None
-    cfg = {"sd_unet": "Automatic", "sdtrt_enabled": True, "sdtrt_cache_dir": str(tmp_path / "c")}
-    host = FakeHost.boot(tmp_path / "api", [tiny_checkpoint("sd1")], config=cfg, args=["--no-half"],
-                         extensions={"sd-webui-trt": ROOT, "sd-webui-controlnet": CONTROLNET})
-    try:
-        client = host.client()
-        bad = client.post("/sdtrt/v1/engines", json={"checkpoint": "sd1-s0", "profiles": [PROFILE],
-                                                     "backend": "onnxruntime", "controlnet": "maybe"})
-        assert bad.status_code == 422
-        job_id = client.post("/sdtrt/v1/engines", json={"checkpoint": "sd1-s0", "profiles": [PROFILE],
-                                                        "backend": "onnxruntime", "controlnet": True}).json()["job_id"]
-        job = svc().jobs.wait(job_id, timeout=300)
-        assert job.state == "done", job.error
-        rows = client.get("/sdtrt/v1/engines").json()["engines"]
-        assert [r["controlnet"] for r in rows] == [True]
-        unit = {"module": "controlnet", "weight": 1.0}
-        reference = gen(host, unet="None", alwayson_scripts=units(unit))
-        result, d = run(host, alwayson_scripts=units(unit))
-        assert_close(result.latents, reference.latents)
-        assert d == {"engine_calls": STEPS, "fallback_calls": 0}
-    finally:
-        host.close()
-        if service_module._SERVICE is not None:
-            service_module._SERVICE.close_sessions()
-        service_module._SERVICE = None
+    host = host_for("sd1", cache=tmp_path / "c")
+    client = host.client()
+    bad = client.post("/sdtrt/v1/engines", json={"checkpoint": "sd1-s0", "profiles": [PROFILE],
+                                                 "backend": "onnxruntime", "controlnet": "maybe"})
+    assert bad.status_code == 422
+    job_id = client.post("/sdtrt/v1/engines", json={"checkpoint": "sd1-s0", "profiles": [PROFILE],
+                                                    "backend": "onnxruntime", "controlnet": True}).json()["job_id"]
+    job = svc().jobs.wait(job_id, timeout=300)
+    assert job.state == "done", job.error
+    rows = client.get("/sdtrt/v1/engines").json()["engines"]
+    assert [r["controlnet"] for r in rows] == [True]
+    unit = {"module": "controlnet", "weight": 1.0}
+    reference = gen(host, unet="None", alwayson_scripts=units(unit))
+    result, d = run(host, alwayson_scripts=units(unit))
+    assert_close(result.latents, reference.latents)
+    assert d == {"engine_calls": STEPS, "fallback_calls": 0}
 
 
 def test_a_unit_that_fails_while_the_engine_serves_runs_on_pytorch(host_for, monkeypatch) -> None:  # type: ignore[no-untyped-def]

@@ -383,8 +383,8 @@ def controlnet_bench(model: str, batch: int, work: Path, *, backend: str = "auto
 
 
 def format_controlnet(rows: Sequence[ControlNetRow]) -> str:
-    lines = ["ControlNet  model  px    batch backend      torch+residuals_ms engine_ms ratio  plain_engine_ms "
-             "zeros_fed_ms plain_call_cost"]
+    lines = [("ControlNet  model  px    batch backend      torch+residuals_ms engine_ms ratio  plain_engine_ms "
+              "zeros_fed_ms plain_call_cost")]
     for r in rows:
         lines.append(f"ControlNet  {r.model:6} {r.pixels:5} {r.batch:5} {r.backend:12} {r.torch.median_ms:18.2f} "
                      f"{r.engine.median_ms:9.2f} {r.ratio:5.3f} {r.plain_engine.median_ms:15.2f} "

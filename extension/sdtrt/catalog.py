@@ -12,6 +12,7 @@ from sdtrt.backends import backend_class
 from sdtrt.engine_types import BackendInfo
 from sdtrt.errors import SdtrtError
 from sdtrt.manifest import Manifest, stale_reason
+from sdtrt.models import record_takes_control
 from sdtrt.registry import Registry
 
 
@@ -80,7 +81,7 @@ class EngineRow:
             "size_bytes": self.size_bytes,
             "checkpoint": m.source_checkpoint.get("name") if m else None,
             "created": m.created if m else None,
-            "controlnet": bool(m and str(m.key.io.get("contract", "")).endswith("-control")),
+            "controlnet": bool(m and record_takes_control(m.key.io)),
         }
 
 

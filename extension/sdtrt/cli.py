@@ -146,8 +146,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         rows = [refit_bench(f, rank=args.rank, device=device) for f in (args.family or ["sd15", "sdxl"])]
         _emit(args, {"refit": to_dicts(rows)}, format_refit(rows))
         return 0
-    from sdtrt.bench import LATENCY_MODELS, controlnet_bench, format_controlnet, format_latency, latency_bench
-    from sdtrt.bench import latency_chart
+    from sdtrt.bench import (
+        LATENCY_MODELS,
+        controlnet_bench,
+        format_controlnet,
+        format_latency,
+        latency_bench,
+        latency_chart,
+    )
 
     models = args.model or (["sd15", "sd21", "sdxl"] if device == "cuda" else ["tiny", "small"])
     unknown = sorted(set(models) - set(LATENCY_MODELS))

@@ -113,23 +113,34 @@ def host(controlnet_dir: Path, blocks_checkpoint: Path, webui_factory: Callable[
     write_t2i_adapter(data_dir / "models" / "ControlNet" / f"{ADAPTER_STEM}.safetensors", SD1_BLOCKS_CHANNELS, seed=5)
     h = webui_factory(data_dir=data_dir, checkpoint=blocks_checkpoint, extensions={CONTROLNET: controlnet_dir},
                       config=sdtrt_config(tmp_path_factory.mktemp("sdtrt-cache-controlnet")))
-    status, answer = h.request("POST", "/sdtrt/v1/engines", {
-        "checkpoint": h.checkpoint.stem, "profiles": [PROFILE], "backend": "onnxruntime"})  # type: ignore[union-attr]
-    assert status == 202, answer
-    job = wait_job(h, answer["job_id"])
-    assert job["state"] == "done", job
+    job = build_through_api(h)
     print(f"engine for {blocks_checkpoint.name} built in {job['finished'] - job['started']:.1f}s")
     yield h
     h.stop()
 
 
-@pytest.fixture(scope="module")
-def adapter_model(host: WebUIHost) -> str:
-    """The adapter's name as ControlNet lists it ("<stem> [<hash>]")."""
+def build_through_api(host: WebUIHost, controlnet: bool = False) -> dict[str, Any]:
+    """Build an onnxruntime engine (with ControlNet inputs or not) for the loaded checkpoint; the finished job."""
+    status, answer = host.request("POST", "/sdtrt/v1/engines", {
+        "checkpoint": host.checkpoint.stem, "profiles": [PROFILE], "backend": "onnxruntime",  # type: ignore[union-attr]
+        "controlnet": controlnet})
+    assert status == 202, answer
+    job = wait_job(host, answer["job_id"])
+    assert job["state"] == "done", job
+    return job
+
+
+def listed_model(host: WebUIHost, stem: str) -> str:
+    """A control model's name as ControlNet lists it ("<stem> [<hash>]")."""
     models = host.get("/controlnet/model_list")["model_list"]
-    names = [m for m in models if m.startswith(ADAPTER_STEM)]
+    names = [m for m in models if m.startswith(stem)]
     assert len(names) == 1, models
     return str(names[0])
+
+
+@pytest.fixture(scope="module")
+def adapter_model(host: WebUIHost) -> str:
+    return listed_model(host, ADAPTER_STEM)
 
 
 def unit(module: str, model: str = "None", **extra: Any) -> dict[str, Any]:
@@ -244,12 +255,7 @@ def test_after_a_reference_only_generation_the_next_one_runs_on_the_engine(host:
 # ---- issue 13: an engine with ControlNet inputs -------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def control_engine(host: WebUIHost) -> str:
-    status, answer = host.request("POST", "/sdtrt/v1/engines", {
-        "checkpoint": host.checkpoint.stem, "profiles": [PROFILE], "backend": "onnxruntime",  # type: ignore[union-attr]
-        "controlnet": True})
-    assert status == 202, answer
-    job = wait_job(host, answer["job_id"])
-    assert job["state"] == "done", job
+    job = build_through_api(host, controlnet=True)
     rows = host.get("/sdtrt/v1/engines")["engines"]
     assert sorted(r["controlnet"] for r in rows) == [False, True], rows  # both variants, side by side
     print(f"engine with ControlNet inputs built in {job['finished'] - job['started']:.1f}s")
@@ -259,7 +265,7 @@ def control_engine(host: WebUIHost) -> str:
 def check_units_run_on_the_engine(host: WebUIHost, units: list[dict[str, Any]], what: str, **kw: Any) -> None:
     """With `units` and the engine active: SD Unet None's image with the same units, every UNet call on the engine
     (as many as the same generation without units makes), no notice; the units have a visible effect."""
-    _, plain, plain_delta = generate(host, "Automatic", **kw)
+    _, _, plain_delta = generate(host, "Automatic", **kw)
     assert plain_delta["fallback_calls"] == 0, plain_delta
     _, plain_torch, _ = generate(host, "None", **kw)
     ref_out, reference, _ = generate(host, "None", **with_units(*units), **kw)

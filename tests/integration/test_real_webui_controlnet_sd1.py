@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 
 from .a1111_host import A1111Install, WebUIHost, clean_env, write_tiny_model
-from .test_real_webui_controlnet import CONTROLNET, check_units_run_on_the_engine, unit
+from .test_real_webui_controlnet import CONTROLNET, build_through_api, check_units_run_on_the_engine, listed_model, unit
 from .test_real_webui_controlnet import controlnet_dir as controlnet_dir  # noqa: PLC0414 (the fixture, by name)
-from .test_real_webui_sdtrt import PROFILE, sdtrt_config, wait_job
+from .test_real_webui_sdtrt import sdtrt_config
 
 pytestmark = pytest.mark.integration
 
@@ -86,12 +86,7 @@ def host(controlnet_dir: Path, width_checkpoint: Path, a1111_install: A1111Insta
     write_controlnet(a1111_install, controlnet_dir, data_dir / "models" / "ControlNet" / f"{CONTROLNET_STEM}.safetensors")
     h = webui_factory(data_dir=data_dir, checkpoint=width_checkpoint, extensions={CONTROLNET: controlnet_dir},
                       config=sdtrt_config(tmp_path_factory.mktemp("sdtrt-cache-controlnet-sd1")))
-    status, answer = h.request("POST", "/sdtrt/v1/engines", {
-        "checkpoint": h.checkpoint.stem, "profiles": [PROFILE], "backend": "onnxruntime",  # type: ignore[union-attr]
-        "controlnet": True})
-    assert status == 202, answer
-    job = wait_job(h, answer["job_id"])
-    assert job["state"] == "done", job
+    job = build_through_api(h, controlnet=True)
     print(f"engine with ControlNet inputs for {width_checkpoint.name} built in "
           f"{job['finished'] - job['started']:.1f}s")
     yield h
@@ -100,10 +95,7 @@ def host(controlnet_dir: Path, width_checkpoint: Path, a1111_install: A1111Insta
 
 @pytest.fixture(scope="module")
 def controlnet_model(host: WebUIHost) -> str:
-    models = host.get("/controlnet/model_list")["model_list"]
-    names = [m for m in models if m.startswith(CONTROLNET_STEM)]
-    assert len(names) == 1, models
-    return str(names[0])
+    return listed_model(host, CONTROLNET_STEM)
 
 
 @pytest.mark.parametrize(("extra", "what"), [

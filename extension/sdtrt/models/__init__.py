@@ -15,7 +15,13 @@ from sdtrt.models.sgm import SgmUNet, SgmUNetControl
 CONTRACTS: dict[str, type[ModelContract]] = {c.name: c for c in (LdmUNet, LdmUNetControl, SgmUNet, SgmUNetControl)}
 
 __all__ = ["CONTRACTS", "CONTROL_KW", "ControlFeeds", "LdmUNet", "LdmUNetControl", "ModelContract", "NotServable",
-           "SgmUNet", "SgmUNetControl", "TensorIO", "TensorSpec", "bind", "bind_record"]
+           "SgmUNet", "SgmUNetControl", "TensorIO", "TensorSpec", "bind", "bind_record", "record_takes_control"]
+
+
+def record_takes_control(record: Mapping[str, Any]) -> bool:
+    """Whether the engine whose key records `record` has ControlNet inputs (False for unknown contracts)."""
+    contract = CONTRACTS.get(str(record.get("contract")))
+    return bool(contract is not None and contract.takes_control)
 
 
 def bind(name: str, io: TensorIO) -> ModelContract:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from sdtrt.engine_key import validate_engine_id
 from sdtrt.errors import BackendUnavailable, CacheNotWritable, EngineNotFound, ProfileError, SdtrtError
 from sdtrt.manifest import Manifest
+from sdtrt.models import record_takes_control
 from sdtrt.profiles import Profile
 from sdtrt.webui.host import BACKEND_CHOICES
 from sdtrt.webui.jobs import Job
@@ -96,9 +97,8 @@ def rebuild(svc: EngineService, engine_id: str) -> Job:
     if ref is None:
         raise SdtrtError(f"engine {engine_id} was built from {name}, which the WebUI does not list any more")
     backend = svc.settings().backend
-    takes_control = bool(m.key.io.get("contract", "").endswith("-control"))
     return submit(svc, ref.title, list(m.key.profiles), backend, m.key.export.get("dtype"),
-                  replaces=engine_id, controlnet=takes_control)
+                  replaces=engine_id, controlnet=record_takes_control(m.key.io))
 
 def manifest_even_if_stale(svc: EngineService, engine_id: str) -> Manifest:
     """The manifest of an engine even when it is stale (for rebuilding)."""

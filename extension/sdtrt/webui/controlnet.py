@@ -144,15 +144,6 @@ class Unexpected(Exception):
     """The hook did something this module does not know how to hand to the engine."""
 
 
-class _Stub(torch.nn.Module):
-    def __init__(self, fn: Callable[..., Any]):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.fn(*args, **kwargs)
-
-
 class _Recorder:
     """Stands in for the UNet inside the hook's forward: blocks that record what reaches them and return zeros of
     the real blocks' shapes; `out` runs the engine. Attributes it lacks are read from the real UNet; attributes the
@@ -175,12 +166,13 @@ class _Recorder:
         d["_x"] = d["_context"] = d["_y"] = None
         d["_hw"] = (h, w)
         d["model_channels"] = getattr(unet, "model_channels", None)
-        d["time_embed"] = _Stub(lambda t_emb: t_emb)
-        d["label_emb"] = _Stub(self._label)
-        d["input_blocks"] = torch.nn.ModuleList([_Stub(self._input(i)) for i in range(d["_n_in"])])
-        d["middle_block"] = _Stub(self._middle)
-        d["output_blocks"] = torch.nn.ModuleList([_Stub(self._output(j)) for j in range(d["_n_in"])])
-        d["out"] = _Stub(self._out)
+        # plain callables, not modules: the hook only calls and iterates them, and this runs on every step
+        d["time_embed"] = lambda t_emb: t_emb
+        d["label_emb"] = self._label
+        d["input_blocks"] = [self._input(i) for i in range(d["_n_in"])]
+        d["middle_block"] = self._middle
+        d["output_blocks"] = [self._output(j) for j in range(d["_n_in"])]
+        d["out"] = self._out
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.__dict__["_unet"], name)
