@@ -82,6 +82,8 @@ class EngineRow:
             "checkpoint": m.source_checkpoint.get("name") if m else None,
             "created": m.created if m else None,
             "controlnet": bool(m and record_takes_control(m.key.io)),
+            "targets": list(m.key.targets) if m else [],
+            "weights": m.key.weights.value if m else None,
         }
 
 

@@ -65,13 +65,17 @@ def cmd_build(args: argparse.Namespace) -> int:
     from sdtrt.backends.base import BuildOptions
     from sdtrt.pipeline import build_engine
 
+    from sdtrt.targets import parse_targets
+
     options = BuildOptions(refit=not args.no_refit, strip_weights=not (args.no_strip or args.no_refit),
-                           cache_dir=Path(args.cache) / ".cache")
+                           cache_dir=Path(args.cache) / ".cache", targets=parse_targets(args.target))
     outcome = build_engine(args.checkpoint, _parse_profiles(args.profile), args.cache, config=args.config,
                            backend=args.backend, dtype=args.dtype, options=options, progress=_progress(args),
                            controlnet=args.controlnet)
     m = outcome.manifest
-    data = {"id": m.id, "built": outcome.built, "manifest": m.to_dict()}
+    for note in outcome.notes:
+        print(f"note: {note}", file=sys.stderr)
+    data = {"id": m.id, "built": outcome.built, "manifest": m.to_dict(), "notes": list(outcome.notes)}
     _emit(args, data, m.id)
     return 0
 
@@ -90,12 +94,15 @@ def cmd_list(args: argparse.Namespace) -> int:
             "profiles": list(m.key.profiles) if m else [],
             "backend": f"{m.key.backend} {m.key.backend_version}" if m else None,
             "device": m.key.device if m else None,
+            "targets": list(m.key.targets) if m else [],
+            "weights": m.key.weights.value if m else None,
             "size": row.size_bytes,
             "checkpoint": m.source_checkpoint.get("name") if m else None,
             "controlnet": row.to_dict()["controlnet"],
         })
     lines = [f"{'OK   ' if r['ok'] else 'STALE'} {r['id']}  {r['family'] or '?'}"
-             f"{' +ControlNet' if r['controlnet'] else ''}  {r['backend'] or '?'}  "
+             f"{' +ControlNet' if r['controlnet'] else ''}  {r['backend'] or '?'}"
+             f"{' for ' + ','.join(r['targets']) if r['targets'] else ''}  "
              f"{', '.join(r['profiles'])}" + ("" if r["ok"] else f"  ({r['reason']})") for r in rows]
     _emit(args, {"cache": str(args.cache), "engines": rows}, "\n".join(lines) or f"no engines in {args.cache}")
     return 0
@@ -237,6 +244,10 @@ def parser() -> argparse.ArgumentParser:
                          "units on the engine, and plain generations too")
     sp.add_argument("--no-refit", action="store_true",
                     help="a non-refittable engine: no checkpoint switching or LoRA, possibly faster")
+    sp.add_argument("--target", default=None, metavar="SM,...",
+                    help="GPU compute capabilities to build for ahead of time, e.g. sm86,sm89,sm120 (TensorRT-RTX; "
+                         "works without a GPU, the engine then embeds the checkpoint's weights); default: current, "
+                         "the GPU of this machine")
     common(sp)
     sp.set_defaults(func=cmd_build)
 

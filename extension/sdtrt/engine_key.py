@@ -12,6 +12,7 @@ from typing import Any
 from sdtrt.engine_types import BackendInfo, RefitMode, WeightsMode
 from sdtrt.errors import InvalidEngineId, ManifestError
 from sdtrt.profiles import Profile
+from sdtrt.targets import parse_targets
 
 #: The values a key's `weights` and `refit_mode` may take (as stored in manifests).
 WEIGHTS_MODES = tuple(m.value for m in WeightsMode)
@@ -88,6 +89,7 @@ class EngineKey:
     weights: WeightsMode  # likewise "stripped" or "embedded"
     export: dict[str, Any]
     checkpoint_sha256: str | None = None
+    targets: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         """Validate and normalize (profiles re-rendered by Profile, dicts deep-copied). Raises ValueError."""
@@ -109,6 +111,12 @@ class EngineKey:
         if isinstance(self.profiles, str) or not isinstance(self.profiles, Sequence) or not self.profiles:
             raise ValueError(f"profiles must be a non-empty list of profile strings, got {self.profiles!r}")
         object.__setattr__(self, "profiles", tuple(str(Profile.parse(p)) for p in self.profiles))
+        if isinstance(self.targets, str) or not isinstance(self.targets, Sequence):
+            raise ValueError(f"targets must be a list of compute capabilities like 'sm89', got {self.targets!r}")
+        targets = tuple(self.targets)
+        if targets != parse_targets(targets) or not all(isinstance(t, str) for t in targets):
+            raise ValueError(f"targets must be sorted distinct names like 'sm86', 'sm89', got {list(targets)!r}")
+        object.__setattr__(self, "targets", targets)
         object.__setattr__(self, "io", json_copy(require_dict(self.io, "io"), "io"))
         object.__setattr__(self, "export", json_copy(require_dict(self.export, "export"), "export"))
 
@@ -129,6 +137,7 @@ class EngineKey:
             "weights": self.weights.value,
             "export": json_copy(self.export, "export"),
             "checkpoint_sha256": self.checkpoint_sha256,
+            **({"targets": list(self.targets)} if self.targets else {}),
         }
 
     @classmethod
@@ -141,6 +150,9 @@ class EngineKey:
             for name in ("io", "export", "profiles", "compute_capability"):
                 if name not in d:
                     raise ValueError(f"missing field {name!r}")
+            targets = d.get("targets", [])
+            if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+                raise ValueError(f"field 'targets' must be a list of strings, got {targets!r}")
             profiles = d["profiles"]
             if not isinstance(profiles, list) or not all(isinstance(p, str) for p in profiles):
                 raise ValueError(f"field 'profiles' must be a list of strings, got {profiles!r}")
@@ -157,6 +169,7 @@ class EngineKey:
                 weights=d["weights"],
                 export=d["export"],
                 checkpoint_sha256=d.get("checkpoint_sha256"),
+                targets=tuple(targets),
             )
         except ValueError as e:
             raise ManifestError(f"manifest key is invalid: {e}") from None

@@ -29,6 +29,10 @@ class BuildError(SdtrtError):
     """Building an engine failed; nothing was published."""
 
 
+class TargetError(BuildError, ValueError):
+    """An ahead-of-time build target (GPU compute capability) is malformed or not one the library builds for."""
+
+
 class EngineNotFound(SdtrtError):
     """No engine with that id in the cache."""
 

@@ -11,7 +11,8 @@ from typing import Any
 from sdtrt.constants import MANIFEST_SCHEMA
 from sdtrt.engine_key import EngineKey, check_str, json_copy, require_dict, validate_engine_id
 from sdtrt.engine_types import BackendInfo
-from sdtrt.errors import ManifestError
+from sdtrt.errors import ManifestError, TargetError
+from sdtrt.targets import describe, target_of
 
 MANIFEST_NAME = "manifest.json"
 #: A manifest is a few KiB; refusing big ones keeps a garbage file from being read into memory.
@@ -174,9 +175,25 @@ def _describe(info: BackendInfo) -> str:
     return f"{info.name} {info.version} on {info.device}{_cc_label(info.compute_capability)}"
 
 
+def _target_here(current: BackendInfo) -> str | None:
+    try:
+        return target_of(current.compute_capability) if current.compute_capability else None
+    except TargetError:
+        return None
+
+
 def stale_reason(key: EngineKey, current: BackendInfo | None) -> str | None:
     """Why an engine built under `key` must not be loaded under `current` (None: it may)."""
     if current is None:
+        return None
+    if key.targets:
+        built_with = f"{key.backend} {key.backend_version}"
+        if (key.backend, key.backend_version) != (current.name, current.version):
+            return f"built with {built_with} for {describe(key.targets)}; this machine has {_describe(current)}"
+        here = _target_here(current)
+        if here not in key.targets:
+            return (f"built ahead of time for {describe(key.targets)}; this GPU ({current.device}) is "
+                    f"{here or 'of unknown compute capability'}: build for {here or 'it'} (--target) to use it here")
         return None
     built = key.backend_info()
     if built == current:

@@ -32,10 +32,12 @@ def supports_stripping(backend: Backend) -> bool:
 
 
 def make_key(info: ModelInfo, profiles: Sequence[Profile], backend: Backend, settings: ExportSettings,
-             options: BuildOptions, *, controlnet: bool = False) -> EngineKey:
-    """Everything that goes into an engine, and nothing else: the checkpoint's weights are not part of it,
-    because engines are refittable and filled from any checkpoint of the same architecture."""
-    binfo = backend.info()
+             options: BuildOptions, *, controlnet: bool = False, checkpoint_sha256: str | None = None) -> EngineKey:
+    """Everything that goes into an engine, and nothing else: the checkpoint's weights are part of it only when
+    the engine cannot be refit (`checkpoint_sha256`); refittable engines are filled from any checkpoint of the
+    same architecture. `options` are those the backend will really use (Backend.build_options)."""
+    binfo = backend.build_info(options)
+    refit = RefitMode.REFIT if options.refit else RefitMode.NONE
     return EngineKey(
         family=info.family_id,
         arch_hash=info.arch_hash,
@@ -45,10 +47,13 @@ def make_key(info: ModelInfo, profiles: Sequence[Profile], backend: Backend, set
         backend_version=binfo.version,
         device=binfo.device,
         compute_capability=binfo.compute_capability,
-        refit_mode=RefitMode.REFIT if options.refit else RefitMode.NONE,
+        refit_mode=refit,
         weights=WeightsMode.STRIPPED if options.strip_weights and options.refit and supports_stripping(backend)
         else WeightsMode.EMBEDDED,
         export=settings.to_dict(),
+        # an engine that cannot take other weights is one checkpoint's engine: two checkpoints, two ids
+        checkpoint_sha256=checkpoint_sha256 if refit is RefitMode.NONE else None,
+        targets=options.targets,
     )
 
 
@@ -56,6 +61,8 @@ def make_key(info: ModelInfo, profiles: Sequence[Profile], backend: Backend, set
 class BuildOutcome:
     manifest: Manifest
     built: bool  # False when an identical engine was already in the cache
+    #: what the build did differently from what was asked, and why (e.g. weights embedded without a GPU)
+    notes: tuple[str, ...] = ()
 
 
 def build_engine(
@@ -83,10 +90,13 @@ def build_engine(
 
         raise ProfileError("give at least one profile (e.g. --profile 1x512x512x75)")
     ckpt, sd = open_checkpoint(checkpoint, config)
-    be = get_backend(backend)
-    settings = ExportSettings(dtype=dtype or default_dtype(be.info()))
     options = options or BuildOptions(cache_dir=Path(cache) / ".cache")
-    key = make_key(ckpt.info, profiles, be, settings, options, controlnet=controlnet)
+    be = get_backend(backend, targets=options.targets)
+    options, note = be.build_options(options)
+    settings = ExportSettings(dtype=dtype or default_dtype(be.build_info(options)))
+    checkpoint_sha256 = checkpoint_sha256 or file_sha256(ckpt.path)
+    key = make_key(ckpt.info, profiles, be, settings, options, controlnet=controlnet,
+                   checkpoint_sha256=checkpoint_sha256)
     contract = ckpt.info.contract_for(controlnet)
     engine_profiles = [contract.engine_ranges(p) for p in profiles]
     registry = Registry(cache)
@@ -108,7 +118,7 @@ def build_engine(
         onnx_dir.rmdir()
         return result
 
-    source = {"name": ckpt.path.name, "sha256": checkpoint_sha256 or file_sha256(ckpt.path)}
+    source = {"name": ckpt.path.name, "sha256": checkpoint_sha256}
     manifest = registry.build(key, source, produce, progress=progress)
     progress("done", 1.0)
-    return BuildOutcome(manifest, built=bool(calls))
+    return BuildOutcome(manifest, built=bool(calls), notes=(note,) if note else ())

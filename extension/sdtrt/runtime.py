@@ -19,6 +19,7 @@ import torch
 
 from sdtrt.backends import backend_class
 from sdtrt.backends.base import Backend, EngineRunner
+from sdtrt.engine_types import RefitMode
 from sdtrt.errors import (
     CorruptEngine,
     EngineBusy,
@@ -62,6 +63,18 @@ def _check_files(registry: Registry, engine_id: str, backend: Backend, quarantin
             except (OSError, SdtrtError) as q:
                 action = f"Moving it aside failed ({type(q).__name__}: {q}); rebuild it"
         raise CorruptEngine(f"{e}. It was never deserialized. {action}") from None
+
+
+def refit_refusal(manifest: Manifest, what: str) -> str | None:
+    """Why the engine of `manifest` cannot take `what` (other weights), None when it can: an engine built without
+    refit (on purpose, or ahead of time without a GPU) serves the checkpoint whose weights it embeds, only."""
+    if manifest.key.refit_mode is RefitMode.REFIT:
+        return None
+    source = manifest.source_checkpoint.get("name") or "its checkpoint"
+    built = (f"built ahead of time for {', '.join(manifest.key.targets)} without refit"
+             if manifest.key.targets else "built without refit")
+    return (f"engine {manifest.id} cannot take {what}: it was {built} and embeds the weights of {source}; "
+            "build an engine for this checkpoint (or one with refit, on a GPU of its targets) to serve it")
 
 
 def engine_contract(manifest: Manifest) -> ModelContract:
@@ -134,6 +147,12 @@ class EngineSession:
                 self.weights_unknown = f"a refit failed half-way ({type(e).__name__}: {e})"
             raise
 
+    def _refuse_refit(self, what: str) -> None:
+        """RefitRejected (nothing changes) for an engine built without refit: it serves its own checkpoint only."""
+        reason = refit_refusal(self.manifest, what)
+        if reason is not None:
+            raise RefitRejected(reason)
+
     def load_weights(self, state_dict: Mapping[str, torch.Tensor], checkpoint_sha256: str) -> bool:
         """Refit every engine weight from a checkpoint's UNet state dict unless they are already in. Returns
         whether a refit happened. On any error the engine keeps its previous weights (or, see `_refit`, is marked
@@ -141,6 +160,7 @@ class EngineSession:
         with self.hold():
             if self.weights_from == checkpoint_sha256:
                 return False
+            self._refuse_refit("another checkpoint's weights")
             names = self.runner.weight_names()
             missing = sorted(names - set(state_dict))
             if missing:
@@ -160,6 +180,8 @@ class EngineSession:
                 raise RefitError("the engine holds no checkpoint weights yet; load a checkpoint's weights first")
             if key == self.deltas.key:
                 return None
+            if deltas:
+                self._refuse_refit("LoRA weights")
             unknown = sorted(set(deltas) - self.runner.weight_names())
             if unknown:
                 raise UnknownWeights(f"{len(unknown)} weight updates name no engine weight, e.g. {unknown[:3]}")

@@ -8,6 +8,7 @@ name. Classes are imported on first use, so this package imports on machines wit
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 
 from sdtrt.backends.base import Backend
 from sdtrt.errors import BackendUnavailable
@@ -35,19 +36,23 @@ def backend_class(name: str) -> type[Backend]:
     return cls
 
 
-def get_backend(name: str = "auto") -> Backend:
-    """Instantiate a backend by name; "auto" picks the first available of AUTO_ORDER."""
+def get_backend(name: str = "auto", *, targets: Sequence[str] = ()) -> Backend:
+    """Instantiate a backend by name; "auto" picks the first available of AUTO_ORDER. With `targets` (an
+    ahead-of-time build) a backend only needs to build here, not run."""
+    def reason_of(cls: type[Backend]) -> str | None:
+        return cls.build_unavailable_reason(targets) if targets else cls.unavailable_reason()
+
     if name == "auto":
         reasons = []
         for candidate in AUTO_ORDER:
             cls = backend_class(candidate)
-            reason = cls.unavailable_reason()
+            reason = reason_of(cls)
             if reason is None:
                 return cls()
             reasons.append(f"{candidate}: {reason}")
         raise BackendUnavailable("no backend can run here:\n  " + "\n  ".join(reasons))
     cls = backend_class(name)
-    reason = cls.unavailable_reason()
+    reason = reason_of(cls)
     if reason is not None:
         raise BackendUnavailable(f"backend {name!r} cannot run here: {reason}")
     return cls()

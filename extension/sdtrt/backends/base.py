@@ -48,6 +48,7 @@ class Capabilities:
     refit: engine weights can be replaced by name after the build (checkpoint switch, LoRA).
     atomic_refit: a failed refit leaves every previous weight in place (its runners' `refit_is_atomic`).
     cuda_graphs: loaded engines replay CUDA graphs, so the backend's `cuda_graphs` switch means something.
+    ahead_of_time: builds for named GPU targets (BuildOptions.targets), also on a machine without a GPU.
     """
 
     devices: tuple[str, ...] = ()
@@ -55,6 +56,7 @@ class Capabilities:
     refit: bool = False
     atomic_refit: bool = False
     cuda_graphs: bool = False
+    ahead_of_time: bool = False
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,8 @@ class BuildOptions:
     cache_dir: where the TensorRT timing cache / TensorRT-RTX runtime cache lives (None: no cache).
     workspace_bytes: builder workspace limit (None: library default).
     optimization_level: TensorRT builder optimization level 0-5 (None: library default, 3).
+    targets: GPU compute capabilities to build for ahead of time ("sm86", ...; see sdtrt.targets); empty: the GPU
+        of this machine. Only backends with Capabilities.ahead_of_time take them.
     """
 
     refit: bool = True
@@ -75,6 +79,7 @@ class BuildOptions:
     cache_dir: Path | None = None
     workspace_bytes: int | None = None
     optimization_level: int | None = None
+    targets: tuple[str, ...] = ()
 
 
 class EngineRunner(ABC):
@@ -128,6 +133,25 @@ class Backend(ABC):
     def unavailable_reason(cls) -> str | None:
         """None when this backend can build and run here, else a sentence saying what is missing and how to fix it.
         Cheap: imports the library at most, never builds."""
+
+    @classmethod
+    def build_unavailable_reason(cls, targets: Sequence[str] = ()) -> str | None:
+        """Like unavailable_reason, for building only: an ahead-of-time build (`targets`) needs no GPU where the
+        backend can build for named targets; a backend that cannot is refused with the way out."""
+        if targets and not cls.capabilities.ahead_of_time:
+            return (f"{cls.name} builds only for the device it runs on, not for named targets ({', '.join(targets)}); "
+                    "ahead-of-time builds need --backend tensorrt-rtx")
+        return cls.unavailable_reason()
+
+    def build_options(self, options: BuildOptions) -> tuple[BuildOptions, str | None]:
+        """The options a build here will really use, and why they differ from `options` (None: they do not).
+        Decided before the engine key is made, so the key records what the engine is."""
+        return options, None
+
+    def build_info(self, options: BuildOptions) -> BackendInfo:
+        """The identity an engine built with `options` records: this GPU's, or for an ahead-of-time build the
+        library alone (the targets are recorded in the key)."""
+        return self.info()
 
     @abstractmethod
     def info(self) -> BackendInfo:

@@ -11,11 +11,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sdtrt.backends.base import BuildOptions
 from sdtrt.engine_key import validate_engine_id
 from sdtrt.errors import BackendUnavailable, CacheNotWritable, EngineNotFound, ProfileError, SdtrtError
 from sdtrt.manifest import Manifest
 from sdtrt.models import record_takes_control
 from sdtrt.profiles import Profile
+from sdtrt.targets import parse_targets
 from sdtrt.webui.host import BACKEND_CHOICES
 from sdtrt.webui.jobs import Job
 from sdtrt.webui.sessions import close_all
@@ -33,8 +35,10 @@ def engine_size(manifest: Manifest) -> int:
 
 
 def submit(svc: EngineService, checkpoint: str, profiles: Sequence[str], backend: str = "auto",
-           dtype: str | None = None, replaces: str | None = None, controlnet: bool = False) -> Job:
-    """Validate now (unknown checkpoint, bad profile, unknown backend raise), build later on the job thread."""
+           dtype: str | None = None, replaces: str | None = None, controlnet: bool = False,
+           targets: str | Sequence[str] | None = None) -> Job:
+    """Validate now (unknown checkpoint, bad profile, unknown backend or target raise), build later on the job
+    thread. `targets`: GPU compute capabilities to build for ahead of time ("sm86,sm89"); none: this GPU."""
     host = svc._host()
     if not isinstance(checkpoint, str) or not checkpoint:
         raise SdtrtError("give the checkpoint to build for (its title or name as the WebUI lists it)")
@@ -57,14 +61,16 @@ def submit(svc: EngineService, checkpoint: str, profiles: Sequence[str], backend
     cache = registry.root
     if not isinstance(controlnet, bool):
         raise SdtrtError(f"controlnet must be true or false, not {controlnet!r}")
+    aot = parse_targets(targets)
+    options = BuildOptions(cache_dir=cache / ".cache", targets=aot)
     request = {"checkpoint": ref.title, "profiles": [str(p) for p in parsed], "backend": backend,
-               "dtype": dtype, "replaces": replaces, "controlnet": controlnet}
+               "dtype": dtype, "replaces": replaces, "controlnet": controlnet, "targets": list(aot)}
 
     def work(job: Job, progress: Any) -> dict[str, Any]:
         from sdtrt.backends import get_backend
         from sdtrt.pipeline import build_engine
 
-        on_gpu = get_backend(backend).info().device != "cpu"
+        on_gpu = get_backend(backend, targets=aot).build_info(options).device != "cpu"
 
         def quiet() -> contextlib.AbstractContextManager[object]:
             return host.quiet_torch(lambda why: progress(why, 0.0))
@@ -75,7 +81,7 @@ def submit(svc: EngineService, checkpoint: str, profiles: Sequence[str], backend
         with quiet() if on_gpu else contextlib.nullcontext():
             outcome = build_engine(Path(ref.filename), parsed, cache,
                                    config=Path(ref.config) if ref.config else None,
-                                   backend=backend, dtype=dtype, progress=progress,
+                                   backend=backend, dtype=dtype, options=options, progress=progress,
                                    torch_guard=contextlib.nullcontext if on_gpu else quiet,
                                    checkpoint_sha256=ref.sha256, controlnet=controlnet)
         if replaces and replaces != outcome.manifest.id:
@@ -83,7 +89,7 @@ def submit(svc: EngineService, checkpoint: str, profiles: Sequence[str], backend
                 delete(svc, replaces)
         svc.refresh_list()
         return {"engine_id": outcome.manifest.id, "built": outcome.built,
-                "size_bytes": engine_size(outcome.manifest)}
+                "size_bytes": engine_size(outcome.manifest), "notes": list(outcome.notes)}
 
     return svc.jobs.submit(request, work)
 
@@ -98,7 +104,7 @@ def rebuild(svc: EngineService, engine_id: str) -> Job:
         raise SdtrtError(f"engine {engine_id} was built from {name}, which the WebUI does not list any more")
     backend = svc.settings().backend
     return submit(svc, ref.title, list(m.key.profiles), backend, m.key.export.get("dtype"),
-                  replaces=engine_id, controlnet=record_takes_control(m.key.io))
+                  replaces=engine_id, controlnet=record_takes_control(m.key.io), targets=m.key.targets)
 
 def manifest_even_if_stale(svc: EngineService, engine_id: str) -> Manifest:
     """The manifest of an engine even when it is stale (for rebuilding)."""

@@ -26,7 +26,7 @@ from sdtrt.errors import (
 from sdtrt.manifest import Manifest
 from sdtrt.models import CONTROL_KW, ControlFeeds
 from sdtrt.registry import Registry
-from sdtrt.runtime import EngineSession
+from sdtrt.runtime import EngineSession, refit_refusal
 from sdtrt.serving import (
     Counters,
     EngineSlot,
@@ -239,11 +239,17 @@ class EngineService:
                     fams = ", ".join(sorted({m.key.family for m in manifests}))
                     unusable = (f"the engine is for {fams}; the loaded checkpoint is {arch.family} with another "
                                 "architecture. Pick the engine of this checkpoint or build one in the TensorRT tab")
+                weights = self._weights_for_loaded()
+                # an engine without refit serves the checkpoint it embeds, only
+                own = [m for m in fitting if refit_refusal(m, "") is None
+                       or (weights is not None and m.source_checkpoint.get("sha256") == weights.sha256)]
+                if fitting and not own:
+                    unusable = refit_refusal(fitting[0], "the loaded checkpoint's weights")
+                fitting = own
                 slots = [EngineSlot(m, self.sessions.open, self.sessions.evict) for m in fitting]
                 # plain calls go to the first slot that covers them: a plain engine before one with ControlNet
                 # inputs (which serves them too, fed zeros); ControlNet calls find the latter
                 slots.sort(key=lambda slot: slot.contract.takes_control)
-                weights = self._weights_for_loaded()
         except StaleEngine as e:  # damaged or foreign files, found by the cheap look before any load
             unusable = f"{e}; rebuild the engine (TensorRT tab) or pick another one"
         except SdtrtError as e:
@@ -469,8 +475,9 @@ class EngineService:
 
     # ---- builds and deletes (sdtrt.webui.builds) ----------------------------------------------------------
     def submit_build(self, checkpoint: str, profiles: Sequence[str], backend: str = "auto",
-                     dtype: str | None = None, replaces: str | None = None, controlnet: bool = False) -> Job:
-        return builds.submit(self, checkpoint, profiles, backend, dtype, replaces, controlnet)
+                     dtype: str | None = None, replaces: str | None = None, controlnet: bool = False,
+                     targets: str | Sequence[str] | None = None) -> Job:
+        return builds.submit(self, checkpoint, profiles, backend, dtype, replaces, controlnet, targets)
 
     def rebuild(self, engine_id: str) -> Job:
         return builds.rebuild(self, engine_id)

@@ -48,7 +48,8 @@ def table(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
         if r.get("active"):
             status += " (active)"
         family = (r["family"] or "?") + (" + ControlNet inputs" if r.get("controlnet") else "")
-        out.append([r["id"], status, family, "\n".join(r["profiles"]), r["backend"] or "?",
+        backend = (r["backend"] or "?") + (f" for {', '.join(r['targets'])}" if r.get("targets") else "")
+        out.append([r["id"], status, family, "\n".join(r["profiles"]), backend,
                     r.get("dtype") or "?", format_size(r["size_bytes"]), r["checkpoint"] or "?",
                     (r["created"] or "")[:19]])
     return out
@@ -93,11 +94,12 @@ def profile_from_fields(batch: Sequence[float], height: Sequence[float], width: 
 
 def run_build(svc: EngineService, checkpoint: str, profiles_text: str, backend: str,
               progress: Callable[[float, str], None], poll: float = 0.25,
-              submit: Callable[[], Job] | None = None, controlnet: bool = False) -> str:
-    """Submit a build and follow it, reporting (fraction, phase) until it ends. Returns the outcome message."""
+              submit: Callable[[], Job] | None = None, controlnet: bool = False, targets: str = "") -> str:
+    """Submit a build and follow it, reporting (fraction, phase) until it ends. Returns the outcome message.
+    `targets`: GPU compute capabilities for an ahead-of-time build, comma-separated ("" or "current": this GPU)."""
     try:
         job = submit() if submit else svc.submit_build(checkpoint, profiles_from_text(profiles_text), backend,
-                                                       controlnet=bool(controlnet))
+                                                       controlnet=bool(controlnet), targets=targets or None)
     except SdtrtError as e:
         return f"Not started: {e}"
     while True:
@@ -113,7 +115,8 @@ def run_build(svc: EngineService, checkpoint: str, profiles_text: str, backend: 
     if job.state == DONE:
         result = job.result or {}
         verb = "Built" if result.get("built") else "Already in the cache:"
-        return f"{verb} engine {result.get('engine_id')} ({format_size(result.get('size_bytes'))})"
+        notes = "".join(f"\n{note}" for note in result.get("notes") or ())
+        return f"{verb} engine {result.get('engine_id')} ({format_size(result.get('size_bytes'))}){notes}"
     return f"Build {job.state}: {job.error or 'no error message'}"
 
 
@@ -184,6 +187,10 @@ def create_tab(svc: EngineService, checkpoint_titles: Callable[[], list[str]],
                           "adapter and inpaint units on the engine (it serves plain generations too); "
                           "reference-only, IP-Adapter and ControlLLLite run on PyTorch",
                     value=False, elem_id="sdtrt_controlnet")
+                targets = gr.Textbox(
+                    label="GPU targets (TensorRT-RTX, ahead of time): e.g. sm86, sm89, sm120 to build for GPUs "
+                          "this machine does not have (no GPU needed; the engine then embeds this checkpoint's "
+                          "weights); empty: this GPU", value="", elem_id="sdtrt_targets")
                 build = gr.Button("Build", variant="primary", elem_id="sdtrt_build")
                 message = gr.Textbox(label="Result", interactive=False, elem_id="sdtrt_message")
             with gr.Column(scale=4):
@@ -210,8 +217,9 @@ def create_tab(svc: EngineService, checkpoint_titles: Callable[[], list[str]],
                 return text, f"Profile not added: {e}"
             return (text.rstrip() + "\n" if text and text.strip() else "") + spec, ""
 
-        def on_build(ckpt: str, text: str, be: str, cn: bool, progress: Any = gr.Progress()) -> Any:  # noqa: B008
-            msg = run_build(svc, ckpt, text, be, lambda f, d: progress(f, desc=d), controlnet=cn)
+        def on_build(ckpt: str, text: str, be: str, cn: bool, aot: str,
+                     progress: Any = gr.Progress()) -> Any:  # noqa: B008
+            msg = run_build(svc, ckpt, text, be, lambda f, d: progress(f, desc=d), controlnet=cn, targets=aot)
             return (msg, *refreshed())
 
         def on_delete(engine_id: str) -> Any:
@@ -223,7 +231,7 @@ def create_tab(svc: EngineService, checkpoint_titles: Callable[[], list[str]],
         editor = [c for name in ("batch", "height", "width", "tokens") for c in fields[name]]
         preset.change(on_preset, inputs=[preset], outputs=[profiles])
         add.click(on_add, inputs=[profiles, *editor], outputs=[profiles, message])
-        build.click(on_build, inputs=[checkpoint, profiles, backend, controlnet],
+        build.click(on_build, inputs=[checkpoint, profiles, backend, controlnet, targets],
                     outputs=[message, engines, to_delete])
         delete.click(on_delete, inputs=[to_delete], outputs=[message, engines, to_delete])
         refresh.click(refreshed, outputs=[engines, to_delete])

@@ -4,6 +4,7 @@ for, and the argument checks done before the work is handed to build.py and runn
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -30,7 +31,10 @@ from sdtrt.backends.tensorrt.library import (
     unavailable_reason,
 )
 from sdtrt.backends.tensorrt.runner import TensorRTRunner
-from sdtrt.errors import BuildError, StaleEngine
+from sdtrt.errors import BackendUnavailable, BuildError, StaleEngine
+
+#: The `device` an ahead-of-time engine's key records: it was built for its targets, not for a GPU at hand.
+AHEAD_OF_TIME_DEVICE = "ahead-of-time"
 
 
 class TensorRTFamily(Backend):
@@ -52,6 +56,35 @@ class TensorRTFamily(Backend):
     @classmethod
     def unavailable_reason(cls) -> str | None:
         return unavailable_reason(cls.library)
+
+    @classmethod
+    def build_unavailable_reason(cls, targets: Sequence[str] = ()) -> str | None:
+        if targets and cls.capabilities.ahead_of_time:
+            try:
+                open_library(cls.library)  # the library alone: an ahead-of-time build needs no GPU
+            except BackendUnavailable as exc:
+                return str(exc)
+            return None
+        return super().build_unavailable_reason(targets)
+
+    def build_options(self, options: BuildOptions) -> tuple[BuildOptions, str | None]:
+        if not options.targets or not (options.refit or options.strip_weights):
+            return options, None
+        here = self.handle().gpu_target()
+        if here in options.targets:
+            return options, None
+        why = "no GPU here" if here is None else f"this GPU ({here}) is not among the targets"
+        return replace(options, refit=False, strip_weights=False), (
+            f"{why}: the engine for {', '.join(options.targets)} embeds its checkpoint's weights ({self.name} builds "
+            "refittable or weight-stripped engines only on a GPU of their targets), so it serves that checkpoint "
+            "only and LoRA runs on PyTorch with it"
+        )
+
+    def build_info(self, options: BuildOptions) -> BackendInfo:
+        if not options.targets:
+            return self.info()
+        lib = self.handle()
+        return BackendInfo(self.name, lib.version, AHEAD_OF_TIME_DEVICE, None)
 
     def handle(self) -> LibraryHandle:
         """The imported library; BackendUnavailable when it is not installed."""
@@ -77,6 +110,8 @@ class TensorRTFamily(Backend):
                 "strip_weights needs refit: a weight-stripped engine gets its weights by refit at load "
                 "(STRIP_PLAN alone would mean REFIT_IDENTICAL, which cannot take LoRA weights)"
             )
+        if options.targets and not self.capabilities.ahead_of_time:
+            raise BuildError(str(self.build_unavailable_reason(options.targets)))
         if self.cache_dir is None:
             self.cache_dir = options.cache_dir
         return _build.build(self.handle(), Path(onnx_path), profiles, Path(out_dir), options, progress)
@@ -104,3 +139,4 @@ class TensorRTRTXBackend(TensorRTFamily):
 
     name = TENSORRT_RTX.backend
     library = TENSORRT_RTX
+    capabilities: ClassVar[Capabilities] = replace(TensorRTFamily.capabilities, ahead_of_time=True)

@@ -1,5 +1,6 @@
 """Building an engine plan from ONNX with one TensorRT library: parse into a strongly typed network, configure the
-builder (profiles, refit and strip flags, workspace, optimization level, timing cache or RTX compute capability),
+builder (profiles, refit and strip flags, workspace, optimization level, timing cache or the RTX compute
+capabilities: this GPU, or named targets ahead of time without one),
 report progress and honour cancels, check the fresh plan (serializing it again so it stays refittable), write it."""
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from typing import TYPE_CHECKING, Any
 from sdtrt.backends.base import BuildOptions, BuildResult, EngineProfile, ProgressCallback
 from sdtrt.backends.tensorrt.library import LibraryHandle, library_of_module, open_library
 from sdtrt.backends.tensorrt.messages import QUOTED_MESSAGES, Messages, make_logger
-from sdtrt.errors import BuildError
+from sdtrt.errors import BuildError, TargetError
 from sdtrt.fsutil import atomic_write_bytes
+from sdtrt.targets import describe, enum_name
 
 if TYPE_CHECKING:
     import tensorrt
@@ -146,13 +148,10 @@ def build(
 
     timing_cache = None
     if lib.rtx:
-        current = lib.enum_member("ComputeCapability", "CURRENT")
-        if current is not None and hasattr(config, "num_compute_capabilities"):
-            # Kernels for this GPU only: smaller plan; the engine key already names the GPU.
-            rtx_config: Any = config  # members the 10.13 stubs lack, present (checked above) in RTX
-            rtx_config.num_compute_capabilities = 1
-            rtx_config.set_compute_capability(current, 0)
-            extra["compute_capability"] = "current"
+        extra["compute_capability"] = _set_compute_capabilities(lib, config, options.targets)
+    elif options.targets:
+        raise TargetError(f"{lib.name} builds only for the GPU it runs on; ahead-of-time targets "
+                          f"({describe(options.targets)}) need TensorRT-RTX (--backend tensorrt-rtx)")
     elif options.cache_dir is not None:  # RTX ignores timing caches, and they force a GPU query there
         timing_cache = lib.cache_file(Path(options.cache_dir), "timing")
         _load_timing_cache(config, timing_cache)
@@ -193,6 +192,27 @@ def build(
         refit_mode="refit" if options.refit else "none",
         extra=extra,
     )
+
+
+def _set_compute_capabilities(lib: LibraryHandle, config: tensorrt.IBuilderConfig, targets: Sequence[str]) -> str:
+    """Kernels for the named targets (ahead of time, no GPU needed) or, without targets, for this GPU only (a
+    smaller plan; the engine key names the GPU). Returns what the manifest records. Raises TargetError for a
+    target the library does not build for."""
+    members = [lib.enum_member("ComputeCapability", enum_name(t) if targets else "CURRENT") for t in targets or [""]]
+    known = hasattr(config, "num_compute_capabilities")
+    if targets and (not known or None in members):
+        missing = [t for t, m in zip(targets, members) if m is None] if known else list(targets)
+        raise TargetError(
+            f"{lib.name} {lib.version} cannot build for {describe(missing)}; it builds for: "
+            f"{describe(lib.targets()) if known and lib.targets() else 'its current GPU only'}"
+        )
+    if None in members or not known:
+        return "default"
+    rtx_config: Any = config  # members the 10.13 stubs lack, present (checked above) in RTX
+    rtx_config.num_compute_capabilities = len(members)
+    for index, member in enumerate(members):
+        rtx_config.set_compute_capability(member, index)
+    return ",".join(targets) if targets else "current"
 
 
 def _bytes(data: Any) -> memoryview:

@@ -157,6 +157,21 @@ class LibraryHandle:
         """(name, major, minor) of the GPU this library runs on; BackendUnavailable without one."""
         return _cuda_device()
 
+    def gpu_target(self) -> str | None:
+        """The build target name of the visible GPU ("sm89"), None without one. Builds that refit or strip weights
+        check the fresh plan on it, so they need it among their targets."""
+        try:
+            _, major, minor = self.device()
+        except BackendUnavailable:
+            return None
+        return f"sm{major}{minor}"
+
+    def targets(self) -> tuple[str, ...]:
+        """The ahead-of-time targets this library builds for, from its ComputeCapability enum ("sm75", ...)."""
+        enum = getattr(self.trt, "ComputeCapability", None)
+        names = [n for n in dir(enum) if re.fullmatch(r"SM\d+", n)] if enum is not None else []
+        return tuple(sorted((n.lower() for n in names), key=lambda t: int(t[2:])))
+
     def enum_member(self, enum_name: str, member: str) -> Any | None:
         """trt.<enum_name>.<member> when this library has it, else None (feature detection by name)."""
         return getattr(getattr(self.trt, enum_name, None), member, None)

@@ -53,14 +53,26 @@ def load(
         state, diagnostics = validity(plan)
         if state == invalid:
             raise StaleEngine(
-                f"{lib.name} cannot run {plan_path} on this GPU/driver (diagnostics {diagnostics!r}); "
-                "rebuild the engine"
+                f"{lib.name} cannot run {plan_path} on this GPU/driver ({_diagnostics(lib, diagnostics)}); "
+                "rebuild the engine for this GPU (or with --target naming it)"
             )
     engine = runtime.deserialize_cuda_engine(plan)
     if engine is None:
         raise StaleEngine(f"{lib.name} refused {plan_path}: {messages.text()}; rebuild the engine")
     _check_profiles(engine, profiles, plan_path)
     return TensorRTRunner(lib, runtime, engine, logger, messages, cache_dir, cuda_graphs)
+
+
+def _diagnostics(lib: LibraryHandle, diagnostics: Any) -> str:
+    """The names of the set bits of an engine-validity diagnostics mask (UNSUPPORTED_CC, VERSION_MISMATCH, ...),
+    read from the library's EngineInvalidityDiagnostics enum by name; the raw value when it cannot be read."""
+    enum = getattr(lib.trt, "EngineInvalidityDiagnostics", None)
+    try:
+        mask = int(diagnostics)
+        names = [n for n in dir(enum) if n.isupper() and int(getattr(enum, n)) & mask]
+    except (TypeError, ValueError):
+        names = []
+    return ", ".join(sorted(names)) or f"diagnostics {diagnostics!r}"
 
 
 def _check_profiles(engine: tensorrt.ICudaEngine, profiles: Sequence[EngineProfile], plan_path: Path) -> None:

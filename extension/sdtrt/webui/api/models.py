@@ -28,10 +28,13 @@ class ErrorBody(BaseModel):
 _ProfileText = pydantic.constr(max_length=MAX_PROFILE_CHARS)
 
 
-def _bounded_list(description: str, max_items: int) -> Any:
-    """A required list field of at most `max_items` (pydantic 2 says max_length, pydantic 1 max_items)."""
+def _bounded_list(description: str, max_items: int, *, required: bool = True) -> Any:
+    """A list field of at most `max_items` (pydantic 2 says max_length, pydantic 1 max_items); optional ones
+    default to an empty list."""
     bound: dict[str, Any] = {"max_length" if _PYDANTIC_V2 else "max_items": max_items}
-    return Field(..., description=description, **bound)
+    if required:
+        return Field(..., description=description, **bound)
+    return Field(default_factory=list, description=description, **bound)
 
 
 BUILD_EXAMPLE: dict[str, Any] = {
@@ -49,6 +52,9 @@ class BuildRequest(BaseModel):
     dtype: str | None = Field(None, max_length=16, description="float16 or float32 (default: the backend's)")
     controlnet: bool = Field(False, description="engine with ControlNet inputs (serves sd-webui-controlnet's "
                                                 "ControlNet and T2I-Adapter units, and plain generations)")
+    targets: list[str] = _bounded_list(
+        "GPU compute capabilities to build for ahead of time (TensorRT-RTX; no GPU needed), e.g. ['sm86', "
+        "'sm89']; empty: the GPU of this machine", 16, required=False)
 
     if _PYDANTIC_V2:
         model_config = pydantic.ConfigDict(extra="forbid", json_schema_extra={"examples": [BUILD_EXAMPLE]})
@@ -73,6 +79,8 @@ class EngineRow(BaseModel):
     created: str | None
     active: bool
     controlnet: bool = False
+    targets: list[str] = []
+    weights: str | None = None
 
 
 class EngineList(BaseModel):
