@@ -33,6 +33,10 @@ setup() {
   python -m pip install -q --no-deps "tensorrt-stubs==10.13.0.35.1" "stable-diffusion-sdkit==2.1.5"
   # TensorRT-RTX installs from PyPI alone; its ONNX parser runs without a GPU (CI proves every graph parses).
   python -m pip install -q "tensorrt-rtx-cu12==1.7.1.116" || echo "warning: tensorrt-rtx not installed" >&2
+  # TensorRT 11.4's Python bindings, read (never imported) by the check that the backend uses no removed API
+  python -m pip download -q --no-deps --only-binary=:all: --python-version 3.11 \
+    --platform manylinux_2_28_x86_64 -d "$VENV/sdtrt-wheels" "tensorrt-cu12-bindings==11.4.0.106" \
+    || echo "warning: TensorRT 11 bindings wheel not downloaded (its API check will skip)" >&2
   mark_venv
 }
 
