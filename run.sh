@@ -5,6 +5,8 @@
 #   bash run.sh sdtrt ARGS    any `python -m sdtrt` command
 #   bash run.sh test-a1111 [ARGS]  the core, fake-host, API and install tests in A1111 1.10.1's own environment
 #                             (Python 3.10, torch 2.1.2, numpy 1.26.2, protobuf 3.20.0, onnx 1.12.0, ...)
+#   bash run.sh gpu-wheels [DIR]   download what the GPU runbook installs (split into parts of at most 60 MiB)
+#   bash run.sh gpu-runbook [--dry-run]  on a GPU machine without an index: baselines, TensorRT-RTX, GPU tests, JSON
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${SDTRT_VENV:-.venv}
@@ -81,6 +83,22 @@ setup_a1111() {
   mark_venv
 }
 
+# What the GPU runbook installs on a machine without a package index (Python 3.12, CUDA 13 there), downloaded here;
+# wheels over 60 MiB are split into NAME.whl.part-aa, -ab, ... (the device tool carries at most 64 MiB per call).
+gpu_wheels() {
+  local dest=${1:-wheels} py=${GPU_PYTHON_VERSION:-3.12} w
+  mkdir -p "$dest"
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$py" \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    --platform any -d "$dest" "tensorrt-rtx-cu13-bindings==1.7.1.116" "tensorrt-rtx-cu13-libs==1.7.1.116" \
+    safetensors pytest pluggy iniconfig packaging
+  python3 -m pip wheel -q --no-deps -w "$dest" "tensorrt-rtx-cu13==1.7.1.116"  # an sdist on PyPI: made a wheel here
+  for w in "$dest"/*.whl; do
+    if [ "$(stat -c %s "$w")" -gt $((60 * 1024 * 1024)) ]; then split -b 60M "$w" "$w.part-" && rm "$w"; fi
+  done
+  ls -l "$dest"
+}
+
 cmd=${1:-demo}
 shift || true
 case "$cmd" in
@@ -89,5 +107,10 @@ case "$cmd" in
   sdtrt) setup; exec python -m sdtrt "$@" ;;
   test-a1111) setup_a1111; exec python -m pytest -q "$@" ;;
   setup) setup ;;
-  *) echo "usage: bash run.sh demo|test|test-a1111|sdtrt|setup [ARGS]" >&2; exit 2 ;;
+  # On a GPU machine with no package index: its own Python and torch, the wheels in ./wheels (see gpu-wheels).
+  gpu-runbook) wheels=(); [ -d "${SDTRT_WHEELS:-wheels}" ] && wheels=(--wheels "${SDTRT_WHEELS:-wheels}")
+    PYTHONPATH="extension${PYTHONPATH:+:$PYTHONPATH}" exec "$PY" -m sdtrt runbook "${wheels[@]}" \
+      --out "${OUT:-runbook-out}" "$@" ;;
+  gpu-wheels) gpu_wheels "$@" ;;
+  *) echo "usage: bash run.sh demo|test|test-a1111|sdtrt|setup|gpu-runbook|gpu-wheels [ARGS]" >&2; exit 2 ;;
 esac

@@ -244,3 +244,31 @@ def test_engine_without_refit_refuses_other_weights_and_lora(tiny_checkpoint, tm
         assert session.weights_from == own.source_checkpoint["sha256"] and session.weights_unknown is None
     finally:
         session.close()
+
+
+@needs_rtx
+@needs_no_gpu
+@pytest.mark.parametrize(("refit", "strip"), [(True, False), (True, True)], ids=["refit", "refit+strip"])
+def test_refittable_or_stripped_plans_need_a_gpu(tiny_checkpoint, tmp_path: Path, refit: bool, strip: bool) -> None:
+    """Why CPU-built engines embed their weights: TensorRT-RTX fails such builds in its Myelin compiler without a
+    GPU (REFIT_IDENTICAL and STRIP_PLAN alone too; REFIT_INDIVIDUAL builds only with no weight marked refittable, a
+    plan of full size). Built through the backend directly, bypassing build_options. If a TensorRT-RTX release
+    starts building these on a CPU, this test fails: then build_options can stop embedding."""
+    from sdtrt.backends.tensorrt import TensorRTRTXBackend
+    from sdtrt.checkpoint import build_unet, open_checkpoint
+    from sdtrt.errors import BuildError
+    from sdtrt.export import ExportSettings, export_unet
+
+    ckpt, sd = open_checkpoint(tiny_checkpoint("sd1"))
+    contract = ckpt.info.contract_for(False)
+    onnx = export_unet(build_unet(ckpt.info, sd), contract, tmp_path / "onnx", ExportSettings(dtype="float32"))
+    backend = TensorRTRTXBackend()
+    options = BuildOptions(refit=refit, strip_weights=strip, targets=("sm89",))
+    assert backend.build_options(options)[0] == BuildOptions(refit=False, strip_weights=False, targets=("sm89",))
+    with pytest.raises(BuildError, match="could not build the engine.*(Myelin|CUDA)"):
+        backend.build(onnx.onnx_path, [contract.engine_ranges(Profile.parse("1x64x64x75"))], tmp_path / "out",
+                      options)
+    (tmp_path / "plain").mkdir()
+    built = backend.build(onnx.onnx_path, [contract.engine_ranges(Profile.parse("1x64x64x75"))], tmp_path / "plain",
+                          BuildOptions(refit=False, strip_weights=False, targets=("sm89",)))
+    assert (built.weights, built.refit_mode) == ("embedded", "none")

@@ -401,3 +401,41 @@ def test_png_of_engine_and_pytorch_match_through_the_api(boot, tiny_checkpoint) 
         pics.append(np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))), dtype=np.int16))
     assert pics[0].std() > 1  # not a blank image
     assert np.abs(pics[0] - pics[1]).max() <= 1  # 8-bit rounding at most
+
+
+# ---- engines with fixed weights (ahead-of-time builds on CPU nodes, --no-refit) ----------------------------------
+def test_engine_with_fixed_weights_serves_its_own_checkpoint_only(boot, tiny_checkpoint, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """An engine built without refit (as TensorRT-RTX builds ahead of time without a GPU) serves the checkpoint it
+    embeds; with another checkpoint of the same architecture loaded the generation runs on PyTorch and says why."""
+    from sdtrt.backends.base import BuildOptions
+    from sdtrt.pipeline import build_engine
+    from sdtrt.profiles import Profile
+
+    cache = tmp_path / "fixed"
+    built = build_engine(tiny_checkpoint("sd1", 0), [Profile.parse(WEBUI_PROFILE)], cache, backend="onnxruntime",
+                         options=BuildOptions(refit=False, strip_weights=False)).manifest
+    host = boot(tiny_checkpoint("sd1", 0), tiny_checkpoint("sd1", 1),
+                config={"sd_model_checkpoint": "sd1-s0.safetensors", "sdtrt_cache_dir": str(cache)})
+    _, _, delta = compare(host)
+    assert delta == {"engine_calls": STEPS, "fallback_calls": 0, "refits": 0}
+    result, _, delta = compare(host, override_settings={"sd_model_checkpoint": "sd1-s1"})
+    assert delta == {"engine_calls": 0, "fallback_calls": STEPS, "refits": 0}
+    text = (result.comments or "") + str(result.info)
+    assert f"engine {built.id} cannot take the loaded checkpoint's weights" in text and "sd1-s0" in text
+
+
+def test_api_takes_build_targets_and_refuses_bad_ones(boot, tiny_checkpoint, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    host = boot(tiny_checkpoint("sd1"), config={"sdtrt_cache_dir": str(tmp_path / "c")})
+    client = host.client()
+    body = {"checkpoint": "sd1-s0", "profiles": ["1x64x64x75"], "backend": "onnxruntime"}
+    r = client.post("/sdtrt/v1/engines", json={**body, "targets": ["ampere"]})
+    assert r.status_code == 400 and "not a GPU compute capability" in r.json()["detail"]
+    r = client.post("/sdtrt/v1/engines", json={**body, "targets": ["sm89"]})
+    assert r.status_code == 400 and "only for the device it runs on" in r.json()["detail"]
+    r = client.post("/sdtrt/v1/engines", json={**body, "targets": "sm89"})
+    assert r.status_code == 422  # a list, not a string
+    job_id = client.post("/sdtrt/v1/engines", json={**body, "targets": []}).json()["job_id"]
+    job = svc().jobs.wait(job_id, timeout=300)
+    assert job.state == "done", job.error
+    [row] = client.get("/sdtrt/v1/engines").json()["engines"]
+    assert row["targets"] == [] and row["weights"] == "embedded" and row["ok"]

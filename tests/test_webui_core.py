@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import FP16_RUNS
 
 from sdtrt.errors import NoMatchingProfile, ProfileError, SdtrtError
 from sdtrt.pipeline import build_engine
@@ -420,6 +421,22 @@ def test_tab_build_reports_progress_until_done(svc: EngineService) -> None:
     engine_id = msg.split("engine ")[1].split(" ")[0]
     assert tab.delete_engine(svc, engine_id) == f"Deleted {engine_id}."
     assert tab.delete_engine(svc, "../x").startswith("Not deleted: invalid engine id")
+
+
+def test_tab_builds_ahead_of_time_for_named_targets(svc: EngineService) -> None:
+    assert tab.run_build(svc, "sd1-s1", "1x64x64x75", "auto", lambda f, d: None,
+                         targets="ampere").startswith("Not started: 'ampere' is not a GPU compute capability")
+    try:
+        import tensorrt_rtx  # noqa: F401
+    except ImportError:
+        pytest.skip("tensorrt_rtx is not installed here (pip install tensorrt-rtx-cu12)")
+    if torch.cuda.is_available() or not FP16_RUNS:
+        pytest.skip("checks a float16 build on a machine without a GPU (torch 2.1 cannot trace float16 on a CPU)")
+    msg = tab.run_build(svc, "sd1-s1", "1x64x64x75", "tensorrt-rtx", lambda f, d: None, poll=0.05,
+                        targets="sm89, sm86")
+    assert msg.startswith("Built engine") and "embeds its checkpoint's weights" in msg, msg
+    [row] = [r for r in tab.table(svc.engine_rows()) if "tensorrt-rtx" in r[4]]
+    assert row[4].endswith(" for sm86, sm89") and "no CUDA GPU" in row[1]  # built here, served on a GPU of those
 
 
 def test_instance_forward_override_gets_the_pytorch_unet_on_the_device(host: DictHost, svc: EngineService) -> None:

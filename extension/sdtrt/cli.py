@@ -46,9 +46,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     from sdtrt.export import ExportSettings, export_unet
 
     ckpt, sd = open_checkpoint(args.checkpoint, args.config)
-    result = export_unet(build_unet(ckpt.info, sd), ckpt.info.contract, args.out,
-                         ExportSettings(dtype=args.dtype, opset=args.opset), state_dict_keys=set(sd),
-                         progress=_progress(args))
+    keys = set(sd)
+    unet = build_unet(ckpt.info, sd, share=True)  # one copy of the weights in memory: the export owns the module
+    del sd
+    result = export_unet(unet, ckpt.info.contract, args.out, ExportSettings(dtype=args.dtype, opset=args.opset),
+                         state_dict_keys=keys, progress=_progress(args), owned=True)
     data = {"onnx": str(result.onnx_path), "weights": len(result.weight_names), "external_data": result.external_data,
             "family": ckpt.info.family_id, "architecture": ckpt.info.describe()}
     _emit(args, data, f"exported {ckpt.info.describe()} to {result.onnx_path} ({len(result.weight_names)} weights)")
@@ -149,6 +151,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from sdtrt.bench import format_refit, refit_bench, to_dicts
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.what == "build":
+        from sdtrt.bench_build import build_bench, format_build, to_dict
+        from sdtrt.targets import parse_targets
+
+        targets = parse_targets(args.target or "sm89")
+        with tempfile.TemporaryDirectory(prefix="sdtrt-bench-build-", dir=args.work) as tmp:
+            rows = [build_bench(m, Path(tmp), targets=targets) for m in (args.model or ["sd15", "sdxl"])]
+        _emit(args, {"build": [to_dict(r) for r in rows], "torch": torch.__version__}, format_build(rows))
+        return 0
     if args.what == "refit":
         rows = [refit_bench(f, rank=args.rank, device=device) for f in (args.family or ["sd15", "sdxl"])]
         _emit(args, {"refit": to_dicts(rows)}, format_refit(rows))
@@ -181,6 +192,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
 #: The demo's profile and shapes: batches 1-4, sizes that are multiples of 8 but not of 64, 75 and 150 tokens.
 DEMO_PROFILE = "1x64x64x75:2x128x192x75:4x256x256x150"
 DEMO_SHAPES = ("1x64x64x75", "2x136x200x150", "4x256x248x75")
+
+
+def cmd_runbook(args: argparse.Namespace) -> int:
+    from sdtrt.runbook import TOTAL_S, run
+
+    report = run(args.out, args.wheels, dry_run=args.dry_run, total_s=args.total_seconds or TOTAL_S,
+                 log=lambda line: print(line, file=sys.stderr))
+    print(json.dumps(report, indent=2, default=str))
+    print(f"written: {args.out / 'gpu-runbook.json'}", file=sys.stderr)
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -277,8 +298,9 @@ def parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_check)
 
     sp = sub.add_parser("bench", help="benchmarks (numbers measured in one run)")
-    sp.add_argument("what", choices=("latency", "refit"),
-                    help="latency: engine vs PyTorch per UNet call; refit: host-side cost of a LoRA")
+    sp.add_argument("what", choices=("latency", "refit", "build"),
+                    help="latency: engine vs PyTorch per UNet call; refit: host-side cost of a LoRA; build: export "
+                         "and TensorRT-RTX ahead-of-time build time and peak host memory (--model sd15 and sdxl)")
     sp.add_argument("--family", action="append", choices=("sd15", "sdxl"), default=None, help="refit: UNets")
     sp.add_argument("--rank", type=int, default=32, help="refit: LoRA rank")
     sp.add_argument("--model", action="append", default=None,
@@ -288,8 +310,21 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--repeats", type=int, default=10)
     sp.add_argument("--chart", type=Path, default=None, help="latency: write a PNG chart here")
     sp.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    sp.add_argument("--target", default=None, metavar="SM,...",
+                    help="build: TensorRT-RTX ahead-of-time targets (default sm89; no GPU needed)")
+    sp.add_argument("--work", type=Path, default=None,
+                    help="build: folder for the multi-GB checkpoints and ONNX files (default: the temp folder)")
     sp.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     sp.set_defaults(func=cmd_bench)
+
+    sp = sub.add_parser("runbook", help="the GPU runbook: baselines, a TensorRT-RTX attempt, GPU tests, bench "
+                                        "latency, in at most 8 minutes, as one JSON")
+    sp.add_argument("--out", type=Path, default=Path("runbook-out"), help="folder for gpu-runbook.json")
+    sp.add_argument("--wheels", type=Path, default=None,
+                    help="folder of wheels to install first (no index needed); split ones as NAME.whl.part-aa, ...")
+    sp.add_argument("--dry-run", action="store_true", help="the same steps on the CPU with tiny models (CI)")
+    sp.add_argument("--total-seconds", type=float, default=None, help="time budget of the whole run (default 480)")
+    sp.set_defaults(func=cmd_runbook)
 
     sp = sub.add_parser("demo", help="build an engine for an embedded tiny model and check it")
     sp.add_argument("checkpoint", type=Path, nargs="?", default=None)

@@ -93,11 +93,18 @@ def plain_attention() -> AbstractContextManager[None]:
 
 
 @contextlib.contextmanager
-def clean_module(unet: torch.nn.Module, dtype: torch.dtype) -> Iterator[torch.nn.Module]:
+def clean_module(unet: torch.nn.Module, dtype: torch.dtype, owned: bool = False) -> Iterator[torch.nn.Module]:
     """A CPU copy of `unet` in `dtype` in eval mode, without touching the original's weights.
 
     The original is moved to the CPU (lossless) to make the copy without doubling device memory, and moved back,
-    with its training flag, in `finally`."""
+    with its training flag, in `finally`. `owned`: the caller gives `unet` up: it is converted in place (no copy)
+    and its weights are released afterwards (it is left on the meta device, unusable)."""
+    if owned:
+        try:
+            yield unet.to("cpu").to(dtype).eval().requires_grad_(False)
+        finally:
+            unet.to("meta")
+        return
     params = list(unet.parameters())
     device = params[0].device if params else torch.device("cpu")
     training = unet.training
@@ -190,8 +197,12 @@ def export_unet(
     state_dict_keys: set[str] | None = None,
     hooks: Sequence[Callable[[], AbstractContextManager[Any]]] = (),
     progress: ProgressCallback = no_progress,
+    owned: bool = False,
 ) -> ExportResult:
     """Export `unet` with the inputs and output of `contract` to `out_dir/unet.onnx` plus `weights.json`.
+
+    `owned`: the caller gives `unet` up (see clean_module): no copy of its weights is made, and they are released
+    once traced, before the ONNX graph is post-processed, so the weights are in memory once at any time.
 
     `hooks` are context-manager factories entered around the trace (the WebUI adapter turns A1111's attention
     optimizations off and its resizing `cat` on); each is exited in reverse order even when export fails.
@@ -211,7 +222,7 @@ def export_unet(
                 device = trace_device(dtype)
                 if device.type == "cuda":  # runs last, once the copy is released
                     stack.callback(torch.cuda.empty_cache)
-                work = stack.enter_context(clean_module(unet, dtype)).to(device)
+                work = stack.enter_context(clean_module(unet, dtype, owned)).to(device)
                 stack.enter_context(plain_attention())
                 for hook in hooks:
                     stack.enter_context(hook())

@@ -101,13 +101,19 @@ def build_engine(
     engine_profiles = [contract.engine_ranges(p) for p in profiles]
     registry = Registry(cache)
     calls = []
+    keys = set(sd)
+    weights = [sd]  # handed to the export, which drops them as it goes (nothing else holds them)
+    del sd
 
     def produce(tmp: Path) -> BuildResult:
         calls.append(time.perf_counter())
         onnx_dir = tmp / "onnx"
         with torch_guard():
-            unet = build_unet(ckpt.info, sd)
-            exported = export_unet(unet, contract, onnx_dir, settings, state_dict_keys=set(sd),
+            # the module shares the checkpoint's tensors and the export converts it in place: one copy of the
+            # weights in memory (an SDXL export peaks far lower)
+            unet = build_unet(ckpt.info, weights.pop() if weights else open_checkpoint(checkpoint, config)[1],
+                              share=True)
+            exported = export_unet(unet, contract, onnx_dir, settings, state_dict_keys=keys, owned=True,
                                    progress=lambda ph, f: progress(ph, 0.3 * f))
             del unet
         result = be.build(exported.onnx_path, engine_profiles, tmp, options,

@@ -95,16 +95,18 @@ def _yaml(spec: UNetSpec, parameterization: str) -> str:
             "    unet_config:\n      target: ldm.modules.diffusionmodules.openaimodel.UNetModel\n" + unet)
 
 
-def write_checkpoint(spec: UNetSpec, directory: Path, stem: str, seed: int = 0, parameterization: str = "eps"
-                     ) -> Path:
+def write_checkpoint(spec: UNetSpec, directory: Path, stem: str, seed: int = 0, parameterization: str = "eps",
+                     dtype: torch.dtype | None = None) -> Path:
     """Write a random-weight `<stem>.safetensors` (A1111 key layout) of any UNet spec and `<stem>.yaml` beside it;
-    returns the checkpoint path."""
+    returns the checkpoint path. `dtype`: the weights' type on disk (default float32; full-size SDXL checkpoints
+    are float16)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     unet = randomize_(UNetModel(spec).eval().requires_grad_(False), seed)
-    sd = {UNET_PREFIX + k: v.contiguous() for k, v in unet.state_dict().items()}
+    sd = {UNET_PREFIX + k: v.to(dtype or v.dtype).contiguous() for k, v in unet.state_dict().items()}
+    del unet
     path = directory / f"{stem}.safetensors"
     save_file(sd, str(path), metadata={"format": "pt"})
     path.with_suffix(".yaml").write_text(_yaml(spec, parameterization), encoding="utf-8")

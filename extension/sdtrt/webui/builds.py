@@ -62,6 +62,10 @@ def submit(svc: EngineService, checkpoint: str, profiles: Sequence[str], backend
     if not isinstance(controlnet, bool):
         raise SdtrtError(f"controlnet must be true or false, not {controlnet!r}")
     aot = parse_targets(targets)
+    if aot:  # refused now (API 400) when no backend here builds ahead of time
+        from sdtrt.backends import get_backend
+
+        get_backend(backend, targets=aot)
     options = BuildOptions(cache_dir=cache / ".cache", targets=aot)
     request = {"checkpoint": ref.title, "profiles": [str(p) for p in parsed], "backend": backend,
                "dtype": dtype, "replaces": replaces, "controlnet": controlnet, "targets": list(aot)}
