@@ -91,9 +91,10 @@ gpu_wheels() {
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$py" \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     --platform any -d "$dest" "tensorrt-rtx-cu13-bindings==1.7.1.116" "tensorrt-rtx-cu13-libs==1.7.1.116" \
-    safetensors pytest pluggy iniconfig packaging
+    safetensors pyyaml pytest pluggy iniconfig packaging pygments
   python3 -m pip wheel -q --no-deps -w "$dest" "tensorrt-rtx-cu13==1.7.1.116"  # an sdist on PyPI: made a wheel here
   for w in "$dest"/*.whl; do
+    [ -f "$w" ] || continue
     if [ "$(stat -c %s "$w")" -gt $((60 * 1024 * 1024)) ]; then split -b 60M "$w" "$w.part-" && rm "$w"; fi
   done
   ls -l "$dest"
@@ -109,7 +110,7 @@ case "$cmd" in
   setup) setup ;;
   # On a GPU machine with no package index: its own Python and torch, the wheels in ./wheels (see gpu-wheels).
   gpu-runbook) wheels=(); [ -d "${SDTRT_WHEELS:-wheels}" ] && wheels=(--wheels "${SDTRT_WHEELS:-wheels}")
-    PYTHONPATH="extension${PYTHONPATH:+:$PYTHONPATH}" exec "$PY" -m sdtrt runbook "${wheels[@]}" \
+    PYTHONPATH="extension${PYTHONPATH:+:$PYTHONPATH}" exec "$PY" -m sdtrt runbook ${wheels[@]+"${wheels[@]}"} \
       --out "${OUT:-runbook-out}" "$@" ;;
   gpu-wheels) gpu_wheels "$@" ;;
   *) echo "usage: bash run.sh demo|test|test-a1111|sdtrt|setup|gpu-runbook|gpu-wheels [ARGS]" >&2; exit 2 ;;

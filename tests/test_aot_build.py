@@ -74,6 +74,7 @@ def test_target_lists_sorted_without_repeats_and_current_alone() -> None:
             parse_targets(bad)
     with pytest.raises(TargetError, match="cannot be mixed"):
         parse_targets("current,sm89")
+    assert parse_targets("Current") == parse_targets("current,CURRENT") == ()
 
 
 def test_key_records_targets_only_when_set() -> None:
@@ -244,6 +245,20 @@ def test_engine_without_refit_refuses_other_weights_and_lora(tiny_checkpoint, tm
         assert session.weights_from == own.source_checkpoint["sha256"] and session.weights_unknown is None
     finally:
         session.close()
+
+    # served: a LoRA set is refused before A1111's LoRA maths runs (it would be thrown away every generation)
+    from sdtrt.serving import Counters, EngineSlot, NetworkSet, NetworksFailed, WeightSource
+
+    def maths(base: Any) -> Any:
+        raise AssertionError("the LoRA maths ran for an engine that cannot take its result")
+
+    registry = Registry(tmp_path)
+    slot = EngineSlot(own, lambda engine_id: EngineSession.open(registry, engine_id), lambda *a: None)
+    weights = WeightSource(own.source_checkpoint["sha256"], lambda names: {})
+    with pytest.raises(NetworksFailed, match="cannot take LoRA weights"):
+        slot.open(weights, Counters(), NetworkSet(("style", 0.8), maths))
+    assert slot.open(weights, Counters()) is slot.session  # no LoRA: served
+    slot.session.close()
 
 
 @needs_rtx

@@ -439,6 +439,38 @@ def test_tab_builds_ahead_of_time_for_named_targets(svc: EngineService) -> None:
     assert row[4].endswith(" for sm86, sm89") and "no CUDA GPU" in row[1]  # built here, served on a GPU of those
 
 
+@pytest.mark.parametrize(("gpu", "kept"), [("9.0", False), ("8.9", True)], ids=["stale-by-target", "servable"])
+def test_rebuild_of_an_ahead_of_time_engine(svc: EngineService, tiny_checkpoint, monkeypatch: pytest.MonkeyPatch,
+                                            gpu: str, kept: bool) -> None:  # type: ignore[no-untyped-def]
+    """Rebuild keeps an ahead-of-time engine's backend; one stale here because of its targets is rebuilt for this
+    GPU (the same targets again would make the same, still stale, engine)."""
+    from sdtrt.backends.base import BuildResult
+    from sdtrt.checkpoint import file_sha256
+    from sdtrt.engine_key import EngineKey
+    from sdtrt.engine_types import BackendInfo
+    from sdtrt.registry import Registry
+    from sdtrt.webui import builds
+
+    ckpt = tiny_checkpoint("sd1", 1)
+    sha = file_sha256(ckpt)
+    key = EngineKey(family="sd1", arch_hash="ab" * 8, io={"contract": "ldm-unet", "in_channels": 4,
+                    "context_dim": 32, "y_dim": None}, profiles=("1x64x64x75",), backend="tensorrt-rtx",
+                    backend_version="1.7.1", device="ahead-of-time", compute_capability=None, refit_mode="none",
+                    weights="embedded", export={"dtype": "float16"}, checkpoint_sha256=sha, targets=("sm86", "sm89"))
+
+    def produce(tmp: Path) -> BuildResult:
+        (tmp / "unet.plan").write_bytes(b"plan")
+        return BuildResult(files=["unet.plan"], weights="embedded", refit_mode="none")
+
+    m = Registry(svc.registry().root).build(key, {"name": ckpt.name, "sha256": sha}, produce)
+    monkeypatch.setattr(svc.probe, "info", lambda name: BackendInfo("tensorrt-rtx", "1.7.1", "GPU", gpu))
+    asked: dict[str, Any] = {}
+    monkeypatch.setattr(builds, "submit", lambda svc, checkpoint, profiles, backend, dtype, replaces=None,
+                        controlnet=False, targets=None: asked.update(backend=backend, targets=targets, replaces=replaces))
+    builds.rebuild(svc, m.id)
+    assert asked == {"backend": "tensorrt-rtx", "targets": ("sm86", "sm89") if kept else (), "replaces": m.id}
+
+
 def test_instance_forward_override_gets_the_pytorch_unet_on_the_device(host: DictHost, svc: EngineService) -> None:
     """ControlNet replaces forward on the UNet instance and then runs the torch blocks itself."""
     assert host.unet is not None

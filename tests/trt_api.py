@@ -37,18 +37,25 @@ def defined(name: str, names: Iterable[str]) -> bool:
     return any(s == name or s.endswith(name) for s in names)
 
 
-def stub_names(stubs: Path) -> set[str]:
-    """Classes, functions, methods, properties and enum members that the .pyi files under `stubs` define."""
+def _defined(files: Iterable[Path], assigned_attributes: bool) -> set[str]:
+    """Classes, functions and module/class-level names the files define; with `assigned_attributes`, also the
+    attributes they assign (`self.x = ...`)."""
     out: set[str] = set()
-    for pyi in stubs.rglob("*.pyi"):
-        for node in ast.walk(ast.parse(pyi.read_text(encoding="utf-8"))):
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, (ast.ClassDef, ast.FunctionDef)):
                 out.add(node.name)
-            elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-                out.add(node.target.id)
-            elif isinstance(node, ast.Assign):
-                out.update(t.id for t in node.targets if isinstance(t, ast.Name))
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                out.update(t.id for t in targets if isinstance(t, ast.Name))
+                if assigned_attributes:
+                    out.update(t.attr for t in targets if isinstance(t, ast.Attribute))
     return out
+
+
+def stub_names(stubs: Path) -> set[str]:
+    """Classes, functions, methods, properties and enum members that the .pyi files under `stubs` define."""
+    return _defined(stubs.rglob("*.pyi"), assigned_attributes=False)
 
 
 def _python_names() -> set[str]:
@@ -60,17 +67,7 @@ def _python_names() -> set[str]:
 
 def own_names(package: Path) -> set[str]:
     """Names the package defines itself (functions, classes, attributes assigned on self, dataclass fields)."""
-    out: set[str] = set()
-    for py in package.rglob("*.py"):
-        for node in ast.walk(ast.parse(py.read_text(encoding="utf-8"))):
-            if isinstance(node, (ast.ClassDef, ast.FunctionDef)):
-                out.add(node.name)
-            elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-                out.add(node.target.id)
-            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
-                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-                out.update(t.attr for t in targets if isinstance(t, ast.Attribute))
-    return out
+    return _defined(package.rglob("*.py"), assigned_attributes=True)
 
 
 def used_names(sources: Mapping[str, str]) -> tuple[dict[str, set[str]], dict[str, set[str]]]:

@@ -39,33 +39,50 @@ class BuildBenchRow:
     note: str | None = None
 
 
-def _phase(args: Sequence[str], timeout: float) -> tuple[float, float, dict[str, Any] | None, str]:
-    """Run one phase in a child: (seconds, peak RSS in GB, its JSON result or None, the tail of its stderr)."""
+def _phase(args: Sequence[str], timeout: float) -> tuple[float, float | None, dict[str, Any] | None, str]:
+    """Run one phase in a child: (seconds, peak RSS in GB (None where os.wait4 is missing, e.g. Windows), its JSON
+    result or None, what went wrong)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),
                                                        os.environ.get("PYTHONPATH", "")]))
+    peak: float | None = None
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         start = time.perf_counter()
         proc = subprocess.Popen([sys.executable, "-m", "sdtrt.bench_build", *args], stdout=out, stderr=err, env=env)
-        deadline = start + timeout
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.perf_counter() > deadline:
-                proc.kill()
-                pid, status, usage = os.wait4(proc.pid, 0)
-                break
-            time.sleep(0.2)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        try:
+            if hasattr(os, "wait4"):
+                while True:
+                    pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                    if pid:
+                        proc.returncode = os.waitstatus_to_exitcode(status)
+                        peak = usage.ru_maxrss * 1024 / _GB  # KiB on Linux
+                        break
+                    if time.perf_counter() - start > timeout:
+                        raise subprocess.TimeoutExpired(proc.args, timeout)
+                    time.sleep(0.2)
+            else:
+                proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            return time.perf_counter() - start, None, None, f"timed out after {timeout:.0f} s"
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
         seconds = time.perf_counter() - start
         out.seek(0)
         err.seek(0)
         text, tail = out.read().decode(errors="replace"), err.read().decode(errors="replace")[-2000:]
-    result = json.loads(text.strip().splitlines()[-1]) if proc.returncode == 0 and text.strip() else None
+    result = None
+    if proc.returncode == 0 and text.strip():
+        try:
+            result = json.loads(text.strip().splitlines()[-1])
+        except ValueError:
+            tail = f"no result line: {text.strip()[-300:]}"
     if proc.returncode != 0:
-        tail = f"exit {proc.returncode}" + (" (killed: out of memory or time)" if proc.returncode < 0 else "") + \
+        tail = f"exit {proc.returncode}" + (" (killed: out of memory?)" if proc.returncode < 0 else "") + \
             f": {tail.strip().splitlines()[-1] if tail.strip() else ''}"
-    return seconds, usage.ru_maxrss * 1024 / _GB, result, tail
+    return seconds, peak, result, tail
 
 
 def build_bench(model: str, work: Path, *, targets: Sequence[str] = ("sm89",), dtype: str = "float16",

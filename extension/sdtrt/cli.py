@@ -157,7 +157,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         targets = parse_targets(args.target or "sm89")
         with tempfile.TemporaryDirectory(prefix="sdtrt-bench-build-", dir=args.work) as tmp:
-            rows = [build_bench(m, Path(tmp), targets=targets) for m in (args.model or ["sd15", "sdxl"])]
+            rows = [build_bench(m, Path(tmp), targets=targets, dtype=args.dtype)
+                    for m in (args.model or ["sd15", "sdxl"])]
         _emit(args, {"build": [to_dict(r) for r in rows], "torch": torch.__version__}, format_build(rows))
         return 0
     if args.what == "refit":
@@ -312,6 +313,7 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     sp.add_argument("--target", default=None, metavar="SM,...",
                     help="build: TensorRT-RTX ahead-of-time targets (default sm89; no GPU needed)")
+    sp.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="build: graph precision")
     sp.add_argument("--work", type=Path, default=None,
                     help="build: folder for the multi-GB checkpoints and ONNX files (default: the temp folder)")
     sp.add_argument("--json", action="store_true", help="print one JSON document on stdout")

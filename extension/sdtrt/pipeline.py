@@ -15,7 +15,7 @@ from sdtrt.backends.base import Backend, BackendInfo, BuildOptions, BuildResult,
 from sdtrt.checkpoint import build_unet, file_sha256, open_checkpoint
 from sdtrt.engine_key import EngineKey
 from sdtrt.engine_types import RefitMode, WeightsMode
-from sdtrt.export import ExportSettings, export_unet
+from sdtrt.export import DTYPES, ExportSettings, export_unet, trace_device
 from sdtrt.families import ModelInfo
 from sdtrt.manifest import Manifest
 from sdtrt.profiles import Profile
@@ -23,8 +23,15 @@ from sdtrt.registry import Registry
 
 
 def default_dtype(info: BackendInfo) -> str:
-    """fp32 where the engine runs on a CPU (exact, and fast there); fp16 on GPUs."""
-    return "float32" if info.device == "cpu" else "float16"
+    """fp32 where the engine runs on a CPU (exact, and fast there); fp16 on GPUs, also ahead of time where this
+    torch can trace float16 (torch 2.1, A1111's, traces float16 only on a GPU: fp32 there, with a note)."""
+    if info.device == "cpu":
+        return "float32"
+    import torch
+
+    from sdtrt.export import cpu_computes
+
+    return "float16" if cpu_computes(torch.float16) or torch.cuda.is_available() else "float32"
 
 
 def supports_stripping(backend: Backend) -> bool:
@@ -89,11 +96,16 @@ def build_engine(
         from sdtrt.errors import ProfileError
 
         raise ProfileError("give at least one profile (e.g. --profile 1x512x512x75)")
-    ckpt, sd = open_checkpoint(checkpoint, config)
     options = options or BuildOptions(cache_dir=Path(cache) / ".cache")
     be = get_backend(backend, targets=options.targets)
     options, note = be.build_options(options)
+    notes = [note] if note else []
     settings = ExportSettings(dtype=dtype or default_dtype(be.build_info(options)))
+    if dtype is None and settings.dtype == "float32" and be.build_info(options).device != "cpu":
+        notes.append("float32 engine: this torch traces float16 only on a GPU (torch 2.1); build with a newer torch "
+                     "(python -m sdtrt build) or on a GPU machine for a float16 engine")
+    trace_device(DTYPES[settings.dtype])  # a precision this machine cannot export is refused before any reading
+    ckpt, sd = open_checkpoint(checkpoint, config)
     checkpoint_sha256 = checkpoint_sha256 or file_sha256(ckpt.path)
     key = make_key(ckpt.info, profiles, be, settings, options, controlnet=controlnet,
                    checkpoint_sha256=checkpoint_sha256)
@@ -127,4 +139,4 @@ def build_engine(
     source = {"name": ckpt.path.name, "sha256": checkpoint_sha256}
     manifest = registry.build(key, source, produce, progress=progress)
     progress("done", 1.0)
-    return BuildOutcome(manifest, built=bool(calls), notes=(note,) if note else ())
+    return BuildOutcome(manifest, built=bool(calls), notes=tuple(notes))

@@ -133,9 +133,17 @@ def baseline(model: str, device: str, repeats: int, warmup: int = 3) -> dict[str
 def tensorrt_rtx_attempt(work: Path) -> dict[str, Any]:
     """Build a TensorRT-RTX engine of a tiny SD1 UNet for this GPU with the project's code, run it, compare it
     with PyTorch. Records each stage; the first failure ends the attempt with its exact text."""
+    out: dict[str, Any] = {"stage": "probe"}
+    try:
+        _attempt(work, out)
+    except Exception as e:  # noqa: BLE001 - what happened is the result
+        out.update(error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-4000:])
+    return out
+
+
+def _attempt(work: Path, out: dict[str, Any]) -> None:
     from sdtrt.backends import backend_class
 
-    out: dict[str, Any] = {"stage": "probe"}
     cls = backend_class("tensorrt-rtx")
     out["unavailable"] = cls.unavailable_reason()
     try:
@@ -145,9 +153,9 @@ def tensorrt_rtx_attempt(work: Path) -> dict[str, Any]:
         out["targets"] = [n for n in dir(tensorrt_rtx.ComputeCapability) if n.startswith("SM")]
     except Exception as e:  # noqa: BLE001 - recorded
         out["import_error"] = f"{type(e).__name__}: {e}"
-        return out
+        return
     if out["unavailable"] is not None:
-        return out
+        return
     from sdtrt.check import check_engine
     from sdtrt.pipeline import build_engine
     from sdtrt.profiles import Profile, Shape
@@ -164,14 +172,20 @@ def tensorrt_rtx_attempt(work: Path) -> dict[str, Any]:
     out["check"] = [r.to_dict() for r in rows]
     out["matches_pytorch"] = all(r.rel_diff < 2e-2 for r in rows)
     out["stage"] = "done"
-    return out
 
 
-def _child(cmd: Sequence[str], timeout: float, env: dict[str, str]) -> dict[str, Any]:
+def _text(data: str | bytes | None) -> str:
+    return data.decode(errors="replace") if isinstance(data, bytes) else (data or "")
+
+
+def _child(cmd: Sequence[str], timeout: float, env: dict[str, str], cwd: Path) -> dict[str, Any]:
+    """Run `cmd` with at most `timeout` seconds; its output (and its JSON document, when it printed one)."""
+    if timeout < 1.0:
+        return {"cmd": list(cmd), "skipped": "no time left in the run's budget"}
     try:
-        proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=max(timeout, 1.0), env=env)
+        proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
     except subprocess.TimeoutExpired as e:
-        return {"cmd": list(cmd), "timed_out_s": timeout, "output": str(e.stdout or "")[-3000:]}
+        return {"cmd": list(cmd), "timed_out_s": timeout, "output": (_text(e.stdout) + _text(e.stderr))[-3000:]}
     result: dict[str, Any] = {"cmd": list(cmd), "returncode": proc.returncode,
                               "output": (proc.stdout + proc.stderr)[-3000:]}
     try:
@@ -204,7 +218,7 @@ def run(out_dir: Path, wheels: Path | None = None, *, dry_run: bool = False,
         log(f"[runbook] {name} ...")
         try:
             report[name] = {"ok": True, "result": fn()}
-        except BaseException as e:  # noqa: BLE001 - every failure is a result
+        except Exception as e:  # noqa: BLE001 - every failure is a result (Ctrl-C still stops the run)
             report[name] = {"ok": False, "error": f"{type(e).__name__}: {e}",
                             "traceback": traceback.format_exc()[-4000:]}
         report[name]["seconds"] = round(time.monotonic() - t0, 1)
@@ -222,20 +236,25 @@ def run(out_dir: Path, wheels: Path | None = None, *, dry_run: bool = False,
 
     step("wheels", wheels_step)
 
-    def baselines() -> list[dict[str, Any]]:
-        models = ("tiny", "small") if device == "cpu" else ("sd15", "sdxl")
-        return [baseline(m, device, repeats=5 if device == "cpu" else 20) for m in models]
-
-    step("baselines", baselines)
-    step("tensorrt_rtx", lambda: tensorrt_rtx_attempt(work / "rtx"))
     env["PYTHONPATH"] = os.pathsep.join([str(repo / "extension"), env.get("PYTHONPATH", "")])
+
+    def in_child(name: str, *args: str) -> Any:
+        """A step of this module run in a child process, so that its budget holds even if it hangs."""
+        done = _child([sys.executable, "-m", "sdtrt.runbook", name, *args], left(name), env, repo)
+        if "json" not in done:
+            raise RuntimeError(f"{name} gave no result: {done.get('skipped') or done.get('timed_out_s') and 'timed out'}"
+                               f" {done.get('output', '')[-1500:]}")
+        return done["json"]
+
+    step("baselines", lambda: in_child("baselines", device))
+    step("tensorrt_rtx", lambda: in_child("tensorrt_rtx", str(work / "rtx")))
     tests = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_tensorrt_backend.py",
              "-k", "build_run_refit or cuda_graphs or cancelled"]
-    step("tests", lambda: _child(tests, left("tests"), env))
+    step("tests", lambda: _child(tests, left("tests"), env, repo))
     bench = [sys.executable, "-m", "sdtrt", "bench", "latency", "--model", "tiny" if dry_run else "sd15",
              "--batch", "1", "--repeats", "3" if dry_run else "20", "--json",
              "--backend", "onnxruntime" if dry_run else "auto"]
-    step("bench", lambda: _child(bench, left("bench"), env))
+    step("bench", lambda: _child(bench, left("bench"), env, repo))
     report["seconds"] = round(time.monotonic() - started, 1)
     shutil.rmtree(work, ignore_errors=True)
     _write(out_dir, report)
@@ -247,3 +266,21 @@ def _write(out_dir: Path, report: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
+def _step_main(argv: Sequence[str]) -> None:
+    """`python -m sdtrt.runbook STEP ARGS`: one step in a child process, its result as one JSON line."""
+    name, *args = argv
+    if name == "baselines":
+        device = args[0]
+        models = ("tiny", "small") if device == "cpu" else ("sd15", "sdxl")
+        result: Any = [baseline(m, device, repeats=5 if device == "cpu" else 20) for m in models]
+    elif name == "tensorrt_rtx":
+        result = tensorrt_rtx_attempt(Path(args[0]))
+    else:
+        raise SystemExit(f"unknown step {name!r}")
+    print(json.dumps(result, default=str))
+
+
+if __name__ == "__main__":
+    _step_main(sys.argv[1:])

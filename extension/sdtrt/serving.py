@@ -21,7 +21,7 @@ from sdtrt.manifest import Manifest
 from sdtrt.models import NotServable
 from sdtrt.profiles import Dims, Profile, TensorRange, select_profile
 from sdtrt.refit import BaseLoader
-from sdtrt.runtime import EngineBusy, EngineClosed, EngineSession, engine_contract
+from sdtrt.runtime import EngineBusy, EngineClosed, EngineSession, engine_contract, refit_refusal
 
 log = logging.getLogger("sdtrt")
 #: Distinct fallback reasons kept in the counters (a long-running server sees many sizes).
@@ -182,6 +182,9 @@ class EngineSlot:
                 if session.load_weights(weights.load(None), weights.sha256):
                     counters.refit(len(session.runner.weight_names()), time.perf_counter() - start)
             if not keep and session.deltas.key != nets.key:
+                refusal = None if nets.key == NO_NETWORKS.key else refit_refusal(session.manifest, "LoRA weights")
+                if refusal is not None:  # before the LoRA maths: the engine could not take its result
+                    raise NetworksFailed(refusal)
                 start = time.perf_counter()
                 try:
                     plan = session.apply_deltas(nets.key, nets.deltas(weights.load), weights.load)

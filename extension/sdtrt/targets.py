@@ -32,10 +32,10 @@ def parse_targets(specs: str | Iterable[str] | None) -> tuple[str, ...]:
     if specs is None:
         return ()
     parts = [specs] if isinstance(specs, str) else list(specs)
-    names = [p.strip() for part in parts for p in str(part).split(",") if p.strip()]
+    names = list(dict.fromkeys(p.strip().lower() for part in parts for p in str(part).split(",") if p.strip()))
     if not names or names == [CURRENT]:
         return ()
-    if CURRENT in (n.lower() for n in names):
+    if CURRENT in names:
         raise TargetError(f"'{CURRENT}' (this GPU) cannot be mixed with named targets {names}; give one or the other")
     return tuple(sorted({normalize_target(n) for n in names}, key=lambda t: int(t[2:])))
 

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 from sdtrt.backends.base import BuildOptions
 from sdtrt.engine_key import validate_engine_id
 from sdtrt.errors import BackendUnavailable, CacheNotWritable, EngineNotFound, ProfileError, SdtrtError
-from sdtrt.manifest import Manifest
+from sdtrt.engine_types import BackendInfo
+from sdtrt.manifest import Manifest, stale_reason
 from sdtrt.models import record_takes_control
 from sdtrt.profiles import Profile
 from sdtrt.targets import parse_targets
@@ -74,7 +75,11 @@ def submit(svc: EngineService, checkpoint: str, profiles: Sequence[str], backend
         from sdtrt.backends import get_backend
         from sdtrt.pipeline import build_engine
 
-        on_gpu = get_backend(backend, targets=aot).build_info(options).device != "cpu"
+        chosen = get_backend(backend, targets=aot)
+        # the build uses the GPU unless it runs on the CPU: an ONNX Runtime CPU engine, or ahead of time for
+        # targets without this machine's GPU (the weights are then embedded and nothing is checked on a device)
+        _, without_gpu = chosen.build_options(options)  # a note when no GPU of the targets takes part
+        on_gpu = chosen.build_info(options).device != "cpu" and not (aot and without_gpu)
 
         def quiet() -> contextlib.AbstractContextManager[object]:
             return host.quiet_torch(lambda why: progress(why, 0.0))
@@ -107,8 +112,16 @@ def rebuild(svc: EngineService, engine_id: str) -> Job:
     if ref is None:
         raise SdtrtError(f"engine {engine_id} was built from {name}, which the WebUI does not list any more")
     backend = svc.settings().backend
+    targets = m.key.targets
+    if targets:
+        # an ahead-of-time engine: rebuilt with its own backend; for this machine's GPU when it was stale here
+        # because of its targets (the same targets again would give the same engine)
+        backend = m.key.backend
+        info = svc.probe.info(m.key.backend)
+        if isinstance(info, BackendInfo) and stale_reason(m.key, info) is not None:
+            targets = ()
     return submit(svc, ref.title, list(m.key.profiles), backend, m.key.export.get("dtype"),
-                  replaces=engine_id, controlnet=record_takes_control(m.key.io), targets=m.key.targets)
+                  replaces=engine_id, controlnet=record_takes_control(m.key.io), targets=targets)
 
 def manifest_even_if_stale(svc: EngineService, engine_id: str) -> Manifest:
     """The manifest of an engine even when it is stale (for rebuilding)."""

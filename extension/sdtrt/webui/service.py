@@ -18,6 +18,7 @@ import torch
 
 from sdtrt.catalog import BackendProbe, EngineRow, engine_rows
 from sdtrt.engine_key import validate_engine_id
+from sdtrt.engine_types import RefitMode
 from sdtrt.errors import (
     NoMatchingProfile,
     SdtrtError,
@@ -241,7 +242,7 @@ class EngineService:
                                 "architecture. Pick the engine of this checkpoint or build one in the TensorRT tab")
                 weights = self._weights_for_loaded()
                 # an engine without refit serves the checkpoint it embeds, only
-                own = [m for m in fitting if refit_refusal(m, "") is None
+                own = [m for m in fitting if m.key.refit_mode is RefitMode.REFIT
                        or (weights is not None and m.source_checkpoint.get("sha256") == weights.sha256)]
                 if fitting and not own:
                     unusable = refit_refusal(fitting[0], "the loaded checkpoint's weights")

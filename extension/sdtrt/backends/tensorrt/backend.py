@@ -61,9 +61,13 @@ class TensorRTFamily(Backend):
     def build_unavailable_reason(cls, targets: Sequence[str] = ()) -> str | None:
         if targets and cls.capabilities.ahead_of_time:
             try:
-                open_library(cls.library)  # the library alone: an ahead-of-time build needs no GPU
+                lib = open_library(cls.library)  # the library alone: an ahead-of-time build needs no GPU
             except BackendUnavailable as exc:
                 return str(exc)
+            unknown = [t for t in targets if t not in lib.targets()]
+            if unknown:  # said before the export, not after it
+                return (f"{lib.name} {lib.version} cannot build for {', '.join(unknown)}; it builds for: "
+                        f"{', '.join(lib.targets()) or 'its current GPU only'}")
             return None
         return super().build_unavailable_reason(targets)
 
