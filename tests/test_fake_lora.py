@@ -274,8 +274,16 @@ def test_lora_functional_matches_merge(env: Env) -> None:
     env.write("k-lora", "lora")  # (functional mode ignores a module's `bias` key: no "locon" here)
     merged = env.gen("x <lora:k-lora:0.8>")
     functional = env.gen("x <lora:k-lora:0.8>", override_settings={"lora_functional": True})
-    torch.testing.assert_close(functional.latents, merged.latents, rtol=1e-3, atol=1e-4)
-    assert not torch.equal(functional.latents, env.base_latents)
+    # The same maths in another order (W x + dW x against (W + dW) x): fp32 rounding, grown over the sampler's
+    # steps, differs per element with the CPU's kernels (seen: 2.4e-4 on one AMD EPYC); a wrong merge or a lost
+    # LoRA moves the latents by the LoRA's whole effect, which must stay far above the tolerance.
+    scale = merged.latents.abs().max().item()
+    tolerance = 1e-4 * scale
+    diff = (functional.latents - merged.latents).abs().max().item()
+    effect = (merged.latents - env.base_latents).abs().max().item()
+    print(f"functional vs merged {diff:.3g}, LoRA effect {effect:.3g}, tolerance {tolerance:.3g}")
+    assert diff <= tolerance, f"functional differs from merged by {diff} (latents of magnitude {scale})"
+    assert effect > 20 * tolerance, f"the LoRA barely changes the latents ({effect}): the comparison says nothing"
 
 
 def test_inpaint_pads_conv_in_update(tiny_checkpoint, tmp_path_factory) -> None:  # type: ignore[no-untyped-def]
