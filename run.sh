@@ -74,6 +74,8 @@ setup_a1111() {
   python -m pip install -q -c "$constraints" -e . "numpy==1.26.2" "protobuf==3.20.0" "onnx==1.12.0" \
     "onnxruntime==1.23.2" "safetensors==0.4.2" "gradio==3.41.2" "fastapi==0.94.0" "transformers==4.30.2" \
     pytest pytest-timeout hypothesis einops pillow omegaconf httpx "pydantic>=1.10,<1.11"
+  # TensorRT-RTX builds (ahead of time, no GPU) in the users' environment too; float16 ones need a GPU there
+  python -m pip install -q -c "$constraints" "tensorrt-rtx-cu12==1.7.1.116" || echo "warning: tensorrt-rtx not installed" >&2
   # consistent apart from sdkit below (installed without its deps on purpose)
   local broken
   broken=$(python -m pip check 2>&1 | grep -v -e '^stable-diffusion-sdkit ' -e '^No broken requirements' || true)
