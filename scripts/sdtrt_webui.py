@@ -17,6 +17,7 @@ if str(_ROOT / "extension") not in sys.path:
 
 from modules import script_callbacks, scripts, sd_unet, shared
 
+from sdtrt.constants import TOKENS_PER_CHUNK
 from sdtrt.errors import SdtrtError
 from sdtrt.webui import host as H
 from sdtrt.webui.service import OptionSpec, service
@@ -125,6 +126,41 @@ class A1111Host:
         finally:
             _release(loading)
             queue.release()
+
+    def option(self, key: str, default: Any) -> Any:
+        """A WebUI option's value, A1111's own default when config.json lacks it."""
+        opts = shared.opts
+        data = getattr(opts, "data", None) or {}
+        if key in data:
+            return data[key]
+        info = (getattr(opts, "data_labels", None) or {}).get(key)
+        return default if info is None else getattr(info, "default", default)
+
+    def set_option(self, key: str, value: Any) -> None:
+        """Set and save a WebUI option, as the Settings tab does."""
+        if not shared.opts.set(key, value):
+            raise SdtrtError(f"the WebUI did not take the setting {key}={value!r}")
+        shared.opts.save(shared.config_filename)
+
+    def prompt_chunks(self, text: str, styles: list[str], negative: bool, steps: int = 20) -> int:
+        """77-row chunks of a prompt's conditioning, counted the way A1111's token counter counts (styles
+        applied as processing applies them, extra networks removed, AND parts and schedules each counted)."""
+        from modules import extra_networks, prompt_parser, sd_hijack
+
+        prompt_styles = getattr(shared, "prompt_styles", None)
+        if styles and prompt_styles is not None:
+            apply = (prompt_styles.apply_negative_styles_to_prompt if negative
+                     else prompt_styles.apply_styles_to_prompt)
+            text = apply(text, styles)
+        text, _ = extra_networks.parse_prompt(text)
+        flat = [text]
+        if not negative and hasattr(prompt_parser, "get_multicond_prompt_list"):
+            _, flat, _ = prompt_parser.get_multicond_prompt_list([text])
+        prompts = list(flat)
+        if hasattr(prompt_parser, "get_learned_conditioning_prompt_schedules"):
+            schedules = prompt_parser.get_learned_conditioning_prompt_schedules(flat, steps)
+            prompts = [t for schedule in schedules for _, t in schedule]
+        return max(int(sd_hijack.model_hijack.get_prompt_lengths(t)[1]) for t in prompts) // TOKENS_PER_CHUNK
 
     def network_key(self) -> Any:
         return network_key()

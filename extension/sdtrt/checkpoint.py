@@ -181,3 +181,18 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
 
 _HASHES: dict[tuple[str, int, int], str] = {}
 _HASHES_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class _ShapeOnly:
+    shape: tuple[int, ...]
+
+
+def header_info(path: Path, config: Path | None = None) -> ModelInfo:
+    """Family and architecture of a safetensors checkpoint from its header alone (no tensor is read): what a
+    prediction needs for a checkpoint that is not loaded. Raises CheckpointError/UnknownArchitecture."""
+    header = check_safetensors(path)
+    shapes = {k[len(UNET_PREFIX):]: _ShapeOnly(tuple(int(d) for d in v["shape"]))  # type: ignore[index,union-attr]
+              for k, v in header.items() if k.startswith(UNET_PREFIX)}
+    hints = read_config(config) if config is not None else ConfigHints()
+    return detect(shapes, hints)

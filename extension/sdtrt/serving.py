@@ -28,6 +28,8 @@ log = logging.getLogger("sdtrt")
 MAX_REASONS = 64
 #: The longest a UNet call waits for an engine another thread is refitting or loading; then it runs on PyTorch.
 BUSY_WAIT_S = 0.5
+#: The fallback reason while the extension is switched off (never told to the user: it is their choice).
+SWITCHED_OFF = "sdtrt is switched off"
 
 
 @dataclass
@@ -282,6 +284,49 @@ class UnetServer:
         """Whether a usable engine of this server has ControlNet inputs."""
         return any(s.broken is None and s.contract.takes_control for s in self.slots)
 
+    def no_engine_reason(self, seen: tuple[EngineSlot, Mapping[str, Dims]] | None, refused: str | None
+                         ) -> tuple[str, bool]:
+        """Why no engine ran a call: (reason, whether it is a size no profile covers, which the "error" policy
+        refuses). `seen`: the first slot whose contract took the call, with the call's shapes; `refused`: why the
+        contracts refused it."""
+        broken = [s.broken for s in self.slots if s.broken]
+        if broken and all(s.broken for s in self.slots):
+            return broken[0], True
+        if seen is None and refused is not None:
+            return refused, False
+        covered = "; ".join(f"{s.id}: {', '.join(map(str, s.profiles))}" for s in self.slots) or "none"
+        described = seen[0].contract.describe(seen[1]) if seen is not None else "no engine"
+        return f"no engine profile covers this call ({described}); profiles: {covered}", True
+
+    def gate(self) -> str | None:
+        """Why every call runs on PyTorch now, before looking at the call (None: the engines decide per call)."""
+        if not self.enabled():
+            return SWITCHED_OFF
+        return self.unusable or self.problem or self.bypass
+
+    def route(self, dims_of: Callable[[EngineSlot], Mapping[str, Dims]]) -> tuple[EngineSlot | None, int | None, str | None]:
+        """Where a call would run, decided as `serve` decides it but without loading or running anything:
+        (slot, profile index, None) for an engine, else (None, None, reason). `dims_of(slot)` gives the call's
+        input shapes for that slot's contract (raising NotServable when the contract cannot take it)."""
+        gate = self.gate()
+        if gate is not None:
+            return None, None, gate
+        refused: str | None = None
+        seen: tuple[EngineSlot, Mapping[str, Dims]] | None = None
+        for slot in self.slots:
+            if slot.broken is not None:
+                continue
+            try:
+                dims = dims_of(slot)
+            except NotServable as e:
+                refused = refused or str(e)
+                continue
+            seen = seen or (slot, dims)
+            index = slot.profile_for(dims)
+            if index is not None:
+                return slot, index, None
+        return None, None, self.no_engine_reason(seen, refused)[0]
+
     def __call__(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, *args: Any,
                  **kwargs: Any) -> torch.Tensor:
         return self.serve((x, timesteps, context, *args), kwargs, self.fallback)
@@ -292,7 +337,7 @@ class UnetServer:
         `fallback(*call, **kwargs)` (counted, and told unless the extension is off)."""
         x = call[0]
         if not self.enabled():
-            return self.to_pytorch("sdtrt is switched off", call, kwargs, user=False, fallback=fallback)
+            return self.to_pytorch(SWITCHED_OFF, call, kwargs, user=False, fallback=fallback)
         reason = self.unusable or self.problem or self.bypass
         if reason is not None:
             return self.to_pytorch(reason, call, kwargs, fallback=fallback)
@@ -331,15 +376,9 @@ class UnetServer:
                 continue
             self.counters.engine_call()
             return out.to(device=x.device, dtype=x.dtype)
-        broken = [s.broken for s in self.slots if s.broken]
-        if broken and all(s.broken for s in self.slots):
-            reason = broken[0]
-        elif seen is None and refused is not None:  # no engine takes this kind of call at all
-            return self.to_pytorch(refused, call, kwargs, fallback=fallback)
-        else:
-            covered = "; ".join(f"{s.id}: {', '.join(map(str, s.profiles))}" for s in self.slots) or "none"
-            described = seen[0].contract.describe(seen[1]) if seen is not None else "no engine"
-            reason = f"no engine profile covers this call ({described}); profiles: {covered}"
+        reason, uncovered = self.no_engine_reason(seen, refused)
+        if not uncovered:  # no engine takes this kind of call at all, or every engine is broken
+            return self.to_pytorch(reason, call, kwargs, fallback=fallback)
         if self.policy() == "error":
             raise NoMatchingProfile(reason + ". Build an engine with a profile for this size in the TensorRT "
                                     "tab, or set the sdtrt fallback policy to 'pytorch'.")

@@ -109,8 +109,9 @@ class ModelContract(ABC):
         """Engine shape ranges of every input for one user profile."""
 
     @abstractmethod
-    def call_dims(self, shape: Shape, *, cfg: bool = True) -> dict[str, Dims]:
-        """The input shapes of one model call for a generation of `shape`."""
+    def call_dims(self, shape: Shape, *, cfg: bool = True, rows: int | None = None) -> dict[str, Dims]:
+        """The input shapes of one model call for a generation of `shape` (`rows` latents when given, else
+        the batch, doubled with `cfg`)."""
 
     # ---- serving -----------------------------------------------------------------------------------------------
     @abstractmethod

@@ -107,8 +107,8 @@ class UNetContract(ModelContract):
             ranges[Y] = TensorRange(Y, (n_lo, io.y_dim), (n_opt, io.y_dim), (n_hi, io.y_dim))
         return ranges
 
-    def call_dims(self, shape: Shape, *, cfg: bool = True) -> dict[str, Dims]:
-        rows = shape.batch * (CFG_ROWS if cfg else 1)
+    def call_dims(self, shape: Shape, *, cfg: bool = True, rows: int | None = None) -> dict[str, Dims]:
+        rows = shape.batch * (CFG_ROWS if cfg else 1) if rows is None else rows
         return {name: (rows, *r.opt[1:]) for name, r in self.engine_ranges(Profile.static(shape)).items()}
 
     def feeds(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, torch.Tensor]:

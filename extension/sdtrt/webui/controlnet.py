@@ -21,7 +21,7 @@ with the reason told to the user.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,6 +101,26 @@ def unsupported(hook: Hook) -> str | None:
         if pre_name.startswith("reference"):
             return (f"ControlNet {pre_name} changes the UNet's attention, which the engine cannot; it runs on "
                     "PyTorch")
+    return None
+
+
+#: What a unit's preprocessor or model name says about its type, for a prediction before the units are loaded
+#: (`request_problem`): these change the UNet's inside, as `unsupported` finds once they run.
+_UNSERVED_NAMES = ("reference", "ip-adapter", "ip_adapter", "ipadapter", "instant_id", "instantid", "lllite",
+                   "sparsectrl", "revision_ignore")
+
+
+def request_problem(units: Sequence[Mapping[str, Any]], takes_control: bool) -> str | None:
+    """Why an API request's enabled ControlNet units (`alwayson_scripts.controlnet.args`) will run on PyTorch,
+    judged from their preprocessor and model names (the prediction's counterpart of `unsupported`)."""
+    for unit in units:
+        names = f"{unit.get('module') or ''} {unit.get('model') or ''}".lower()
+        hit = next((n for n in _UNSERVED_NAMES if n in names), None)
+        if hit is not None:
+            return (f"ControlNet unit {unit.get('module') or unit.get('model')} changes the UNet's inside, which the "
+                    "engine cannot; it runs on PyTorch")
+    if units and not takes_control:
+        return NO_CONTROL_ENGINE
     return None
 
 

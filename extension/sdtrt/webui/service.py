@@ -9,7 +9,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from sdtrt.models import CONTROL_KW, ControlFeeds
 from sdtrt.registry import Registry
 from sdtrt.runtime import EngineSession, refit_refusal
 from sdtrt.serving import (
+    SWITCHED_OFF,
     Counters,
     EngineSlot,
     NetworkSet,
@@ -37,7 +38,7 @@ from sdtrt.serving import (
     WeightSource,
 )
 from sdtrt.webui import builds, controlnet, foreign
-from sdtrt.webui.host import LABEL_PREFIX, CheckpointRef, Host, Settings
+from sdtrt.webui.host import LABEL_PREFIX, OPT_ENABLED, CheckpointRef, Host, Settings
 from sdtrt.webui.jobs import Job, JobQueue
 from sdtrt.webui.sessions import SessionPool, close_all
 
@@ -70,6 +71,17 @@ class Generation:
     p: object
     settings: Settings
     told: set[str]
+    #: the counters when it began: what it did is the difference at its end (`last_generation` in /status)
+    counted: dict[str, Any] | None = None
+
+
+def generation_outcome(before: Mapping[str, Any], after: Mapping[str, Any], number: int) -> dict[str, Any]:
+    """What one generation did, from the counters before and after it: its engine and PyTorch calls and why."""
+    reasons = {k: n - int(before["fallback_reasons"].get(k, 0)) for k, n in after["fallback_reasons"].items()}
+    return {"number": number, "finished": time.time(),
+            "engine_calls": after["engine_calls"] - before["engine_calls"],
+            "fallback_calls": after["fallback_calls"] - before["fallback_calls"],
+            "fallback_reasons": {k: n for k, n in reasons.items() if n > 0}}
 
 
 class EngineService:
@@ -88,6 +100,8 @@ class EngineService:
         self.active: UnetServer | None = None
         self.active_label: str | None = None
         self._unet_moved = False
+        self.generations = 0
+        self.last_generation: dict[str, Any] | None = None
 
     # ---- host and settings ----------------------------------------------------------------------------------
     def attach(self, host: Host) -> None:
@@ -184,8 +198,13 @@ class EngineService:
         """Per checkpoint with engines built from it: `[TRT] <model_name>` (what "Automatic" picks). For the loaded
         checkpoint without one of its own: `[TRT] <model_name>` over same-architecture engines, refitted with its
         weights. Per usable engine: `[TRT] <engine id>`, picked by name only."""
+        return self.options_with(self._host().loaded_checkpoint(), self.loaded_arch())
+
+    def options_with(self, loaded: CheckpointRef | None, arch: LoadedArch | None,
+                     manifests: Sequence[Manifest] | None = None) -> list[OptionSpec]:
+        """`unet_options` as they are listed while `loaded` (of architecture `arch`) is the loaded checkpoint."""
         host = self._host()
-        manifests = self.usable_manifests()
+        manifests = self.usable_manifests() if manifests is None else list(manifests)
         if not manifests:
             return []
         by_arch: dict[str, list[Manifest]] = {}
@@ -207,8 +226,6 @@ class EngineService:
                    or m.source_checkpoint.get("name") == base]
             if own:
                 add(ref.model_name, own, own[0].key.arch_hash)
-        loaded = host.loaded_checkpoint()
-        arch = self.loaded_arch()
         if loaded is not None and arch is not None and arch.arch_hash in by_arch:
             add(loaded.model_name, [], arch.arch_hash)
         for m in manifests:
@@ -223,13 +240,18 @@ class EngineService:
     def make_server(self, spec: OptionSpec) -> UnetServer:
         """The server an SdUnet delegates to. Never raises: a problem becomes the reason every call of this
         option runs on PyTorch (and the user is told), so a generation never fails on activation."""
+        return self.server_for(spec, self.loaded_arch(), self._weights_for_loaded)
+
+    def server_for(self, spec: OptionSpec, arch: LoadedArch | None,
+                   weights_for: Callable[[], WeightSource | None]) -> UnetServer:
+        """The server of `spec` for a model of architecture `arch` whose weights `weights_for()` gives (the
+        loaded model's for serving; a checkpoint's identity only, for a prediction). Never raises."""
         slots: list[EngineSlot] = []
         unusable: str | None = None
         weights: WeightSource | None = None
         try:
             registry = self.registry()
             manifests = [registry.get(validate_engine_id(i)) for i in spec.engine_ids]
-            arch = self.loaded_arch()
             if arch is None:
                 unusable = "no model is loaded"
             elif arch.problem is not None:
@@ -240,7 +262,7 @@ class EngineService:
                     fams = ", ".join(sorted({m.key.family for m in manifests}))
                     unusable = (f"the engine is for {fams}; the loaded checkpoint is {arch.family} with another "
                                 "architecture. Pick the engine of this checkpoint or build one in the TensorRT tab")
-                weights = self._weights_for_loaded()
+                weights = weights_for()
                 # an engine without refit serves the checkpoint it embeds, only
                 own = [m for m in fitting if m.key.refit_mode is RefitMode.REFIT
                        or (weights is not None and m.source_checkpoint.get("sha256") == weights.sha256)]
@@ -352,7 +374,7 @@ class EngineService:
     # ---- per generation -----------------------------------------------------------------------------------
     def begin(self, p: object) -> None:
         settings = self._host().settings()
-        self.generation = Generation(p, settings, set())
+        self.generation = Generation(p, settings, set(), self.counters.snapshot())
         if self.active is not None:
             self.active.problem = self.active.bypass = None
         if self.sessions.cuda_graphs_differ(settings.cuda_graphs):  # the CUDA graphs setting changed: engines load again, with the new setting, at first use
@@ -383,8 +405,12 @@ class EngineService:
 
     def end(self, p: object) -> None:
         """After a generation: give the device memory the fallback used back to the engine."""
-        if self.generation is not None and self.generation.p is p:
+        gen = self.generation
+        if gen is not None and gen.p is p:
             self.generation = None
+            if gen.counted is not None:
+                self.generations += 1
+                self.last_generation = generation_outcome(gen.counted, self.counters.snapshot(), self.generations)
         host = self._host()
         unet = host.torch_unet()
         if unet is not None:
@@ -440,7 +466,7 @@ class EngineService:
         reason = server.unusable or server.problem or server.bypass or (
             None if slot is not None else controlnet.NO_CONTROL_ENGINE)
         if not server.enabled() or reason is not None or slot is None:
-            return server.to_pytorch(reason or "sdtrt is switched off", args, kwargs, user=server.enabled(),
+            return server.to_pytorch(reason or SWITCHED_OFF, args, kwargs, user=server.enabled(),
                                      fallback=through_hook)
         contract = slot.contract
 
@@ -509,6 +535,15 @@ class EngineService:
         return {"unloaded": not closer.is_alive(),
                 "builds_left": [j.id for j in pending if j.state in ("queued", "running")]}
 
+    def set_enabled(self, enabled: bool) -> dict[str, bool]:
+        """Switch the extension on or off (the sdtrt_enabled setting, saved); generations read it when they
+        begin, so it applies from the next one."""
+        setter = getattr(self._host(), "set_option", None)
+        if not callable(setter):
+            raise SdtrtError("this WebUI host cannot change settings; use its Settings tab")
+        setter(OPT_ENABLED, bool(enabled))
+        return {"enabled": self._host().settings().enabled}
+
     def refresh_list(self) -> None:
         with contextlib.suppress(Exception):
             self._host().refresh_unet_list()
@@ -540,7 +575,7 @@ class EngineService:
             "enabled": s.enabled, "backend": s.backend, "fallback": s.fallback, "cuda_graphs": s.cuda_graphs,
             "cache_dir": str(self.registry().root), "active": active, "counters": self.counters.snapshot(),
             "jobs": {"queued": sum(j.state == "queued" for j in jobs), "running": sum(j.state == "running" for j in jobs)},
-            "building": building,
+            "building": building, "generations": self.generations, "last_generation": self.last_generation,
         }
 
 

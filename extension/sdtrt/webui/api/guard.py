@@ -35,6 +35,8 @@ from sdtrt.webui.jobs import JobNotFound, QueueFull
 
 #: Largest request body the routes accept. A build request is a few hundred bytes.
 MAX_BODY_BYTES = 64 * 1024
+#: Largest body of the route that takes a generation's request (an img2img body carries its images, base64).
+MAX_GENERATION_BODY_BYTES = 64 * 1024 * 1024
 MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 EXPOSED_HINT = (
     "this WebUI is reachable from other machines (--listen, --share, --ngrok or --server-name) and --api-auth "
@@ -159,9 +161,10 @@ async def _read_capped(request: Request, limit: int) -> bool:
     return True
 
 
-def guarded_route_class(credentials: Mapping[str, str], exposed: bool, max_body: int) -> type[APIRoute]:
+def guarded_route_class(credentials: Mapping[str, str], exposed: bool, max_body: int, *,
+                        read_only: bool = False) -> type[APIRoute]:
     """The route class of every /sdtrt/v1 route: the guards above, for these routes only (A1111's app keeps its
-    handlers)."""
+    handlers). `read_only`: a POST that changes nothing (a question with a body), allowed where reading is."""
 
     class SdtrtRoute(APIRoute):
         """Runs the guards before FastAPI reads the body or resolves anything, and turns FastAPI's own errors
@@ -175,7 +178,7 @@ def guarded_route_class(credentials: Mapping[str, str], exposed: bool, max_body:
                 if credentials and not _credentials_ok(request.headers.get("authorization"), credentials):
                     return error_answer(401, "Unauthorized", "this route needs the WebUI's --api-auth credentials "
                                         "(HTTP Basic)", {"WWW-Authenticate": "Basic"})
-                if exposed and not credentials and request.method in MUTATING:
+                if exposed and not credentials and request.method in MUTATING and not read_only:
                     return error_answer(403, "Forbidden", EXPOSED_HINT)
                 declared = request.headers.get("content-length")
                 too_big = error_answer(413, "PayloadTooLarge", f"the request body exceeds {max_body} bytes")

@@ -135,3 +135,60 @@ class StatusBody(BaseModel):
     counters: dict[str, Any]
     jobs: JobCounts
     building: list[dict[str, Any]] = Field(default_factory=list, description="queued and running builds (not ready)")
+    generations: int = Field(0, description="generations finished since the WebUI started")
+    last_generation: dict[str, Any] | None = Field(None, description="the last finished generation: number, "
+                                                   "finished (epoch s), engine_calls, fallback_calls, "
+                                                   "fallback_reasons")
+
+
+COVERAGE_HELP = ("the body of a /sdapi/v1/txt2img (or, with kind=img2img, /sdapi/v1/img2img) request, "
+                 "override_settings included, e.g. {\"prompt\": \"a cat\", \"width\": 768, \"height\": 512, "
+                 "\"batch_size\": 2, \"enable_hr\": true, \"hr_scale\": 2}")
+
+
+class CoverageCall(BaseModel):
+    rows: int
+    width: int
+    height: int
+    chunks: int = Field(..., description="77-row prompt chunks of the call's context")
+    engine_id: str | None
+    profile: int | None = Field(..., description="1-based profile index in the engine")
+    reason: str | None = Field(..., description="why it runs on PyTorch")
+
+
+class CoveragePass(BaseModel):
+    name: str = Field(..., description="first pass, hires pass, ... (refiner)")
+    checkpoint: str | None
+    width: int
+    height: int
+    batch: int
+    engine: bool
+    engine_id: str | None
+    profile: int | None
+    reason: str | None
+    kind: str = Field(..., description="engine, off, no_engine, uncovered (no profile) or unservable")
+    calls: list[CoverageCall]
+
+
+class CoverageBody(BaseModel):
+    engine: bool = Field(..., description="every UNet call of the generation runs on an engine")
+    state: str = Field(..., description="engine, partial, pytorch, off or no_engine")
+    message: str = Field(..., description="the status line shown in the generation tabs")
+    reason: str | None
+    passes: list[CoveragePass]
+    build: dict[str, Any] | None = Field(..., description="a POST /sdtrt/v1/engines body whose engine would "
+                                         "serve this generation, when building one would")
+
+
+class EnabledRequest(BaseModel):
+    enabled: bool
+
+    if _PYDANTIC_V2:
+        model_config = pydantic.ConfigDict(extra="forbid")
+    else:  # pragma: no cover - pydantic 1 (A1111's pin)
+        class Config:
+            extra = "forbid"
+
+
+class EnabledBody(BaseModel):
+    enabled: bool

@@ -12,10 +12,22 @@ from fastapi.security import HTTPBasic
 from starlette.responses import Response
 
 from sdtrt.engine_key import ENGINE_ID_PATTERN
-from sdtrt.webui.api.guard import HTTP_KINDS, MAX_BODY_BYTES, MUTATING, JSONAnswer, answer, guarded_route_class
+from sdtrt.webui.api.guard import (
+    HTTP_KINDS,
+    MAX_BODY_BYTES,
+    MAX_GENERATION_BODY_BYTES,
+    MUTATING,
+    JSONAnswer,
+    answer,
+    guarded_route_class,
+)
 from sdtrt.webui.api.models import (
+    COVERAGE_HELP,
     BuildRequest,
+    CoverageBody,
     Deleted,
+    EnabledBody,
+    EnabledRequest,
     EngineList,
     ErrorBody,
     JobAccepted,
@@ -23,6 +35,7 @@ from sdtrt.webui.api.models import (
     JobList,
     StatusBody,
 )
+from sdtrt.webui.coverage import predict
 from sdtrt.webui.jobs import JOB_ID_PATTERN
 from sdtrt.webui.service import EngineService
 
@@ -37,15 +50,17 @@ def _id_param(pattern: str, max_length: int, what: str) -> Any:
 
 
 def mount(app: Any, svc: EngineService, credentials: dict[str, str] | None = None, *, exposed: bool = False,
-          max_body_bytes: int = MAX_BODY_BYTES) -> None:
+          max_body_bytes: int = MAX_BODY_BYTES, max_generation_body_bytes: int = MAX_GENERATION_BODY_BYTES) -> None:
     """Add the routes to a FastAPI app (A1111's, from on_app_started). `credentials`: --api-auth parsed;
     `exposed`: the WebUI listens beyond localhost (see `webui_exposed`)."""
     credentials = dict(credentials or {})
     dependencies = [Depends(HTTPBasic(auto_error=False))] if credentials else []  # documents the scheme
     route_class = guarded_route_class(credentials, exposed, max_body_bytes)
+    # the coverage question takes a generation's body (img2img's carries images) and changes nothing
+    asking_class = guarded_route_class(credentials, exposed, max_generation_body_bytes, read_only=True)
 
     def route(path: str, method: str, endpoint: Any, ok: int, model: Any, errors: tuple[int, ...],
-              summary: str) -> None:
+              summary: str, *, asks: bool = False) -> None:
         codes = set(errors) | {500}
         if "{" in path:  # FastAPI documents its own 422 shape for routes with parameters unless we document ours
             codes.add(422)
@@ -53,7 +68,7 @@ def mount(app: Any, svc: EngineService, credentials: dict[str, str] | None = Non
             codes.add(401)
         if method in MUTATING:
             codes.add(413)
-            if exposed and not credentials:
+            if exposed and not credentials and not asks:
                 codes.add(403)
         responses: dict[int | str, dict[str, Any]] = {ok: {"model": model, "description": "success"}}
         for code in sorted(codes):
@@ -62,7 +77,8 @@ def mount(app: Any, svc: EngineService, credentials: dict[str, str] | None = Non
         # each route is then an SdtrtRoute in app.routes, where the tests enumerate them
         app.router.add_api_route(PREFIX + path, endpoint, methods=[method], dependencies=dependencies,
                                  status_code=ok, response_model=None, responses=responses, summary=summary,
-                                 tags=["sdtrt"], response_class=JSONAnswer, route_class_override=route_class)
+                                 tags=["sdtrt"], response_class=JSONAnswer,
+                                 route_class_override=asking_class if asks else route_class)
 
     engine_id_param = _id_param(ENGINE_ID_PATTERN, 128, "engine id, e.g. sd1-tensorrt-0123456789abcdef")
     job_id_param = _id_param(JOB_ID_PATTERN, 32, "job id: 32 hexadecimal digits")
@@ -101,6 +117,13 @@ def mount(app: Any, svc: EngineService, credentials: dict[str, str] | None = Non
     def status() -> Response:
         return answer(svc.status)
 
+    def coverage(body: dict[str, Any] = fastapi.Body(..., description=COVERAGE_HELP),  # noqa: B008
+                 kind: str = fastapi.Query("txt2img", description="txt2img or img2img")) -> Response:
+        return answer(lambda: predict(svc, body, kind))
+
+    def set_enabled(req: EnabledRequest) -> Response:
+        return answer(lambda: svc.set_enabled(req.enabled))
+
     route("/engines", "GET", list_engines, 200, EngineList, (), "engines in the cache")
     route("/engines", "POST", build, 202, JobAccepted, (400, 422, 429, 503), "build an engine (a job)")
     route("/engines/{engine_id}", "DELETE", delete_engine, 200, Deleted, (400, 404, 409), "delete an engine")
@@ -110,3 +133,8 @@ def mount(app: Any, svc: EngineService, credentials: dict[str, str] | None = Non
     route("/jobs/{job_id}", "GET", get_job, 200, JobBody, (400, 404), "one build job")
     route("/jobs/{job_id}", "DELETE", cancel_job, 200, JobBody, (400, 404), "cancel a build job")
     route("/status", "GET", status, 200, StatusBody, (), "active engine, backend, counters")
+    route("/coverage", "POST", coverage, 200, CoverageBody, (400, 422),
+          "will a generation with this /sdapi/v1/txt2img or /img2img body run on an engine? (changes nothing)",
+          asks=True)
+    route("/enabled", "POST", set_enabled, 200, EnabledBody, (400, 422),
+          "switch sd-webui-trt on or off (the sdtrt_enabled setting; from the next generation)")

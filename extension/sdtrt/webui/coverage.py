@@ -1,0 +1,419 @@
+"""Whether a generation will run on an engine, answered before it runs (POST /sdtrt/v1/coverage and the status line
+in the txt2img/img2img tabs).
+
+The request is the body of /sdapi/v1/txt2img or /img2img (override_settings included). Its sampling passes and
+their UNet calls come from `sdtrt.passes`; which SD Unet option each pass gets follows A1111's "Automatic" rule
+over the options this service lists for that pass's checkpoint; and each call is routed by the same serving code
+that routes it during the generation (`UnetServer.route`: gate, contract, slot order, profile selection, reasons).
+What else sends a pass to PyTorch is decided where serving decides it: tiling (`foreign`), ControlNet units
+(`controlnet`), LoRA on an engine without refit (`runtime.refit_refusal`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sdtrt.constants import LATENT_FACTOR, TOKENS_PER_CHUNK
+from sdtrt.errors import SdtrtError
+from sdtrt.passes import CallShape, CfgOptions, GenerationSpec, HiresSpec, PassSpec, hires_size, plan_passes
+from sdtrt.profiles import MAX_PIXELS, MIN_PIXELS, Shape, token_chunks
+from sdtrt.runtime import refit_refusal
+from sdtrt.serving import SWITCHED_OFF, UnetServer, WeightSource
+from sdtrt.webui import controlnet, foreign
+from sdtrt.webui.host import LABEL_PREFIX, OPT_ENABLED, CheckpointRef, Settings
+
+if TYPE_CHECKING:
+    from sdtrt.webui.service import EngineService, LoadedArch, OptionSpec
+
+KINDS = ("txt2img", "img2img")
+#: A1111's default size and batch when a request leaves them out.
+DEFAULT_PIXELS = 512
+#: Hires checkpoint values that mean "the generation's checkpoint".
+SAME_CHECKPOINT = ("", "Use same checkpoint", None)
+NO_REFINER = ("", "None", "none", None)
+#: `<lora:name:...>` / `<lyco:name:...>` in a prompt (A1111's extra-network syntax)
+_LORA_RE = re.compile(r"<(?:lora|lyco):([^:>]+)(?::[^>]*)?>", re.IGNORECASE)
+#: A1111 splits a prompt into AND-composed sub-prompts on this
+_AND_RE = re.compile(r"\bAND\b")
+#: Rounding of a suggested profile's size range, and the smallest range it spans around the request
+SUGGEST_STEP = 64
+SUGGEST_SPAN = 256
+
+
+class CoverageError(SdtrtError):
+    """The request cannot be predicted (bad field types, unknown checkpoint)."""
+
+
+@dataclass
+class CallRoute:
+    rows: int
+    width: int
+    height: int
+    chunks: int
+    engine_id: str | None
+    profile: int | None
+    reason: str | None
+
+
+@dataclass
+class PassRoute:
+    name: str
+    checkpoint: str | None
+    width: int
+    height: int
+    batch: int
+    engine: bool
+    engine_id: str | None
+    profile: int | None
+    reason: str | None
+    #: why: "engine", "off" (switched off or SD Unet is not ours), "no_engine", "uncovered" (no profile),
+    #: "unservable" (something the engine cannot do: tiling, ControlNet type, LoRA on a fixed-weight engine)
+    kind: str
+    calls: list[CallRoute] = field(default_factory=list)
+
+
+@dataclass
+class Coverage:
+    engine: bool
+    state: str
+    message: str
+    reason: str | None
+    passes: list[PassRoute]
+    build: dict[str, Any] | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---- reading the request -----------------------------------------------------------------------------------------
+def _int(body: Mapping[str, Any], key: str, default: int, lo: int = 0, hi: int = 1 << 20) -> int:
+    value = body.get(key, default)
+    if value is None:
+        return default
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise CoverageError(f"{key} must be a number, got {value!r}") from None
+    if not lo <= number <= hi:
+        raise CoverageError(f"{key} must be between {lo} and {hi}, got {number}")
+    return number
+
+
+def _float(body: Mapping[str, Any], key: str, default: float | None) -> float | None:
+    value = body.get(key, default)
+    if value is None:
+        return default
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise CoverageError(f"{key} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise CoverageError(f"{key} must be finite")
+    return number
+
+
+def _text(body: Mapping[str, Any], key: str, default: str = "") -> str:
+    value = body.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, list):  # A1111 takes a list of prompts too: one per image; the longest decides
+        return max((str(v) for v in value), key=len, default=default)
+    return str(value)
+
+
+def lora_names(*prompts: str) -> list[str]:
+    return sorted({m.group(1).strip() for p in prompts for m in _LORA_RE.finditer(p)})
+
+
+def controlnet_units(body: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The enabled sd-webui-controlnet units of an API request (`alwayson_scripts.controlnet.args`)."""
+    scripts = body.get("alwayson_scripts") or {}
+    if not isinstance(scripts, Mapping):
+        return []
+    entry = next((v for k, v in scripts.items() if str(k).lower() == "controlnet"), None)
+    args = entry.get("args") if isinstance(entry, Mapping) else None
+    return [u for u in args or [] if isinstance(u, Mapping) and u.get("enabled", True)]
+
+
+# ---- the prediction --------------------------------------------------------------------------------------------
+class Predictor:
+    """One prediction: the service, its host, and the request's settings (override_settings over the host's)."""
+
+    def __init__(self, svc: EngineService, body: Mapping[str, Any], kind: str):
+        if kind not in KINDS:
+            raise CoverageError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        if not isinstance(body, Mapping):
+            raise CoverageError("the body must be a JSON object, as for /sdapi/v1/txt2img")
+        self.svc, self.body, self.kind = svc, body, kind
+        self.host = svc._host()
+        overrides = body.get("override_settings") or {}
+        if not isinstance(overrides, Mapping):
+            raise CoverageError("override_settings must be an object")
+        self.overrides = overrides
+        base = self.host.settings()
+        self.settings = Settings.from_options(lambda key, default: overrides.get(key, getattr(base, _FIELD.get(
+            key, ""), default)))
+
+    def option(self, key: str, default: Any) -> Any:
+        """A WebUI option as this request sees it (override_settings first)."""
+        if key in self.overrides:
+            return self.overrides[key]
+        read = getattr(self.host, "option", None)
+        return read(key, default) if callable(read) else default
+
+    def chunks(self, prompt: str, negative: bool) -> int:
+        """77-row chunks of a prompt's conditioning, counted by the host as its token counter counts them."""
+        count = getattr(self.host, "prompt_chunks", None)
+        if callable(count):
+            try:
+                steps = _int(self.body, "steps", 20, 1, 10000)
+                return max(1, int(count(prompt, list(self.body.get("styles") or []), negative, steps)))
+            except Exception:  # noqa: BLE001 - a prediction never fails on the token counter
+                pass
+        return token_chunks(len(prompt.split()))
+
+    def checkpoint(self, name: Any) -> CheckpointRef | None:
+        if name:
+            return self.host.resolve_checkpoint(str(name))
+        return self.host.loaded_checkpoint() or (
+            self.host.resolve_checkpoint(str(self.option("sd_model_checkpoint", "")))
+            if self.option("sd_model_checkpoint", "") else None)
+
+    def spec(self) -> GenerationSpec:
+        b = self.body
+        width = _int(b, "width", DEFAULT_PIXELS, MIN_PIXELS, MAX_PIXELS) // LATENT_FACTOR * LATENT_FACTOR
+        height = _int(b, "height", DEFAULT_PIXELS, MIN_PIXELS, MAX_PIXELS) // LATENT_FACTOR * LATENT_FACTOR
+        batch = _int(b, "batch_size", 1, 1, 64)
+        prompt, negative = _text(b, "prompt"), _text(b, "negative_prompt")
+        conds = max(1, len(_AND_RE.split(prompt)))
+        main = self.checkpoint(self.overrides.get("sd_model_checkpoint"))
+        hires = None
+        if self.kind == "txt2img" and b.get("enable_hr"):
+            hw, hh = hires_size(width, height, _float(b, "hr_scale", 2.0) or 2.0,
+                                _int(b, "hr_resize_x", 0, 0, MAX_PIXELS), _int(b, "hr_resize_y", 0, 0, MAX_PIXELS))
+            hr_prompt, hr_negative = _text(b, "hr_prompt") or prompt, _text(b, "hr_negative_prompt") or negative
+            name = b.get("hr_checkpoint_name")
+            hr_ref = None if name in SAME_CHECKPOINT else self.host.resolve_checkpoint(str(name))
+            hires = HiresSpec(hw, hh, self.chunks(hr_prompt, False), self.chunks(hr_negative, True),
+                              hr_ref.title if hr_ref else None)
+        refiner = b.get("refiner_checkpoint")
+        refiner_ref = None if refiner in NO_REFINER else self.host.resolve_checkpoint(str(refiner))
+        return GenerationSpec(width, height, batch, self.chunks(prompt, False), self.chunks(negative, True), conds,
+                              main.title if main else None, hires, refiner_ref.title if refiner_ref else None,
+                              _float(b, "refiner_switch_at", None),
+                              str(self.option("hires_fix_refiner_pass", "second pass")))
+
+    def cfg_options(self) -> CfgOptions:
+        s_min = _float(self.body, "s_min_uncond", None)
+        if s_min is None:
+            s_min = float(self.option("s_min_uncond", 0.0) or 0.0)
+        return CfgOptions(bool(self.option("batch_cond_uncond", True)), bool(self.option("pad_cond_uncond", False)),
+                          bool(self.option("pad_cond_uncond_v0", False)),
+                          s_min > 0 or float(self.option("skip_early_cond", 0.0) or 0.0) > 0)
+
+    # ---- one pass ----------------------------------------------------------------------------------------------
+    def option_for(self, ref: CheckpointRef | None) -> tuple[OptionSpec | None, LoadedArch | None, str | None]:
+        """The SD Unet option A1111 applies while `ref` is loaded (its "Automatic" rule: the option whose
+        model_name is the checkpoint's), the checkpoint's architecture, and why there is none."""
+        sd_unet = str(self.option("sd_unet", "Automatic") or "Automatic")
+        if sd_unet == "None":
+            return None, None, "SD Unet is None: the UNet runs on PyTorch"
+        if ref is None:
+            return None, None, "no checkpoint is loaded"
+        arch = self.arch_of(ref)
+        options = self.svc.options_with(ref, arch)
+        if sd_unet == "Automatic":
+            spec = next((o for o in options if o.model_name == ref.model_name), None)
+            if spec is None:
+                return None, arch, f"no engine for this checkpoint ({ref.model_name})"
+            return spec, arch, None
+        spec = next((o for o in options if o.label == sd_unet), None)
+        if spec is None:
+            ours = sd_unet.startswith(LABEL_PREFIX)
+            return None, arch, (f"the SD Unet {sd_unet} is not available for {ref.model_name}" if ours
+                                else f"SD Unet is {sd_unet}, not a TensorRT engine")
+        return spec, arch, None
+
+    def arch_of(self, ref: CheckpointRef) -> LoadedArch | None:
+        from sdtrt.webui.service import LoadedArch
+
+        loaded = self.host.loaded_checkpoint()
+        if loaded is not None and loaded.filename == ref.filename:
+            return self.svc.loaded_arch()
+        from sdtrt.checkpoint import header_info
+
+        try:
+            info = header_info(Path(ref.filename), Path(ref.config) if ref.config else None)
+        except Exception:  # noqa: BLE001 - a pickle or unreadable file: only its own engines are known
+            return None
+        return LoadedArch(info.family_id, info.arch_hash, None)
+
+    def server(self, spec: OptionSpec, ref: CheckpointRef, arch: LoadedArch | None) -> UnetServer:
+        sha = ref.sha256 or (self.svc.checkpoint_sha256(ref) if self._is_loaded(ref) else None)
+        if arch is None:  # not readable without loading: assume the architecture of its own engines
+            arch = self._own_arch(spec, ref)
+        server = self.svc.server_for(spec, arch, lambda: WeightSource(sha or f"name:{os.path.basename(ref.filename)}",
+                                                                     _never_read))
+        server.enabled = lambda: self.settings.enabled
+        return server
+
+    def _is_loaded(self, ref: CheckpointRef) -> bool:
+        loaded = self.host.loaded_checkpoint()
+        return loaded is not None and loaded.filename == ref.filename
+
+    def _own_arch(self, spec: OptionSpec, ref: CheckpointRef) -> LoadedArch | None:
+        from sdtrt.webui.service import LoadedArch
+
+        base = os.path.basename(ref.filename)
+        for m in self.svc.usable_manifests():
+            if m.id in spec.engine_ids and m.source_checkpoint.get("name") == base:
+                return LoadedArch(m.key.family, m.key.arch_hash, None)
+        return None
+
+    def route_pass(self, p: PassSpec, prompts: tuple[str, ...]) -> PassRoute:
+        ref = self.host.resolve_checkpoint(p.checkpoint) if p.checkpoint else None
+        route = PassRoute(p.name, ref.title if ref else None, p.width, p.height, p.batch, False, None, None, None,
+                          "off")
+        if not self.settings.enabled:
+            return self.nowhere(route, p, SWITCHED_OFF, "off")
+        spec, arch, why = self.option_for(ref)
+        if spec is None or ref is None:
+            return self.nowhere(route, p, why, "off" if why and why.startswith("SD Unet") else "no_engine")
+        server = self.server(spec, ref, arch)
+        bypass = self.unservable(server, prompts)
+        if bypass is not None:
+            server.bypass = bypass
+        calls = [self.route_call(server, c) for c in p.calls]
+        route.calls = calls
+        missing = next((c for c in calls if c.engine_id is None), None)
+        if missing is None and calls:
+            route.engine, route.kind = True, "engine"
+            route.engine_id, route.profile = calls[0].engine_id, calls[0].profile
+            return route
+        route.reason = missing.reason if missing else "no UNet call"
+        route.kind = ("unservable" if bypass is not None or server.unusable is not None
+                      else "uncovered" if route.reason and route.reason.startswith("no engine profile covers")
+                      else "unservable")
+        return route
+
+    @staticmethod
+    def nowhere(route: PassRoute, p: PassSpec, reason: str | None, kind: str) -> PassRoute:
+        """`route` with every call on PyTorch for `reason`."""
+        route.reason, route.kind = reason, kind
+        route.calls = [CallRoute(c.rows, c.width, c.height, c.chunks, None, None, reason) for c in p.calls]
+        return route
+
+    @staticmethod
+    def route_call(server: UnetServer, call: CallShape) -> CallRoute:
+        shape = Shape(max(1, call.rows), call.height, call.width, call.chunks * TOKENS_PER_CHUNK)
+        slot, index, reason = server.route(lambda s: s.contract.call_dims(shape, rows=call.rows))
+        return CallRoute(call.rows, call.width, call.height, call.chunks, slot.id if slot else None,
+                         None if index is None else index + 1, reason)
+
+    def unservable(self, server: UnetServer, prompts: tuple[str, ...]) -> str | None:
+        """What in the request sends the pass to PyTorch whatever the sizes (as serving would find it)."""
+        tiling = self.body.get("tiling")
+        if tiling is None:
+            tiling = self.option("tiling", False)
+        if tiling:
+            return foreign.TILING
+        units = controlnet_units(self.body)
+        if units:
+            why = controlnet.request_problem(units, server.takes_control)
+            if why is not None:
+                return why
+        if lora_names(*prompts):
+            for slot in server.slots:
+                refusal = refit_refusal(slot.manifest, "LoRA weights")
+                if refusal is not None:
+                    return refusal
+        return None
+
+    # ---- the answer --------------------------------------------------------------------------------------------
+    def predict(self) -> Coverage:
+        gen = self.spec()
+        passes = plan_passes(gen, self.cfg_options())
+        prompts = (_text(self.body, "prompt"), _text(self.body, "hr_prompt"))
+        routes = [self.route_pass(p, prompts) for p in passes]
+        return summarize(routes, self.suggest(gen, passes, routes))
+
+    def suggest(self, gen: GenerationSpec, passes: list[PassSpec], routes: list[PassRoute]) -> dict[str, Any] | None:
+        """A build request whose profile covers every pass on the checkpoint of the first pass that lacks an
+        engine or a profile, when building would fix it."""
+        first = next((r for r in routes if r.kind in ("no_engine", "uncovered")), None)
+        if first is None or first.checkpoint is None:
+            return None
+        mine = [p for p, r in zip(passes, routes) if r.checkpoint == first.checkpoint]
+        return {"checkpoint": first.checkpoint, "profiles": [suggest_profile(mine)],
+                "controlnet": bool(controlnet_units(self.body))}
+
+
+_FIELD = {"sdtrt_enabled": "enabled", "sdtrt_backend": "backend", "sdtrt_cache_dir": "cache_dir",
+          "sdtrt_fallback": "fallback", "sdtrt_cuda_graphs": "cuda_graphs"}
+assert OPT_ENABLED in _FIELD
+
+
+def _never_read(names: Any) -> Mapping[str, Any]:
+    raise SdtrtError("a prediction reads no weights")
+
+
+def _down(px: int) -> int:
+    return max(MIN_PIXELS, px // SUGGEST_STEP * SUGGEST_STEP)
+
+
+def _up(px: int) -> int:
+    return min(MAX_PIXELS, -(-px // SUGGEST_STEP) * SUGGEST_STEP)
+
+
+def suggest_profile(passes: list[PassSpec]) -> str:
+    """min:opt:max around the passes' calls: sizes from a little below the smallest to a little above the largest
+    (in steps of 64 px, at least SUGGEST_SPAN wide), opt at the first pass, batch and prompt chunks as the calls
+    need them (a profile of B images takes calls of B to 2B rows)."""
+    calls = [c for p in passes for c in p.calls]
+    first = passes[0]
+    rows = [c.rows for c in calls]
+    hs, ws, chunks = [c.height for c in calls], [c.width for c in calls], [c.chunks for c in calls]
+    lo = Shape(min(first.batch, min(rows)), _down(min(hs) - SUGGEST_SPAN // 2), _down(min(ws) - SUGGEST_SPAN // 2),
+               min(chunks) * TOKENS_PER_CHUNK)
+    opt = Shape(first.batch, first.height, first.width, max(first.cond_chunks, min(chunks)) * TOKENS_PER_CHUNK)
+    hi = Shape(max(first.batch, -(-max(rows) // 2)), _up(max(hs) + SUGGEST_SPAN // 2),
+               _up(max(ws) + SUGGEST_SPAN // 2), max(max(chunks), 2) * TOKENS_PER_CHUNK)
+    return f"{lo}:{opt}:{hi}"
+
+
+def summarize(routes: list[PassRoute], build: dict[str, Any] | None) -> Coverage:
+    """The answer and the status line's text."""
+    engine = bool(routes) and all(r.engine for r in routes)
+    if engine:
+        head = routes[0]
+        text = (f"TensorRT: {head.engine_id} profile {head.profile} serves {head.width}x{head.height}, "
+                f"batch {head.batch}")
+        more = [f"{r.name} {r.width}x{r.height}" + (f" on {r.engine_id}" if r.engine_id != head.engine_id else "")
+                + f" profile {r.profile}" for r in routes[1:]]
+        if more:
+            text += "; " + ", ".join(more)
+        return Coverage(True, "engine", text, None, routes, None)
+    if routes and all(r.kind == "off" for r in routes):
+        reason = routes[0].reason
+        text = "TensorRT off" if reason == SWITCHED_OFF else f"TensorRT off ({reason})"
+        return Coverage(False, "off", text, reason, routes, None)
+    if routes and all(r.kind == "no_engine" for r in routes):
+        reason = routes[0].reason or "no engine"
+        return Coverage(False, "no_engine", f"TensorRT: {reason}", reason, routes, build)
+    bad = next(r for r in routes if not r.engine)
+    short = "no profile covers it" if bad.kind == "uncovered" else (bad.reason or "")
+    text = f"TensorRT: the {bad.name} ({bad.width}x{bad.height}) will run on PyTorch — {short}"
+    state = "partial" if any(c.engine_id for r in routes for c in r.calls) else "pytorch"
+    return Coverage(False, state, text, bad.reason, routes, build)
+
+
+def predict(svc: EngineService, body: Mapping[str, Any], kind: str = "txt2img") -> dict[str, Any]:
+    """POST /sdtrt/v1/coverage: what a generation of `body` will run on. Raises CoverageError (400) for a body it
+    cannot read; SdtrtError for an unknown checkpoint."""
+    return Predictor(svc, body, kind).predict().to_dict()
