@@ -104,9 +104,22 @@ gpu_wheels() {
 
 cmd=${1:-demo}
 shift || true
+# The page code's own tests (javascript/sdtrt.js), with Node's built-in test runner (Node >= 18; Debian: nodejs).
+page_tests() {
+  if ! command -v node >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+      apt-get install -y -q nodejs >/dev/null || { echo "run.sh: cannot install nodejs" >&2; exit 2; }
+    else
+      echo "run.sh: the page tests need Node.js >= 18 (Debian: apt-get install nodejs)" >&2; exit 2
+    fi
+  fi
+  node --test tests/js/ >/dev/null || { node --test tests/js/; echo "run.sh: page tests failed" >&2; exit 1; }
+  echo "page tests (node --test tests/js): passed"
+}
+
 case "$cmd" in
   demo) setup; exec python -m sdtrt demo "$@" ;;
-  test) setup; exec python -m pytest -q "$@" ;;
+  test) setup; page_tests; exec python -m pytest -q "$@" ;;
   sdtrt) setup; exec python -m sdtrt "$@" ;;
   test-a1111) setup_a1111; exec python -m pytest -q "$@" ;;
   setup) setup ;;

@@ -73,7 +73,7 @@ SYMLINK_ID = "sd1-onnxruntime-00000000000000aa"
 DAMAGED_ID = "sd1-onnxruntime-00000000000000bb"
 OPS = [("GET", "/engines"), ("POST", "/engines"), ("DELETE", "/engines/{engine_id}"),
        ("POST", "/engines/{engine_id}/rebuild"), ("GET", "/jobs"), ("GET", "/jobs/{job_id}"),
-       ("DELETE", "/jobs/{job_id}"), ("GET", "/status")]
+       ("DELETE", "/jobs/{job_id}"), ("GET", "/status"), ("POST", "/coverage"), ("POST", "/enabled")]
 
 
 # ---- environment: a cache with a real engine, a damaged one and a symlink out; canaries outside ------------------
@@ -331,9 +331,11 @@ def test_every_route_refuses_requests_without_the_credentials(env: Env) -> None:
                 assert PASSWORD not in r.text
                 refused += 1
         harmless = concrete(path, "no-such-0123456789abcdef" if "engine_id" in path else "0" * 32)
+        harmless_body = ({"json": {"checkpoint": "nope", "profiles": ["1x64x64x75"]}} if path.endswith("engines")
+                         else {"json": {"width": 64, "height": 64}} if path.endswith("coverage")
+                         else {"json": {"enabled": True}} if path.endswith("enabled") else {})
         ok = anon.request(method, harmless, headers={"Authorization": "Basic " + base64.b64encode(
-            b"second:other-pass").decode()}, **({"json": {"checkpoint": "nope", "profiles": ["1x64x64x75"]}}
-                                               if method == "POST" and path.endswith("engines") else {}))
+            b"second:other-pass").decode()}, **(harmless_body if method == "POST" else {}))
         assert ok.status_code in (200, 400, 404), (method, path, ok.status_code)
     print(f"G5b: {len(routes)} of {len(routes)} routes under auth; {refused} unauthenticated requests refused")
     assert len(env.svc.jobs.list()) == jobs_before  # the authenticated POST named an unknown checkpoint
@@ -361,6 +363,10 @@ def test_exposed_without_auth_refuses_changes_but_serves_reads(env: Env) -> None
         kw: dict[str, Any] = {}
         if method == "POST" and path.endswith("/engines"):
             kw["json"] = {"checkpoint": EXAMPLE_CKPT, "profiles": ["1x64x64x75"]}
+        if path.endswith("/coverage"):  # a question with a body: read-only, so served as reads are
+            r = c.post(url, json={"width": 64, "height": 64})
+            assert r.status_code in (200, 400), (method, path, r.status_code)
+            continue
         r = c.request(method, url, **kw)
         if method in ("POST", "DELETE"):
             body = assert_error_body(r, 403)

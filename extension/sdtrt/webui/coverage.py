@@ -42,6 +42,8 @@ _LORA_RE = re.compile(r"<(?:lora|lyco):([^:>]+)(?::[^>]*)?>", re.IGNORECASE)
 #: A1111 splits a prompt into AND-composed sub-prompts on this
 _AND_RE = re.compile(r"\bAND\b")
 #: Rounding of a suggested profile's size range, and the smallest range it spans around the request
+#: Largest hires scale a prediction takes (A1111's slider goes to 4)
+MAX_HR_SCALE = 16.0
 SUGGEST_STEP = 64
 SUGGEST_SPAN = 256
 
@@ -195,7 +197,10 @@ class Predictor:
         main = self.checkpoint(self.overrides.get("sd_model_checkpoint"))
         hires = None
         if self.kind == "txt2img" and b.get("enable_hr"):
-            hw, hh = hires_size(width, height, _float(b, "hr_scale", 2.0) or 2.0,
+            scale = _float(b, "hr_scale", 2.0) or 2.0
+            if not 0 < scale <= MAX_HR_SCALE:
+                raise CoverageError(f"hr_scale must be above 0 and at most {MAX_HR_SCALE}, got {scale}")
+            hw, hh = hires_size(width, height, scale,
                                 _int(b, "hr_resize_x", 0, 0, MAX_PIXELS), _int(b, "hr_resize_y", 0, 0, MAX_PIXELS))
             hr_prompt, hr_negative = _text(b, "hr_prompt") or prompt, _text(b, "hr_negative_prompt") or negative
             name = b.get("hr_checkpoint_name")
@@ -212,10 +217,10 @@ class Predictor:
     def cfg_options(self) -> CfgOptions:
         s_min = _float(self.body, "s_min_uncond", None)
         if s_min is None:
-            s_min = float(self.option("s_min_uncond", 0.0) or 0.0)
+            s_min = _float({"s_min_uncond": self.option("s_min_uncond", 0.0)}, "s_min_uncond", 0.0) or 0.0
+        early = _float({"skip_early_cond": self.option("skip_early_cond", 0.0)}, "skip_early_cond", 0.0) or 0.0
         return CfgOptions(bool(self.option("batch_cond_uncond", True)), bool(self.option("pad_cond_uncond", False)),
-                          bool(self.option("pad_cond_uncond_v0", False)),
-                          s_min > 0 or float(self.option("skip_early_cond", 0.0) or 0.0) > 0)
+                          bool(self.option("pad_cond_uncond_v0", False)), s_min > 0 or early > 0)
 
     # ---- one pass ----------------------------------------------------------------------------------------------
     def option_for(self, ref: CheckpointRef | None) -> tuple[OptionSpec | None, LoadedArch | None, str | None]:
@@ -416,4 +421,7 @@ def summarize(routes: list[PassRoute], build: dict[str, Any] | None) -> Coverage
 def predict(svc: EngineService, body: Mapping[str, Any], kind: str = "txt2img") -> dict[str, Any]:
     """POST /sdtrt/v1/coverage: what a generation of `body` will run on. Raises CoverageError (400) for a body it
     cannot read; SdtrtError for an unknown checkpoint."""
-    return Predictor(svc, body, kind).predict().to_dict()
+    try:
+        return Predictor(svc, body, kind).predict().to_dict()
+    except (TypeError, ValueError, OverflowError, AttributeError) as e:  # a field of an unexpected type or size
+        raise CoverageError(f"cannot read the request: {type(e).__name__}: {e}") from e
