@@ -28,6 +28,7 @@
     var JOB_POLL_MS = 1000;
     var STATUS_POLL_MS = 1500;
     var TABS = ["txt2img", "img2img"];
+    var RECHECK_AFTER_MODEL_MS = [0, 5000, 20000];
 
     // ---- pure logic (tested with node --test) -------------------------------------------------------------------
     function debounce(fn, wait, timers) {
@@ -272,7 +273,12 @@
                 }, true);
             });
             var model = q(app, "#setting_sd_model_checkpoint");
-            if (model) model.addEventListener("change", line.check, true);
+            if (model) {
+                // the WebUI loads the checkpoint after the change: ask again once it likely has
+                model.addEventListener("change", function () {
+                    RECHECK_AFTER_MODEL_MS.forEach(function (ms) { win.setTimeout(line.check, ms); });
+                }, true);
+            }
             watchGenerations(app, win, line);
             line.check();
         });

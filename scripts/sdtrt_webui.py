@@ -93,6 +93,8 @@ class A1111Host:
         if info is None:
             info = next((i for i in sd_models.checkpoints_list.values() if name in (i.model_name, i.name_for_extra)),
                         None)
+        if info is None:  # A1111's own lookup of request fields (short titles "name [hash]", partial names)
+            info = sd_models.get_closet_checkpoint_match(name)
         if info is None:
             known = ", ".join(sorted(i.title for i in sd_models.checkpoints_list.values())) or "none"
             raise SdtrtError(f"unknown checkpoint {name!r}; the WebUI lists: {known}")

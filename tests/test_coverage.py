@@ -136,7 +136,7 @@ def test_hires_pass_in_and_out_of_the_profile(boot, tiny_checkpoint, hires, serv
 ])
 def test_batch_and_prompt_length(boot, tiny_checkpoint, fields, state) -> None:  # type: ignore[no-untyped-def]
     host = boot(tiny_checkpoint("sd1"))
-    answer, outcome = predict_and_run(host, body(**fields))
+    answer, _ = predict_and_run(host, body(**fields))
     assert answer["state"] == state, answer
     if state != "engine":
         assert answer["message"].startswith("TensorRT: the first pass (64x64) will run on PyTorch — no profile")
@@ -174,7 +174,7 @@ def test_hires_on_another_checkpoint_of_the_architecture(boot, tiny_checkpoint) 
     host = boot(tiny_checkpoint("sd1", 0), tiny_checkpoint("sd1", 1), config={"sd_model_checkpoint": "sd1-s0.safetensors"})
     b = body(enable_hr=True, hr_scale=2.0, hr_second_pass_steps=2, denoising_strength=0.5, hr_upscaler="Latent",
              hr_checkpoint_name="sd1-s1")
-    answer, outcome = predict_and_run(host, b)
+    answer, _ = predict_and_run(host, b)
     assert answer["passes"][1]["checkpoint"].startswith("sd1-s1") and answer["engine"]
 
 

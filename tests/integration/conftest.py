@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from .a1111_host import ENV_DIR, ENV_PYTHON, A1111Install, WebUIHost, write_tiny_model
+from .browser import artifacts, browser_binaries, driver  # noqa: F401 - fixtures of the browser tests
 
 HERE = Path(__file__).resolve().parent
 

@@ -11,6 +11,7 @@ What else sends a pass to PyTorch is decided where serving decides it: tiling (`
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -26,11 +27,12 @@ from sdtrt.profiles import MAX_PIXELS, MIN_PIXELS, Shape, token_chunks
 from sdtrt.runtime import refit_refusal
 from sdtrt.serving import SWITCHED_OFF, UnetServer, WeightSource
 from sdtrt.webui import controlnet, foreign
-from sdtrt.webui.host import LABEL_PREFIX, OPT_ENABLED, CheckpointRef, Settings
+from sdtrt.webui.host import LABEL_PREFIX, CheckpointRef
 
 if TYPE_CHECKING:
     from sdtrt.webui.service import EngineService, LoadedArch, OptionSpec
 
+log = logging.getLogger("sdtrt")
 KINDS = ("txt2img", "img2img")
 #: A1111's default size and batch when a request leaves them out.
 DEFAULT_PIXELS = 512
@@ -158,9 +160,7 @@ class Predictor:
         if not isinstance(overrides, Mapping):
             raise CoverageError("override_settings must be an object")
         self.overrides = overrides
-        base = self.host.settings()
-        self.settings = Settings.from_options(lambda key, default: overrides.get(key, getattr(base, _FIELD.get(
-            key, ""), default)))
+        self.settings = self.host.settings().overridden(overrides)
 
     def option(self, key: str, default: Any) -> Any:
         """A WebUI option as this request sees it (override_settings first)."""
@@ -173,11 +173,11 @@ class Predictor:
         """77-row chunks of a prompt's conditioning, counted by the host as its token counter counts them."""
         count = getattr(self.host, "prompt_chunks", None)
         if callable(count):
+            steps = _int(self.body, "steps", 20, 1, 10000)
             try:
-                steps = _int(self.body, "steps", 20, 1, 10000)
                 return max(1, int(count(prompt, list(self.body.get("styles") or []), negative, steps)))
-            except Exception:  # noqa: BLE001 - a prediction never fails on the token counter
-                pass
+            except Exception:  # a prediction never fails on the token counter
+                log.debug("sdtrt: the WebUI's token counter failed; counting words", exc_info=True)
         return token_chunks(len(prompt.split()))
 
     def checkpoint(self, name: Any) -> CheckpointRef | None:
@@ -357,11 +357,6 @@ class Predictor:
         mine = [p for p, r in zip(passes, routes) if r.checkpoint == first.checkpoint]
         return {"checkpoint": first.checkpoint, "profiles": [suggest_profile(mine)],
                 "controlnet": bool(controlnet_units(self.body))}
-
-
-_FIELD = {"sdtrt_enabled": "enabled", "sdtrt_backend": "backend", "sdtrt_cache_dir": "cache_dir",
-          "sdtrt_fallback": "fallback", "sdtrt_cuda_graphs": "cuda_graphs"}
-assert OPT_ENABLED in _FIELD
 
 
 def _never_read(names: Any) -> Mapping[str, Any]:

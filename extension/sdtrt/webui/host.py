@@ -55,6 +55,12 @@ class Settings:
             cuda_graphs=bool(get(OPT_CUDA_GRAPHS, d.cuda_graphs)),
         )
 
+    def overridden(self, overrides: Mapping[str, Any]) -> Settings:
+        """These settings with a request's `override_settings` applied (repaired as `from_options` repairs)."""
+        current = {OPT_ENABLED: self.enabled, OPT_BACKEND: self.backend, OPT_CACHE_DIR: self.cache_dir,
+                   OPT_FALLBACK: self.fallback, OPT_CUDA_GRAPHS: self.cuda_graphs}
+        return Settings.from_options(lambda key, default: overrides.get(key, current.get(key, default)))
+
     def cache_path(self, models_dir: Path) -> Path:
         if self.cache_dir:
             return Path(os.path.expanduser(self.cache_dir))
