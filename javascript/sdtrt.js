@@ -79,6 +79,12 @@
             body.refiner_checkpoint = f.refiner_checkpoint;
             body.refiner_switch_at = num(f.refiner_switch_at, 0.8);
         }
+        var units = (f.controlnet_units || []).filter(function (u) { return u && u.enabled; });
+        if (units.length) {
+            body.alwayson_scripts = {controlnet: {args: units.map(function (u) {
+                return {enabled: true, module: u.module || "none", model: u.model || "None"};
+            })}};
+        }
         return {url: PREFIX + "/coverage?kind=" + (tab === "img2img" ? "img2img" : "txt2img"), body: body};
     }
 
@@ -125,9 +131,27 @@
         return kind === "check" ? !!input.checked : input.value;
     }
 
+    // sd-webui-controlnet's units in this tab (ids <tab>_controlnet_<unit>_controlnet_enable_checkbox, ...)
+    function readControlNetUnits(app, tab) {
+        var boxes = [];
+        try {
+            boxes = Array.prototype.slice.call(app.querySelectorAll(
+                "[id^='" + tab + "_controlnet_'][id$='_controlnet_enable_checkbox']"));
+        } catch (e) {
+            return [];
+        }
+        return boxes.map(function (box) {
+            var unit = box.id.slice(0, -"_controlnet_enable_checkbox".length);
+            return {enabled: value(app, box.id, "check") === true,
+                    module: value(app, unit + "_controlnet_preprocessor_dropdown"),
+                    model: value(app, unit + "_controlnet_model_dropdown")};
+        });
+    }
+
     function readFields(app, tab) {
         var s = "script_" + tab + "_refiner_";
         return {
+            controlnet_units: readControlNetUnits(app, tab),
             prompt: value(app, tab + "_prompt", "text"),
             negative_prompt: value(app, tab + "_neg_prompt", "text"),
             width: value(app, tab + "_width", "num"),

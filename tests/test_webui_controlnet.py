@@ -224,3 +224,22 @@ def test_error_policy_fails_an_uncovered_controlnet_generation(host_for) -> None
             override_settings={"sdtrt_fallback": "error"})
     _, d = run(host, alwayson_scripts=units(unit))  # the next generation is served as usual
     assert d == {"engine_calls": STEPS, "fallback_calls": 0}
+
+
+@pytest.mark.parametrize(("module", "plain_engine", "served"), [
+    ("controlnet", False, True), ("t2i_adapter", False, True), ("reference_only", False, False),
+    ("ip_adapter", False, False), ("controlnet", True, False)])
+def test_coverage_predicts_what_controlnet_units_run_on(host_for, engines, module, plain_engine, served) -> None:  # type: ignore[no-untyped-def]
+    """POST /sdtrt/v1/coverage with the units of sd-webui-controlnet's API, against what the generation did."""
+    from test_coverage import body, predict_and_run
+
+    host = host_for("sd1", cache=engines[0] if plain_engine else None)
+    answer, outcome = predict_and_run(host, body(alwayson_scripts=units({"module": module, "weight": 1.0})),
+                                      same_words=False)
+    assert answer["engine"] is served and (outcome["fallback_calls"] == 0) is served
+    told = " ".join(outcome["fallback_reasons"])
+    if plain_engine:
+        assert "ControlNet inputs" in answer["message"] and "ControlNet inputs" in told
+        assert answer["build"]["controlnet"] is True  # the one-click fix: an engine with ControlNet inputs
+    elif not served:
+        assert "changes the UNet's inside" in answer["message"] and "changes the UNet's inside" in told

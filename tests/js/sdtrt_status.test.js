@@ -58,6 +58,16 @@ test("hires checkpoint, hires prompts and the refiner go in when set; img2img ha
     assert.equal(i.body.refiner_checkpoint, "refiner");
 });
 
+test("enabled ControlNet units go in as sd-webui-controlnet's API takes them; disabled ones do not", () => {
+    const units = [{enabled: true, module: "canny", model: "control_sd15_canny [fef5e48e]"},
+        {enabled: false, module: "reference_only", model: "None"}, {enabled: true}];
+    const b = status.buildRequest("txt2img", {controlnet_units: units}).body;
+    assert.deepEqual(b.alwayson_scripts, {controlnet: {args: [
+        {enabled: true, module: "canny", model: "control_sd15_canny [fef5e48e]"},
+        {enabled: true, module: "none", model: "None"}]}});
+    assert.equal(status.buildRequest("txt2img", {controlnet_units: [units[1]]}).body.alwayson_scripts, undefined);
+});
+
 test("fields the page lacks (other ids in other versions) fall back to A1111's defaults", () => {
     const r = status.buildRequest("txt2img", {});
     assert.deepEqual(r.body, {prompt: "", negative_prompt: "", width: 512, height: 512, batch_size: 1, n_iter: 1,

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdtrt.constants import LATENT_FACTOR, TOKENS_PER_CHUNK
+from sdtrt.engine_types import RefitMode
 from sdtrt.errors import SdtrtError
 from sdtrt.passes import CallShape, CfgOptions, GenerationSpec, HiresSpec, PassSpec, hires_size, plan_passes
 from sdtrt.profiles import MAX_PIXELS, MIN_PIXELS, Shape, token_chunks
@@ -77,7 +78,8 @@ class PassRoute:
     profile: int | None
     reason: str | None
     #: why: "engine", "off" (switched off or SD Unet is not ours), "no_engine", "uncovered" (no profile),
-    #: "unservable" (something the engine cannot do: tiling, ControlNet type, LoRA on a fixed-weight engine)
+    #: "no_control_inputs" (ControlNet units, an engine without ControlNet inputs), "unservable" (something no
+    #: engine can do: tiling, a unit type that changes the UNet's inside, LoRA on a fixed-weight engine)
     kind: str
     calls: list[CallRoute] = field(default_factory=list)
 
@@ -181,11 +183,18 @@ class Predictor:
         return token_chunks(len(prompt.split()))
 
     def checkpoint(self, name: Any) -> CheckpointRef | None:
+        """The checkpoint a generation starts on: `name` (override_settings), else the WebUI's setting, which A1111
+        loads when the generation begins (the loaded model may still be another one, e.g. after a request that
+        overrode it), else the loaded one."""
         if name:
             return self.host.resolve_checkpoint(str(name))
-        return self.host.loaded_checkpoint() or (
-            self.host.resolve_checkpoint(str(self.option("sd_model_checkpoint", "")))
-            if self.option("sd_model_checkpoint", "") else None)
+        configured = self.option("sd_model_checkpoint", "")
+        if configured:
+            try:
+                return self.host.resolve_checkpoint(str(configured))
+            except SdtrtError:
+                pass  # a setting naming a file that is gone: A1111 falls back to what it can load
+        return self.host.loaded_checkpoint()
 
     def spec(self) -> GenerationSpec:
         b = self.body
@@ -260,7 +269,11 @@ class Predictor:
         return LoadedArch(info.family_id, info.arch_hash, None)
 
     def server(self, spec: OptionSpec, ref: CheckpointRef, arch: LoadedArch | None) -> UnetServer:
-        sha = ref.sha256 or (self.svc.checkpoint_sha256(ref) if self._is_loaded(ref) else None)
+        """The server A1111 would activate for `spec` while `ref` is loaded. The checkpoint's hash (remembered per
+        file version) is needed where it decides something: the loaded one, or an engine with fixed weights."""
+        fixed = any(m.id in spec.engine_ids and m.key.refit_mode is not RefitMode.REFIT
+                    for m in self.svc.usable_manifests())
+        sha = ref.sha256 or (self.svc.checkpoint_sha256(ref) if fixed or self._is_loaded(ref) else None)
         if arch is None:  # not readable without loading: assume the architecture of its own engines
             arch = self._own_arch(spec, ref)
         server = self.svc.server_for(spec, arch, lambda: WeightSource(sha or f"name:{os.path.basename(ref.filename)}",
@@ -302,7 +315,8 @@ class Predictor:
             route.engine_id, route.profile = calls[0].engine_id, calls[0].profile
             return route
         route.reason = missing.reason if missing else "no UNet call"
-        route.kind = ("unservable" if bypass is not None or server.unusable is not None
+        route.kind = ("no_control_inputs" if bypass == controlnet.NO_CONTROL_ENGINE
+                      else "unservable" if bypass is not None or server.unusable is not None
                       else "uncovered" if route.reason and route.reason.startswith("no engine profile covers")
                       else "unservable")
         return route
@@ -351,7 +365,7 @@ class Predictor:
     def suggest(self, gen: GenerationSpec, passes: list[PassSpec], routes: list[PassRoute]) -> dict[str, Any] | None:
         """A build request whose profile covers every pass on the checkpoint of the first pass that lacks an
         engine or a profile, when building would fix it."""
-        first = next((r for r in routes if r.kind in ("no_engine", "uncovered")), None)
+        first = next((r for r in routes if r.kind in ("no_engine", "uncovered", "no_control_inputs")), None)
         if first is None or first.checkpoint is None:
             return None
         mine = [p for p, r in zip(passes, routes) if r.checkpoint == first.checkpoint]

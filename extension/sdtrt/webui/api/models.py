@@ -166,7 +166,8 @@ class CoveragePass(BaseModel):
     engine_id: str | None
     profile: int | None
     reason: str | None
-    kind: str = Field(..., description="engine, off, no_engine, uncovered (no profile) or unservable")
+    kind: str = Field(..., description="engine, off, no_engine, uncovered (no profile), no_control_inputs or "
+                                       "unservable")
     calls: list[CoverageCall]
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import fastapi
 from fastapi import Depends
 from fastapi.security import HTTPBasic
+from starlette.requests import Request
 from starlette.responses import Response
 
 from sdtrt.engine_key import ENGINE_ID_PATTERN
@@ -19,6 +20,7 @@ from sdtrt.webui.api.guard import (
     MUTATING,
     JSONAnswer,
     answer,
+    error_answer,
     guarded_route_class,
 )
 from sdtrt.webui.api.models import (
@@ -117,8 +119,11 @@ def mount(app: Any, svc: EngineService, credentials: dict[str, str] | None = Non
     def status() -> Response:
         return answer(svc.status)
 
-    def coverage(body: dict[str, Any] = fastapi.Body(..., description=COVERAGE_HELP),  # noqa: B008
+    def coverage(request: Request, body: dict[str, Any] = fastapi.Body(..., description=COVERAGE_HELP),  # noqa: B008
                  kind: str = fastapi.Query("txt2img", description="txt2img or img2img")) -> Response:
+        unknown = sorted(set(request.query_params) - {"kind"})
+        if unknown:  # a typo ("knd=img2img") must not silently predict a txt2img generation
+            return error_answer(400, "BadRequest", f"unknown query parameter {unknown[0]!r}; this route takes kind")
         return answer(lambda: predict(svc, body, kind))
 
     def set_enabled(req: EnabledRequest) -> Response:
