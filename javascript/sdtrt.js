@@ -29,10 +29,13 @@
     var STATUS_POLL_MS = 1500;
     var TABS = ["txt2img", "img2img"];
     var RECHECK_AFTER_MODEL_MS = [0, 5000, 20000];
+    var LINE_HEIGHT = "1.8em";
 
     // ---- pure logic (tested with node --test) -------------------------------------------------------------------
     function debounce(fn, wait, timers) {
-        var t = timers || {setTimeout: setTimeout, clearTimeout: clearTimeout};
+        // the globals are called as functions: a browser refuses `obj.setTimeout(...)` on another object
+        var t = timers || {setTimeout: function (f, ms) { return setTimeout(f, ms); },
+                           clearTimeout: function (h) { clearTimeout(h); }};
         var handle = null;
         var wrapped = function () {
             var args = arguments;
@@ -185,23 +188,29 @@
 
     function Line(app, win, tab) {
         var doc = win.document;
-        var anchor = q(app, "#" + tab + "_generate_box") || q(app, "#" + tab + "_generate");
+        // under the prompts and Generate, the whole width (the actions column is too narrow for a sentence)
+        var anchor = q(app, "#" + tab + "_toprow") || q(app, "#" + tab + "_generate_box") || q(app, "#" + tab + "_generate");
         if (!anchor || !anchor.parentNode) return null;
         var box = doc.createElement("div");
         box.id = "sdtrt_status_" + tab;
         box.className = "sdtrt-status";
-        box.style.cssText = "min-height:1.6em;font-size:85%;line-height:1.6em;display:flex;gap:.5em;" +
-            "align-items:center;flex-wrap:nowrap;overflow:hidden;color:var(--body-text-color-subdued);";
+        // a fixed height from the start: what the line says or offers never moves the page (no layout shift)
+        box.style.cssText = "height:" + LINE_HEIGHT + ";font-size:85%;line-height:" + LINE_HEIGHT + ";display:flex;" +
+            "gap:.5em;align-items:center;flex-wrap:nowrap;overflow:hidden;color:var(--body-text-color-subdued);" +
+            "padding:0 var(--size-2, 8px);";
         var toggle = doc.createElement("input");
         toggle.type = "checkbox";
+        // drawn by the browser: the theme styles only its own components' check boxes
+        toggle.style.cssText = "margin:0;flex:0 0 auto;appearance:auto;-webkit-appearance:auto;width:auto;height:auto;";
         toggle.title = "Run the UNet on TensorRT engines (sdtrt_enabled)";
         var text = doc.createElement("span");
         text.className = "sdtrt-status-text";
         text.style.cssText = "overflow:hidden;text-overflow:ellipsis;white-space:nowrap;flex:1 1 auto;";
         var button = doc.createElement("button");
-        button.className = "sdtrt-build lg secondary gradio-button";
+        button.className = "sdtrt-build secondary gradio-button";
         button.textContent = "Build an engine for this";
-        button.style.cssText = "display:none;padding:0 .5em;font-size:90%;";
+        button.style.cssText = "display:none;padding:0 .5em;font-size:100%;min-height:0;height:" + LINE_HEIGHT +
+            ";line-height:1;flex:0 0 auto;";
         box.appendChild(toggle);
         box.appendChild(text);
         box.appendChild(button);
@@ -214,7 +223,7 @@
             text.textContent = r.text + (self.outcome ? " · " + self.outcome : "");
             text.title = r.text;
             box.style.color = r.tone === "ok" ? "#16a34a" : colors[r.tone] || "var(--body-text-color-subdued)";
-            button.style.display = r.build && !self.busy ? "" : "none";
+            button.style.display = r.build && !self.busy ? "inline-block" : "none";
         }
         self.check = debounce(function () {
             var req = buildRequest(tab, readFields(app, tab));
@@ -228,7 +237,7 @@
                 button.style.display = "none";
             });
         }, DEBOUNCE_MS);
-        button.addEventListener("click", function (ev) {
+        button.addEventListener("click", safely(function (ev) {
             ev.preventDefault();
             var build = self.answer && self.answer.build;
             if (!build || self.busy) return;
@@ -254,17 +263,17 @@
                 self.busy = false;
                 text.textContent = "build refused: " + e.message;
             });
-        });
-        toggle.addEventListener("change", function () {
+        }));
+        toggle.addEventListener("change", safely(function () {
             request(win, "POST", PREFIX + "/enabled", {enabled: toggle.checked}).then(self.check, self.check);
-        });
+        }));
         return self;
     }
 
     function watchGenerations(app, win, line) {
         var generate = q(app, "#" + line.tab + "_generate");
         if (!generate) return;
-        generate.addEventListener("click", function () {
+        generate.addEventListener("click", safely(function () {
             request(win, "GET", PREFIX + "/status").then(function (before) {
                 var seen = before.generations;
                 var deadline = Date.now() + 3600 * 1000;
@@ -280,7 +289,18 @@
                 };
                 win.setTimeout(poll, STATUS_POLL_MS);
             }, function () { /* no routes: nothing to show */ });
-        });
+        }));
+    }
+
+    // an event handler that never throws into the page
+    function safely(fn) {
+        return function () {
+            try {
+                return fn.apply(this, arguments);
+            } catch (e) {
+                if (typeof console !== "undefined") console.warn("sd-webui-trt status line:", e);
+            }
+        };
     }
 
     function start(app, win) {
@@ -291,17 +311,17 @@
             lines.push(line);
             var tabRoot = q(app, "#tab_" + tab) || app;
             ["input", "change"].forEach(function (ev) {
-                tabRoot.addEventListener(ev, function (e) {
+                tabRoot.addEventListener(ev, safely(function (e) {
                     if (e.target && line.box.contains(e.target)) return;
                     line.check();
-                }, true);
+                }), true);
             });
             var model = q(app, "#setting_sd_model_checkpoint");
             if (model) {
                 // the WebUI loads the checkpoint after the change: ask again once it likely has
-                model.addEventListener("change", function () {
+                model.addEventListener("change", safely(function () {
                     RECHECK_AFTER_MODEL_MS.forEach(function (ms) { win.setTimeout(line.check, ms); });
-                }, true);
+                }), true);
             }
             watchGenerations(app, win, line);
             line.check();

@@ -6,7 +6,6 @@ generation it was suggested for."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,34 +14,13 @@ import sdtrt.webui.service as service_module
 from fakehost import FakeHost
 from sdtrt.passes import CallShape, CfgOptions, GenerationSpec, HiresSpec, cfg_calls, hires_size, plan_passes
 from sdtrt.profiles import Profile, Shape
+from test_webui_a1111 import boot as boot  # noqa: PLC0414 (the `boot` fixture, used by name)
 
 pytest.importorskip("fastapi")
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS = 3
 LONG = " ".join(f"w{i}" for i in range(80))  # 2 chunks
 LONGER = " ".join(f"w{i}" for i in range(160))  # 3 chunks: beyond the shared engines' 2
-
-
-@pytest.fixture
-def boot(tmp_path: Path, engines: tuple[Path, dict[str, str]]):  # type: ignore[no-untyped-def]
-    hosts: list[FakeHost] = []
-
-    def make(*checkpoints: Path, config: dict[str, Any] | None = None, **kw: Any) -> FakeHost:
-        service_module._SERVICE = None
-        cfg = {"sd_unet": "Automatic", "sdtrt_enabled": True, "sdtrt_fallback": "pytorch",
-               "sdtrt_cache_dir": str(engines[0]), **(config or {})}
-        host = FakeHost.boot(tmp_path / f"host{len(hosts)}", list(checkpoints), config=cfg,
-                             extensions={"sd-webui-trt": ROOT}, args=["--no-half"], **kw)
-        hosts.append(host)
-        return host
-
-    yield make
-    for h in hosts:
-        h.close()
-    if service_module._SERVICE is not None:
-        service_module._SERVICE.close_sessions()
-    service_module._SERVICE = None
 
 
 def body(**kw: Any) -> dict[str, Any]:

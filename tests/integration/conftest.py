@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from .a1111_host import ENV_DIR, ENV_PYTHON, A1111Install, WebUIHost, write_tiny_model
+from .a1111_host import DEFAULT_CONFIG, ENV_DIR, ENV_PYTHON, A1111Install, WebUIHost, write_tiny_model
 from .browser import artifacts, browser_binaries, driver  # noqa: F401 - fixtures of the browser tests
 
 HERE = Path(__file__).resolve().parent
@@ -91,3 +91,15 @@ def webui_factory(a1111_install: A1111Install, tiny_webui_checkpoint: Path,
 def webui(webui_factory: Callable[..., WebUIHost]) -> WebUIHost:
     """One API-only WebUI (--api --nowebui) with this repository as an extension, shared by the session."""
     return webui_factory()
+
+
+@pytest.fixture(scope="module")
+def ui_host(request: pytest.FixtureRequest, webui_factory: Callable[..., WebUIHost],
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebUIHost]:
+    """A WebUI with its UI (for the browser tests), the extension on, and an empty engine cache of its own."""
+    request.getfixturevalue("browser_binaries")  # skips, naming what to install, before a WebUI starts
+    config = {**DEFAULT_CONFIG, "sdtrt_enabled": True, "sdtrt_fallback": "pytorch",
+              "sdtrt_cache_dir": str(tmp_path_factory.mktemp("sdtrt-cache-ui"))}
+    h = webui_factory(ui=True, config=config)
+    yield h
+    h.stop()

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from .a1111_host import DEFAULT_CONFIG, WebUIHost
+from .a1111_host import WebUIHost
 from .browser import PAGE_TIMEOUT, wait_for
 
 pytestmark = pytest.mark.integration
@@ -24,16 +23,6 @@ pytestmark = pytest.mark.integration
 PROFILE = "1x64x64x75"
 BUILD_TIMEOUT = 900.0
 LINE_TIMEOUT = 60.0
-
-
-@pytest.fixture(scope="module")
-def ui_host(browser_binaries: tuple[str, str], webui_factory: Callable[..., WebUIHost],
-            tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebUIHost]:
-    config = {**DEFAULT_CONFIG, "sdtrt_enabled": True, "sdtrt_fallback": "pytorch",
-              "sdtrt_cache_dir": str(tmp_path_factory.mktemp("sdtrt-cache-line"))}
-    h = webui_factory(ui=True, config=config)
-    yield h
-    h.stop()
 
 
 def line(d: Any, tab: str) -> str:
@@ -70,8 +59,9 @@ def test_status_line_predicts_flips_builds_and_reports(ui_host: WebUIHost, drive
     d = driver
     assert ui_host.checkpoint is not None
     # an engine for 64x64, built over the API
-    job = ui_host.post("/sdtrt/v1/engines", {"checkpoint": ui_host.checkpoint.name, "profiles": [PROFILE],
-                                             "backend": "onnxruntime"})
+    status, job = ui_host.request("POST", "/sdtrt/v1/engines", {"checkpoint": ui_host.checkpoint.name,
+                                                                "profiles": [PROFILE], "backend": "onnxruntime"})
+    assert status == 202, job
     deadline = time.monotonic() + BUILD_TIMEOUT
     while (state := ui_host.get(f"/sdtrt/v1/jobs/{job['job_id']}"))["state"] in ("queued", "running"):
         assert time.monotonic() < deadline, state

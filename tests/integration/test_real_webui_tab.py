@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from .a1111_host import DEFAULT_CONFIG, WebUIHost
+from .a1111_host import WebUIHost
 from .browser import PAGE_TIMEOUT, wait_for
 
 pytestmark = pytest.mark.integration
@@ -23,16 +22,6 @@ pytestmark = pytest.mark.integration
 PROFILE = "1x64x64x75"
 BUILD_TIMEOUT = 900.0
 TAB_BUTTONS = "#tabs > .tab-nav > button"
-
-
-@pytest.fixture(scope="module")
-def ui_host(browser_binaries: tuple[str, str], webui_factory: Callable[..., WebUIHost],
-            tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebUIHost]:
-    config = {**DEFAULT_CONFIG, "sdtrt_enabled": True, "sdtrt_fallback": "pytorch",
-              "sdtrt_cache_dir": str(tmp_path_factory.mktemp("sdtrt-cache-ui"))}
-    h = webui_factory(ui=True, config=config)
-    yield h
-    h.stop()
 
 
 def tab_names(d: Any) -> list[str]:

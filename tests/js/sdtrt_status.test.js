@@ -119,3 +119,26 @@ test("start() on a page without the generation tabs adds nothing and does not th
     const broken = {querySelector() { throw new Error("bad selector"); }};
     assert.deepEqual(status.start(broken, {document: {}}), []);
 });
+
+test("debounce calls the page's own timers as plain functions (a browser refuses them as methods)", async () => {
+    const real = globalThis.setTimeout;
+    const realClear = globalThis.clearTimeout;
+    globalThis.setTimeout = function (fn, ms) {
+        if (this !== undefined && this !== globalThis) throw new TypeError("Illegal invocation");
+        return real(fn, ms);
+    };
+    globalThis.clearTimeout = function (h) {
+        if (this !== undefined && this !== globalThis) throw new TypeError("Illegal invocation");
+        return realClear(h);
+    };
+    try {
+        let fired = 0;
+        const d = status.debounce(() => fired++, 5);
+        d(); d();
+        await new Promise((resolve) => real(resolve, 30));
+        assert.equal(fired, 1);
+    } finally {
+        globalThis.setTimeout = real;
+        globalThis.clearTimeout = realClear;
+    }
+});

@@ -241,7 +241,7 @@ class Predictor:
         if ref is None:
             return None, None, "no checkpoint is loaded"
         arch = self.arch_of(ref)
-        options = self.svc.options_with(ref, arch)
+        options = self.svc.options_with(ref, lambda: arch)
         if sd_unet == "Automatic":
             spec = next((o for o in options if o.model_name == ref.model_name), None)
             if spec is None:
@@ -276,7 +276,7 @@ class Predictor:
         sha = ref.sha256 or (self.svc.checkpoint_sha256(ref) if fixed or self._is_loaded(ref) else None)
         if arch is None:  # not readable without loading: assume the architecture of its own engines
             arch = self._own_arch(spec, ref)
-        server = self.svc.server_for(spec, arch, lambda: WeightSource(sha or f"name:{os.path.basename(ref.filename)}",
+        server = self.svc.server_for(spec, lambda: arch, lambda: WeightSource(sha or f"name:{os.path.basename(ref.filename)}",
                                                                      _never_read))
         server.enabled = lambda: self.settings.enabled
         return server

@@ -198,13 +198,14 @@ class EngineService:
         """Per checkpoint with engines built from it: `[TRT] <model_name>` (what "Automatic" picks). For the loaded
         checkpoint without one of its own: `[TRT] <model_name>` over same-architecture engines, refitted with its
         weights. Per usable engine: `[TRT] <engine id>`, picked by name only."""
-        return self.options_with(self._host().loaded_checkpoint(), self.loaded_arch())
+        return self.options_with(self._host().loaded_checkpoint(), self.loaded_arch)
 
-    def options_with(self, loaded: CheckpointRef | None, arch: LoadedArch | None,
-                     manifests: Sequence[Manifest] | None = None) -> list[OptionSpec]:
-        """`unet_options` as they are listed while `loaded` (of architecture `arch`) is the loaded checkpoint."""
+    def options_with(self, loaded: CheckpointRef | None, arch_of: Callable[[], LoadedArch | None]
+                     ) -> list[OptionSpec]:
+        """`unet_options` as they are listed while `loaded` (of architecture `arch_of()`) is the loaded
+        checkpoint."""
         host = self._host()
-        manifests = self.usable_manifests() if manifests is None else list(manifests)
+        manifests = self.usable_manifests()
         if not manifests:
             return []
         by_arch: dict[str, list[Manifest]] = {}
@@ -226,6 +227,7 @@ class EngineService:
                    or m.source_checkpoint.get("name") == base]
             if own:
                 add(ref.model_name, own, own[0].key.arch_hash)
+        arch = arch_of() if loaded is not None else None
         if loaded is not None and arch is not None and arch.arch_hash in by_arch:
             add(loaded.model_name, [], arch.arch_hash)
         for m in manifests:
@@ -240,18 +242,20 @@ class EngineService:
     def make_server(self, spec: OptionSpec) -> UnetServer:
         """The server an SdUnet delegates to. Never raises: a problem becomes the reason every call of this
         option runs on PyTorch (and the user is told), so a generation never fails on activation."""
-        return self.server_for(spec, self.loaded_arch(), self._weights_for_loaded)
+        return self.server_for(spec, self.loaded_arch, self._weights_for_loaded)
 
-    def server_for(self, spec: OptionSpec, arch: LoadedArch | None,
+    def server_for(self, spec: OptionSpec, arch_of: Callable[[], LoadedArch | None],
                    weights_for: Callable[[], WeightSource | None]) -> UnetServer:
-        """The server of `spec` for a model of architecture `arch` whose weights `weights_for()` gives (the
-        loaded model's for serving; a checkpoint's identity only, for a prediction). Never raises."""
+        """The server of `spec` for a model of architecture `arch_of()` whose weights `weights_for()` gives (the
+        loaded model's for serving; a checkpoint's identity only, for a prediction). Never raises: what those
+        raise becomes the reason every call runs on PyTorch."""
         slots: list[EngineSlot] = []
         unusable: str | None = None
         weights: WeightSource | None = None
         try:
             registry = self.registry()
             manifests = [registry.get(validate_engine_id(i)) for i in spec.engine_ids]
+            arch = arch_of()
             if arch is None:
                 unusable = "no model is loaded"
             elif arch.problem is not None:
