@@ -59,16 +59,27 @@
 
     // The request body, in the shape of /sdapi/v1/txt2img (or img2img): only what decides the UNet calls.
     // `f`: field values read from the page (undefined when the page has no such field).
+    // img2img's "Resize by" preview ("resize: from 512x512 to 768x768"): the size it samples at, which A1111
+    // rounds down to multiples of 8; null without an image.
+    function scaledSize(preview) {
+        var m = /to\s+(\d+)\s*x\s*(\d+)/.exec(preview || "");
+        if (!m) return null;
+        var w = Number(m[1]), h = Number(m[2]);
+        return w > 0 && h > 0 ? [w - w % 8, h - h % 8] : null;
+    }
+
     function buildRequest(tab, f) {
+        var scaled = tab === "img2img" && f.resize_by ? scaledSize(f.resize_by_preview) : null;
         var body = {
             prompt: f.prompt || "",
             negative_prompt: f.negative_prompt || "",
-            width: num(f.width, 512),
-            height: num(f.height, 512),
+            width: scaled ? scaled[0] : num(f.width, 512),
+            height: scaled ? scaled[1] : num(f.height, 512),
             batch_size: num(f.batch_size, 1),
             n_iter: num(f.batch_count, 1),
             steps: num(f.steps, 20)
         };
+        if (f.styles && f.styles.length) body.styles = f.styles.slice();
         if (tab === "txt2img" && f.enable_hr) {
             body.enable_hr = true;
             body.hr_scale = num(f.hr_scale, 2);
@@ -151,10 +162,27 @@
         });
     }
 
+    function texts(app, selector) {
+        try {
+            return Array.prototype.map.call(app.querySelectorAll(selector), function (e) {
+                return (e.textContent || "").trim();
+            }).filter(function (t) { return t; });
+        } catch (e) {
+            return [];
+        }
+    }
+
+    function shown(el) {
+        return !!el && el.offsetParent !== null && (!el.style || el.style.display !== "none");
+    }
+
     function readFields(app, tab) {
         var s = "script_" + tab + "_refiner_";
         return {
             controlnet_units: readControlNetUnits(app, tab),
+            styles: texts(app, "#" + tab + "_styles .token span"),
+            resize_by: tab === "img2img" && shown(q(app, "#img2img_tab_resize_by")),
+            resize_by_preview: (q(app, "#img2img_scale_resolution_preview") || {}).textContent,
             prompt: value(app, tab + "_prompt", "text"),
             negative_prompt: value(app, tab + "_neg_prompt", "text"),
             width: value(app, tab + "_width", "num"),
@@ -225,14 +253,19 @@
             box.style.color = r.tone === "ok" ? "#16a34a" : colors[r.tone] || "var(--body-text-color-subdued)";
             button.style.display = r.build && !self.busy ? "inline-block" : "none";
         }
+        var asked = 0;  // only the newest question's answer is shown (answers may arrive out of order)
         self.check = debounce(function () {
             var req = buildRequest(tab, readFields(app, tab));
+            var mine = ++asked;
             request(win, "POST", req.url, req.body).then(function (answer) {
+                if (mine !== asked) return;
                 self.answer = answer;
                 toggle.checked = answer.state !== "off" || answer.reason !== "sdtrt is switched off";
-                show(render(answer));
+                if (!self.busy) show(render(answer));  // a build in progress keeps its progress in the line
             }, function () {
+                if (mine !== asked) return;
                 self.answer = null;
+                if (self.busy) return;
                 text.textContent = "";
                 button.style.display = "none";
             });
@@ -329,6 +362,6 @@
         return lines;
     }
 
-    return {debounce: debounce, buildRequest: buildRequest, render: render, renderJob: renderJob,
+    return {debounce: debounce, buildRequest: buildRequest, scaledSize: scaledSize, render: render, renderJob: renderJob,
             renderOutcome: renderOutcome, readFields: readFields, start: start, PREFIX: PREFIX};
 });

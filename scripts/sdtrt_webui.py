@@ -93,8 +93,6 @@ class A1111Host:
         if info is None:
             info = next((i for i in sd_models.checkpoints_list.values() if name in (i.model_name, i.name_for_extra)),
                         None)
-        if info is None:  # A1111's own lookup of request fields (short titles "name [hash]", partial names)
-            info = sd_models.get_closet_checkpoint_match(name)
         if info is None:
             known = ", ".join(sorted(i.title for i in sd_models.checkpoints_list.values())) or "none"
             raise SdtrtError(f"unknown checkpoint {name!r}; the WebUI lists: {known}")
@@ -139,21 +137,38 @@ class A1111Host:
         return default if info is None else getattr(info, "default", default)
 
     def set_option(self, key: str, value: Any) -> None:
-        """Set and save a WebUI option, as the Settings tab does."""
-        if not shared.opts.set(key, value):
+        """Set and save a WebUI option, as the Settings tab does (setting the value it has already is fine)."""
+        if self.option(key, None) == value:
+            return
+        try:
+            taken = shared.opts.set(key, value)
+        except AssertionError as e:  # --freeze-settings
+            raise SdtrtError(f"the WebUI's settings are frozen (--freeze-settings): {e}") from None
+        if not taken:
             raise SdtrtError(f"the WebUI did not take the setting {key}={value!r}")
         shared.opts.save(shared.config_filename)
 
-    def prompt_chunks(self, text: str, styles: list[str], negative: bool, steps: int = 20) -> int:
-        """77-row chunks of a prompt's conditioning, counted the way A1111's token counter counts (styles
-        applied as processing applies them, extra networks removed, AND parts and schedules each counted)."""
+    def closest_checkpoint(self, name: str) -> H.CheckpointRef | None:
+        """A checkpoint as A1111 looks up hires and refiner checkpoints (its closest match), or None."""
+        from modules import sd_models
+
+        info = sd_models.get_closet_checkpoint_match(name)
+        return None if info is None else _ref(info)
+
+    def apply_styles(self, text: str, styles: list[str], negative: bool) -> str:
+        """`text` with the named styles applied, as processing applies them."""
+        prompt_styles = getattr(shared, "prompt_styles", None)
+        if not styles or prompt_styles is None:
+            return text
+        apply = prompt_styles.apply_negative_styles_to_prompt if negative else prompt_styles.apply_styles_to_prompt
+        return str(apply(text, styles))
+
+    def prompt_chunks(self, text: str, negative: bool, steps: int = 20) -> int:
+        """77-row chunks of a prompt's conditioning, counted the way A1111's token counter counts (extra networks
+        removed, AND parts and schedules each counted). Not under A1111's queue lock (the status line must not
+        wait for a generation); while a model loads, the caller falls back to counting words."""
         from modules import extra_networks, prompt_parser, sd_hijack
 
-        prompt_styles = getattr(shared, "prompt_styles", None)
-        if styles and prompt_styles is not None:
-            apply = (prompt_styles.apply_negative_styles_to_prompt if negative
-                     else prompt_styles.apply_styles_to_prompt)
-            text = apply(text, styles)
         text, _ = extra_networks.parse_prompt(text)
         flat = [text]
         if not negative and hasattr(prompt_parser, "get_multicond_prompt_list"):
@@ -275,9 +290,11 @@ class TrtUnet(sd_unet.SdUnet):
         super().__init__()
         self.spec = spec
         self.server: Any = None
+        self.model: Any = None  # the WebUI model the server was made for
 
     def activate(self) -> None:
         svc = service()
+        self.model = _loaded_model()
         self.server = svc.make_server(self.spec)  # never raises: problems become PyTorch fallback
         try:
             svc.activate(self.server, self.spec.label)
@@ -288,7 +305,29 @@ class TrtUnet(sd_unet.SdUnet):
     def forward(self, x: Any, timesteps: Any, context: Any, *args: Any, **kwargs: Any) -> Any:
         if self.server is None:  # a host that forgot activate()
             self.activate()
+        if _loaded_model() is not self.model:
+            return self._after_model_change(x, timesteps, context, *args, **kwargs)
         return self.server(x, timesteps, context, *args, **kwargs)
+
+    def _after_model_change(self, *args: Any, **kwargs: Any) -> Any:
+        """Another model is loaded than the one this server was made for, and A1111 did not say so: with
+        sd_checkpoints_limit > 1 it brings back a model kept in memory (refiner, hires checkpoint) without the
+        load callbacks. Apply the SD Unet A1111 picks for that model now, and run the call there."""
+        try:
+            _reapply_unet()
+        except Exception:
+            log.exception("sdtrt: re-applying SD Unet for the model brought back from memory failed")
+        current = sd_unet.current_unet
+        if current is self:  # the same option stays: a server for the model loaded now
+            self.activate()
+            return self.server(*args, **kwargs)
+        if current is not None:
+            return current.forward(*args, **kwargs)
+        host = A1111Host()
+        unet = host.torch_unet()
+        if unet is None:
+            raise SdtrtError("no model is loaded to run the UNet call")
+        return host.torch_forward(unet)(*args, **kwargs)
 
     def deactivate(self) -> None:
         if self.server is not None:
@@ -344,12 +383,20 @@ def on_model_loaded(sd_model: Any) -> None:
     """Offer the engines of the new checkpoint. Mid-generation (SDXL refiner, hires checkpoint) A1111 reloads
     with another config and does not re-apply the SD Unet; we do, so that model runs on its engine too."""
     svc = service()
-    svc.refresh_list()
     if svc.generation is not None:
         try:
-            sd_unet.apply_unet()
+            _reapply_unet()
         except Exception:
             log.exception("sdtrt: re-applying SD Unet after a model load failed")
+    else:
+        svc.refresh_list()
+
+
+def _reapply_unet() -> None:
+    """List the engines of the model loaded now and apply the SD Unet A1111 picks for it (a new option object,
+    so A1111 activates it even when the label is the same)."""
+    service().refresh_list()
+    sd_unet.apply_unet()
 
 
 SECTION = ("sdtrt", "TensorRT")

@@ -5,7 +5,6 @@ generation it was suggested for."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import pytest
@@ -149,6 +148,10 @@ def test_sdxl_refiner_passes_each_on_their_engine(boot, tiny_checkpoint, engines
     assert [p["name"] for p in answer["passes"]] == ["first pass", "first pass (refiner)"]
     assert [p["engine_id"] for p in answer["passes"]] == [engines[1]["sdxl-base"], engines[1]["sdxl-refiner"]]
     assert answer["engine"] and outcome["engine_calls"] == 4
+    # no switch point given: A1111 switches before the first call, so the whole pass is the refiner's
+    answer, outcome = predict_and_run(host, body(steps=4, refiner_checkpoint="sdxl-refiner-s0"))
+    assert [(p["name"], p["engine_id"]) for p in answer["passes"]] == [("first pass (refiner)",
+                                                                         engines[1]["sdxl-refiner"])]
 
 
 def test_hires_on_another_checkpoint_of_the_architecture(boot, tiny_checkpoint) -> None:  # type: ignore[no-untyped-def]
@@ -173,12 +176,8 @@ def test_no_engine_then_the_suggested_build_serves_it(boot, tiny_checkpoint, tmp
     client = host.client()
     r = client.post("/sdtrt/v1/engines", json={**suggestion, "backend": "onnxruntime"})
     assert r.status_code == 202, r.text
-    job_id = r.json()["job_id"]
-    for _ in range(1200):
-        job = client.get(f"/sdtrt/v1/jobs/{job_id}").json()
-        if job["state"] not in ("queued", "running"):
-            break
-        time.sleep(0.1)
+    service_module.service().jobs.wait(r.json()["job_id"], timeout=600)
+    job = client.get(f"/sdtrt/v1/jobs/{r.json()['job_id']}").json()
     assert job["state"] == "done", job
     answer, outcome = predict_and_run(host, b)
     assert answer["state"] == "engine" and outcome["fallback_calls"] == 0
@@ -188,6 +187,7 @@ def test_no_engine_then_the_suggested_build_serves_it(boot, tiny_checkpoint, tmp
 def test_enabled_switch_applies_to_the_next_generation(boot, tiny_checkpoint) -> None:  # type: ignore[no-untyped-def]
     host = boot(tiny_checkpoint("sd1"))
     client = host.client()
+    assert client.post("/sdtrt/v1/enabled", json={"enabled": True}).json() == {"enabled": True}  # already on: fine
     assert client.post("/sdtrt/v1/enabled", json={"enabled": False}).json() == {"enabled": False}
     answer, outcome = predict_and_run(host, body())
     assert answer["state"] == "off" and outcome["engine_calls"] == 0
@@ -195,6 +195,36 @@ def test_enabled_switch_applies_to_the_next_generation(boot, tiny_checkpoint) ->
     answer, outcome = predict_and_run(host, body())
     assert answer["state"] == "engine" and outcome["fallback_calls"] == 0
     assert client.post("/sdtrt/v1/enabled", json={"enabled": "maybe"}).status_code == 422
+
+
+def test_fallback_policy_error_is_predicted_as_a_failure(boot, tiny_checkpoint) -> None:  # type: ignore[no-untyped-def]
+    host = boot(tiny_checkpoint("sd1"))
+    b = body(width=256, override_settings={"sdtrt_fallback": "error"})
+    answer = ask(host, b)
+    assert answer["state"] == "fails" and "the generation will fail" in answer["message"]
+    r = host.client().post("/sdapi/v1/txt2img", json=b)
+    assert r.status_code >= 400 and "no engine profile covers" in r.text
+
+
+def test_override_naming_no_checkpoint_is_dropped_as_a1111_drops_it(boot, tiny_checkpoint) -> None:  # type: ignore[no-untyped-def]
+    host = boot(tiny_checkpoint("sd1"))
+    answer, outcome = predict_and_run(host, body(override_settings={"sd_model_checkpoint": "no-such-model"}))
+    assert answer["engine"] and outcome["fallback_calls"] == 0
+
+
+def test_a_prediction_leaves_the_counters_alone(boot, tiny_checkpoint, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from sdtrt.backends.base import BuildOptions
+    from sdtrt.pipeline import build_engine
+
+    cache = tmp_path / "fixed"
+    build_engine(tiny_checkpoint("sd1", 0), [Profile.parse("1x64x64x75")], cache, backend="onnxruntime",
+                 options=BuildOptions(refit=False, strip_weights=False))
+    host = boot(tiny_checkpoint("sd1", 0), tiny_checkpoint("sd1", 1),
+                config={"sd_model_checkpoint": "sd1-s0.safetensors", "sdtrt_cache_dir": str(cache)})
+    before = host.client().get("/sdtrt/v1/status").json()["counters"]
+    answer = ask(host, body(override_settings={"sd_model_checkpoint": "sd1-s1"}))
+    assert "cannot take the loaded checkpoint's weights" in answer["message"]  # an unusable server, predicted
+    assert host.client().get("/sdtrt/v1/status").json()["counters"] == before
 
 
 def test_bad_bodies_get_clear_errors(boot, tiny_checkpoint) -> None:  # type: ignore[no-untyped-def]
@@ -205,7 +235,9 @@ def test_bad_bodies_get_clear_errors(boot, tiny_checkpoint) -> None:  # type: ig
     r = client.post("/sdtrt/v1/coverage?kind=extras", json=body())
     assert r.status_code == 400 and "kind must be one of txt2img, img2img" in r.json()["detail"]
     r = client.post("/sdtrt/v1/coverage", json=body(hr_checkpoint_name="nope", enable_hr=True))
-    assert r.status_code == 400 and "unknown checkpoint" in r.json()["detail"]
+    assert r.status_code == 400 and "hr_checkpoint_name: unknown checkpoint 'nope'" in r.json()["detail"]
+    r = client.post("/sdtrt/v1/coverage?knd=img2img", json=body())
+    assert r.status_code == 400 and "unknown query parameter 'knd'" in r.json()["detail"]
 
 
 def test_coverage_is_read_only_where_the_webui_is_exposed(boot, tiny_checkpoint) -> None:  # type: ignore[no-untyped-def]
@@ -233,6 +265,9 @@ def test_cfg_calls_follow_a1111s_batching() -> None:
     assert cfg_calls(1, 64, 64, 1, 1, CfgOptions(may_skip_uncond=True)) == (CallShape(2, 64, 64, 1),
                                                                             CallShape(1, 64, 64, 1))
     assert cfg_calls(1, 64, 64, 1, 1, conds_per_image=3) == (CallShape(4, 64, 64, 1),)
+    # a skipped uncond with cond and uncond of different lengths: one call of the cond rows alone
+    assert cfg_calls(1, 64, 64, 2, 1, CfgOptions(may_skip_uncond=True), conds_per_image=3) == (
+        CallShape(2, 64, 64, 2), CallShape(1, 64, 64, 2), CallShape(1, 64, 64, 1), CallShape(3, 64, 64, 2))
 
 
 def test_hires_size_follows_a1111() -> None:
@@ -241,6 +276,7 @@ def test_hires_size_follows_a1111() -> None:
     assert hires_size(512, 768, 1.0, 0, 1024) == (680, 1024)
     assert hires_size(512, 768, 1.0, 1024, 1024) == (1024, 1024)  # upscaled to 1024x1536, cropped to 1024
     assert hires_size(64, 64, 1.5, 0, 0) == (96, 96)
+    assert hires_size(519, 512, 2.0, 0, 0) == (1032, 1024)  # from the size as given, not rounded first
 
 
 def test_refiner_pass_option_decides_which_pass_switches() -> None:
@@ -252,6 +288,13 @@ def test_refiner_pass_option_decides_which_pass_switches() -> None:
                                                    "hires pass (refiner)"]
     at_zero = GenerationSpec(512, 512, 1, 1, 1, refiner="R", refiner_switch_at=0.0)
     assert [(p.name, p.checkpoint) for p in plan_passes(at_zero)] == [("first pass (refiner)", "R")]
+    unset = GenerationSpec(512, 512, 1, 1, 1, refiner="R", refiner_switch_at=None)
+    assert [p.name for p in plan_passes(unset)] == ["first pass (refiner)"]
+    # img2img at denoising 0.4 starts at 0.6 of the schedule: a switch at 0.5 is already past
+    late = GenerationSpec(512, 512, 1, 1, 1, refiner="R", refiner_switch_at=0.5, first_start=0.6)
+    assert [p.name for p in plan_passes(late)] == ["first pass (refiner)"]
+    early = GenerationSpec(512, 512, 1, 1, 1, refiner="R", refiner_switch_at=0.8, first_start=0.6)
+    assert [p.name for p in plan_passes(early)] == ["first pass", "first pass (refiner)"]
 
 
 def test_fixed_weight_engine_with_a_lora_or_another_checkpoint(boot, tiny_checkpoint, tmp_path) -> None:  # type: ignore[no-untyped-def]

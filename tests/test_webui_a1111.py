@@ -439,3 +439,16 @@ def test_api_takes_build_targets_and_refuses_bad_ones(boot, tiny_checkpoint, tmp
     assert job.state == "done", job.error
     [row] = client.get("/sdtrt/v1/engines").json()["engines"]
     assert row["targets"] == [] and row["weights"] == "embedded" and row["ok"]
+
+
+def test_checkpoints_kept_in_memory_switch_engines_too(boot, tiny_checkpoint) -> None:  # type: ignore[no-untyped-def]
+    """With sd_checkpoints_limit > 1 A1111 brings an already loaded checkpoint back without its load callbacks
+    (reuse_model_from_already_loaded): a hires pass on another checkpoint kept in memory must still run with that
+    checkpoint's weights, not the first pass's engine weights."""
+    host = boot(tiny_checkpoint("sd1", 0), tiny_checkpoint("sd1", 1),
+                config={"sd_model_checkpoint": "sd1-s0.safetensors", "sd_checkpoints_limit": 2})
+    kw = {"enable_hr": True, "hr_scale": 2.0, "hr_second_pass_steps": 2, "denoising_strength": 0.5,
+          "hr_upscaler": "Latent", "hr_checkpoint_name": "sd1-s1"}
+    for _ in range(2):  # the second time both checkpoints are in memory: no load, no callback
+        result, _, delta = compare(host, **kw)
+        assert delta["fallback_calls"] == 0 and delta["engine_calls"] == STEPS + 2

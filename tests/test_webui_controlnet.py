@@ -243,3 +243,25 @@ def test_coverage_predicts_what_controlnet_units_run_on(host_for, engines, modul
         assert answer["build"]["controlnet"] is True  # the one-click fix: an engine with ControlNet inputs
     elif not served:
         assert "changes the UNet's inside" in answer["message"] and "changes the UNet's inside" in told
+
+
+def test_coverage_routes_controlnet_calls_to_engines_with_controlnet_inputs_only(host_for, tiny_checkpoint, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A plain engine covering 128 px does not serve a ControlNet generation at 128 px when the engine with
+    ControlNet inputs covers 64 px only: predicted on PyTorch, as it runs."""
+    from sdtrt.pipeline import build_engine
+    from sdtrt.profiles import Profile
+    from test_coverage import body, predict_and_run
+
+    cache = tmp_path / "mixed"
+    build_engine(tiny_checkpoint("sd1", 0), [Profile.parse(PROFILE)], cache, backend="onnxruntime")
+    build_engine(tiny_checkpoint("sd1", 0), [Profile.parse("1x64x64x75")], cache, backend="onnxruntime",
+                 controlnet=True)
+    host = host_for("sd1", cache=cache)
+    unit = units({"module": "controlnet", "weight": 1.0})
+    answer, outcome = predict_and_run(host, body(alwayson_scripts=unit))
+    assert answer["engine"] and outcome["fallback_calls"] == 0
+    answer, outcome = predict_and_run(host, body(width=128, height=128, alwayson_scripts=unit))
+    assert not answer["engine"] and answer["passes"][0]["kind"] == "uncovered" and outcome["engine_calls"] == 0
+    assert answer["build"]["controlnet"] is True
+    answer, outcome = predict_and_run(host, body(width=128, height=128))  # without units the plain engine serves
+    assert answer["engine"] and outcome["fallback_calls"] == 0

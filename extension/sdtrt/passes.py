@@ -90,6 +90,12 @@ def cfg_calls(batch: int, height: int, width: int, cond_chunks: int, uncond_chun
         for start in range(0, cond_rows, step):
             add(min(step, cond_rows - start), cond_chunks)
         add(uncond_rows, uncond_chunks)
+        if opts.may_skip_uncond:  # a skipped uncond makes the lengths irrelevant: the cond rows alone
+            if opts.batch_cond_uncond:
+                add(cond_rows, cond_chunks)
+            else:
+                for start in range(0, cond_rows, batch):
+                    add(min(batch, cond_rows - start), cond_chunks)
     return tuple(calls)
 
 
@@ -124,18 +130,21 @@ def with_calls(spec: PassSpec, opts: CfgOptions) -> PassSpec:
 
 @dataclass(frozen=True)
 class HiresSpec:
-    """The hires pass: its sampling size, its checkpoint (None: the generation's) and prompt chunks."""
+    """The hires pass: its sampling size, its checkpoint (None: the generation's), prompt chunks, and where in
+    the schedule it starts as the refiner switch measures it (1 - denoising strength by noise level)."""
 
     width: int
     height: int
     cond_chunks: int
     uncond_chunks: int
     checkpoint: str | None = None
+    start: float = 0.0
 
 
 @dataclass(frozen=True)
 class GenerationSpec:
-    """What decides a generation's UNet calls. `refiner_pass`: A1111's `hires_fix_refiner_pass` option."""
+    """What decides a generation's UNet calls. `refiner_pass`: A1111's `hires_fix_refiner_pass` option;
+    `first_start`: where the first pass starts in the schedule (img2img: 1 - denoising strength)."""
 
     width: int
     height: int
@@ -148,26 +157,28 @@ class GenerationSpec:
     refiner: str | None = None
     refiner_switch_at: float | None = None
     refiner_pass: str = "second pass"
+    first_start: float = 0.0
 
 
 def plan_passes(gen: GenerationSpec, opts: CfgOptions = CfgOptions()) -> list[PassSpec]:
     """The sampling passes of one generation, each on one checkpoint, with their UNet calls. The hires pass
     starts on its own checkpoint or the generation's (A1111 reloads it); the refiner takes over a pass at
-    `refiner_switch_at` (from the first step when <= 0; never when >= 1), in the passes `refiner_pass` names
-    when hires fix is on."""
+    `refiner_switch_at` (from its first step when that is None or not past where the pass starts; never when
+    >= 1), in the passes `refiner_pass` names when hires fix is on."""
     passes = [PassSpec("first pass", gen.width, gen.height, gen.batch, gen.cond_chunks, gen.uncond_chunks,
                        gen.conds_per_image, gen.checkpoint)]
     if gen.hires is not None:
         h = gen.hires
         passes.append(PassSpec("hires pass", h.width, h.height, gen.batch, h.cond_chunks, h.uncond_chunks,
                                gen.conds_per_image, h.checkpoint or gen.checkpoint))
-    switch = gen.refiner_switch_at
+    switch = 0.0 if gen.refiner_switch_at is None else gen.refiner_switch_at  # None: A1111 switches at once
+    starts = [gen.first_start, gen.hires.start if gen.hires is not None else 0.0]
     out: list[PassSpec] = []
     for i, p in enumerate(passes):
-        refined = bool(gen.refiner) and switch is not None and switch < 1 and (
+        refined = bool(gen.refiner) and switch < 1 and (
             gen.hires is None or gen.refiner_pass == "both passes"
             or gen.refiner_pass == ("first pass" if i == 0 else "second pass"))
-        if not refined or switch is None or switch > 0:
+        if not refined or switch > starts[i]:
             out.append(with_calls(p, opts))
         if refined:
             out.append(with_calls(PassSpec(f"{p.name} (refiner)", p.width, p.height, p.batch, p.cond_chunks,

@@ -68,6 +68,18 @@ test("enabled ControlNet units go in as sd-webui-controlnet's API takes them; di
     assert.equal(status.buildRequest("txt2img", {controlnet_units: [units[1]]}).body.alwayson_scripts, undefined);
 });
 
+test("styles go in; img2img's Resize by samples at the previewed size, rounded down to 8", () => {
+    assert.deepEqual(status.buildRequest("txt2img", {styles: ["cinematic", "sharp"]}).body.styles, ["cinematic", "sharp"]);
+    assert.equal(status.buildRequest("txt2img", {styles: []}).body.styles, undefined);
+    const f = {width: "512", height: "512", resize_by: true,
+        resize_by_preview: "resize: from 640x480 to 963x722"};
+    const b = status.buildRequest("img2img", f).body;
+    assert.deepEqual([b.width, b.height], [960, 720]);
+    assert.deepEqual(status.buildRequest("img2img", {...f, resize_by: false}).body.width, 512);
+    assert.equal(status.buildRequest("img2img", {...f, resize_by_preview: "no image selected"}).body.width, 512);
+    assert.equal(status.scaledSize("resize: from 0x0 to 0x0"), null);
+});
+
 test("fields the page lacks (other ids in other versions) fall back to A1111's defaults", () => {
     const r = status.buildRequest("txt2img", {});
     assert.deepEqual(r.body, {prompt: "", negative_prompt: "", width: 512, height: 512, batch_size: 1, n_iter: 1,

@@ -26,7 +26,8 @@ from sdtrt.errors import SdtrtError
 from sdtrt.passes import CallShape, CfgOptions, GenerationSpec, HiresSpec, PassSpec, hires_size, plan_passes
 from sdtrt.profiles import MAX_PIXELS, MIN_PIXELS, Shape, token_chunks
 from sdtrt.runtime import refit_refusal
-from sdtrt.serving import SWITCHED_OFF, UnetServer, WeightSource
+from sdtrt.models import NotServable
+from sdtrt.serving import SWITCHED_OFF, Counters, UnetServer, WeightSource
 from sdtrt.webui import controlnet, foreign
 from sdtrt.webui.host import LABEL_PREFIX, CheckpointRef
 
@@ -163,6 +164,8 @@ class Predictor:
             raise CoverageError("override_settings must be an object")
         self.overrides = overrides
         self.settings = self.host.settings().overridden(overrides)
+        self.prompts: list[str] = []  # the styled prompts of the passes, for their LoRA tags
+        self.units = controlnet_units(body)
 
     def option(self, key: str, default: Any) -> Any:
         """A WebUI option as this request sees it (override_settings first)."""
@@ -171,13 +174,23 @@ class Predictor:
         read = getattr(self.host, "option", None)
         return read(key, default) if callable(read) else default
 
+    def styled(self, prompt: str, negative: bool) -> str:
+        """The prompt with the request's styles applied, as processing applies them."""
+        styles = self.body.get("styles") or []
+        apply = getattr(self.host, "apply_styles", None)
+        if not styles or not callable(apply):
+            return prompt
+        if not isinstance(styles, list):
+            raise CoverageError("styles must be a list of style names")
+        return str(apply(prompt, [str(x) for x in styles], negative))
+
     def chunks(self, prompt: str, negative: bool) -> int:
-        """77-row chunks of a prompt's conditioning, counted by the host as its token counter counts them."""
+        """77-row chunks of a (styled) prompt's conditioning, counted as the WebUI's token counter counts them."""
         count = getattr(self.host, "prompt_chunks", None)
         if callable(count):
             steps = _int(self.body, "steps", 20, 1, 10000)
             try:
-                return max(1, int(count(prompt, list(self.body.get("styles") or []), negative, steps)))
+                return max(1, int(count(prompt, negative, steps)))
             except Exception:  # a prediction never fails on the token counter
                 log.debug("sdtrt: the WebUI's token counter failed; counting words", exc_info=True)
         return token_chunks(len(prompt.split()))
@@ -186,9 +199,12 @@ class Predictor:
         """The checkpoint a generation starts on: `name` (override_settings), else the WebUI's setting, which A1111
         loads when the generation begins (the loaded model may still be another one, e.g. after a request that
         overrode it), else the loaded one."""
-        if name:
-            return self.host.resolve_checkpoint(str(name))
-        configured = self.option("sd_model_checkpoint", "")
+        if name:  # A1111 keeps the override only when it names a checkpoint exactly, else drops it
+            try:
+                return self.host.resolve_checkpoint(str(name))
+            except SdtrtError:
+                pass
+        configured = self.settings_value("sd_model_checkpoint")
         if configured:
             try:
                 return self.host.resolve_checkpoint(str(configured))
@@ -196,12 +212,28 @@ class Predictor:
                 pass  # a setting naming a file that is gone: A1111 falls back to what it can load
         return self.host.loaded_checkpoint()
 
+    def settings_value(self, key: str) -> Any:
+        """A WebUI option without this request's override."""
+        read = getattr(self.host, "option", None)
+        return read(key, "") if callable(read) else ""
+
+    def named_checkpoint(self, field_name: str, name: Any) -> CheckpointRef:
+        """A hires or refiner checkpoint as A1111 looks it up (its closest match); unknown: the generation fails."""
+        closest = getattr(self.host, "closest_checkpoint", None)
+        ref = closest(str(name)) if callable(closest) else self.host.resolve_checkpoint(str(name))
+        if ref is None:
+            raise CoverageError(f"{field_name}: unknown checkpoint {name!r}; the generation would fail with "
+                                "'Could not find checkpoint'")
+        return ref
+
     def spec(self) -> GenerationSpec:
         b = self.body
-        width = _int(b, "width", DEFAULT_PIXELS, MIN_PIXELS, MAX_PIXELS) // LATENT_FACTOR * LATENT_FACTOR
-        height = _int(b, "height", DEFAULT_PIXELS, MIN_PIXELS, MAX_PIXELS) // LATENT_FACTOR * LATENT_FACTOR
+        raw_w = _int(b, "width", DEFAULT_PIXELS, MIN_PIXELS, MAX_PIXELS)
+        raw_h = _int(b, "height", DEFAULT_PIXELS, MIN_PIXELS, MAX_PIXELS)
+        width, height = raw_w // LATENT_FACTOR * LATENT_FACTOR, raw_h // LATENT_FACTOR * LATENT_FACTOR
         batch = _int(b, "batch_size", 1, 1, 64)
-        prompt, negative = _text(b, "prompt"), _text(b, "negative_prompt")
+        prompt = self.styled(_text(b, "prompt"), False)
+        negative = self.styled(_text(b, "negative_prompt"), True)
         conds = max(1, len(_AND_RE.split(prompt)))
         main = self.checkpoint(self.overrides.get("sd_model_checkpoint"))
         hires = None
@@ -209,19 +241,34 @@ class Predictor:
             scale = _float(b, "hr_scale", 2.0) or 2.0
             if not 0 < scale <= MAX_HR_SCALE:
                 raise CoverageError(f"hr_scale must be above 0 and at most {MAX_HR_SCALE}, got {scale}")
-            hw, hh = hires_size(width, height, scale,
+            hw, hh = hires_size(raw_w, raw_h, scale,
                                 _int(b, "hr_resize_x", 0, 0, MAX_PIXELS), _int(b, "hr_resize_y", 0, 0, MAX_PIXELS))
-            hr_prompt, hr_negative = _text(b, "hr_prompt") or prompt, _text(b, "hr_negative_prompt") or negative
+            hr_prompt = self.styled(_text(b, "hr_prompt"), False) if _text(b, "hr_prompt") else prompt
+            hr_negative = self.styled(_text(b, "hr_negative_prompt"), True) if _text(b, "hr_negative_prompt") \
+                else negative
+            self.prompts.append(hr_prompt)
             name = b.get("hr_checkpoint_name")
-            hr_ref = None if name in SAME_CHECKPOINT else self.host.resolve_checkpoint(str(name))
+            hr_ref = None if name in SAME_CHECKPOINT else self.named_checkpoint("hr_checkpoint_name", name)
             hires = HiresSpec(hw, hh, self.chunks(hr_prompt, False), self.chunks(hr_negative, True),
-                              hr_ref.title if hr_ref else None)
+                              hr_ref.title if hr_ref else None, self.start_ratio(True))
+        self.prompts.append(prompt)
         refiner = b.get("refiner_checkpoint")
-        refiner_ref = None if refiner in NO_REFINER else self.host.resolve_checkpoint(str(refiner))
+        refiner_ref = None if refiner in NO_REFINER else self.named_checkpoint("refiner_checkpoint", refiner)
         return GenerationSpec(width, height, batch, self.chunks(prompt, False), self.chunks(negative, True), conds,
                               main.title if main else None, hires, refiner_ref.title if refiner_ref else None,
                               _float(b, "refiner_switch_at", None),
-                              str(self.option("hires_fix_refiner_pass", "second pass")))
+                              str(self.option("hires_fix_refiner_pass", "second pass")),
+                              self.start_ratio(self.kind == "img2img"))
+
+    def start_ratio(self, denoised: bool) -> float:
+        """Where a pass starts in the schedule, as A1111's refiner switch measures it: an img2img or hires pass
+        starts at 1 - denoising strength (by noise level; by sampling steps every pass starts at 0)."""
+        if not denoised or self.option("refiner_switch_by_sample_steps", False):
+            return 0.0
+        strength = _float(self.body, "denoising_strength", None)
+        if strength is None:
+            strength = 0.75  # A1111's default
+        return min(1.0, max(0.0, 1.0 - strength))
 
     def cfg_options(self) -> CfgOptions:
         s_min = _float(self.body, "s_min_uncond", None)
@@ -269,16 +316,27 @@ class Predictor:
         return LoadedArch(info.family_id, info.arch_hash, None)
 
     def server(self, spec: OptionSpec, ref: CheckpointRef, arch: LoadedArch | None) -> UnetServer:
-        """The server A1111 would activate for `spec` while `ref` is loaded. The checkpoint's hash (remembered per
-        file version) is needed where it decides something: the loaded one, or an engine with fixed weights."""
-        fixed = any(m.id in spec.engine_ids and m.key.refit_mode is not RefitMode.REFIT
-                    for m in self.svc.usable_manifests())
-        sha = ref.sha256 or (self.svc.checkpoint_sha256(ref) if fixed or self._is_loaded(ref) else None)
+        """The server A1111 would activate for `spec` while `ref` is loaded, with counters of its own (a prediction
+        leaves /status alone). Which checkpoint's weights: the host's hash, or the loaded file's (serving hashes it
+        too, remembered per file version); a checkpoint that is not loaded is never hashed here (multi-GB files,
+        per keystroke): an engine with fixed weights counts as its own when it was built from a file of that name.
+        While this option is the active one, engines that failed to load stay failed, as they do in serving."""
+        sha = ref.sha256 or (self.svc.checkpoint_sha256(ref) if self._is_loaded(ref) else None)
+        if sha is None:
+            base = os.path.basename(ref.filename)
+            sha = next((str(m.source_checkpoint.get("sha256")) for m in self.svc.usable_manifests()
+                        if m.id in spec.engine_ids and m.key.refit_mode is not RefitMode.REFIT
+                        and m.source_checkpoint.get("name") == base), f"name:{base}")
         if arch is None:  # not readable without loading: assume the architecture of its own engines
             arch = self._own_arch(spec, ref)
-        server = self.svc.server_for(spec, lambda: arch, lambda: WeightSource(sha or f"name:{os.path.basename(ref.filename)}",
-                                                                     _never_read))
+        identity = WeightSource(sha, _never_read)
+        server = self.svc.server_for(spec, lambda: arch, lambda: identity, counters=Counters())
         server.enabled = lambda: self.settings.enabled
+        active = self.svc.active
+        if active is not None and self.svc.active_label == spec.label and self._is_loaded(ref):
+            broken = {slot.id: slot.broken for slot in active.slots}
+            for slot in server.slots:
+                slot.broken = broken.get(slot.id)
         return server
 
     def _is_loaded(self, ref: CheckpointRef) -> bool:
@@ -294,7 +352,7 @@ class Predictor:
                 return LoadedArch(m.key.family, m.key.arch_hash, None)
         return None
 
-    def route_pass(self, p: PassSpec, prompts: tuple[str, ...]) -> PassRoute:
+    def route_pass(self, p: PassSpec) -> PassRoute:
         ref = self.host.resolve_checkpoint(p.checkpoint) if p.checkpoint else None
         route = PassRoute(p.name, ref.title if ref else None, p.width, p.height, p.batch, False, None, None, None,
                           "off")
@@ -304,10 +362,10 @@ class Predictor:
         if spec is None or ref is None:
             return self.nowhere(route, p, why, "off" if why and why.startswith("SD Unet") else "no_engine")
         server = self.server(spec, ref, arch)
-        bypass = self.unservable(server, prompts)
+        bypass = self.unservable(server)
         if bypass is not None:
             server.bypass = bypass
-        calls = [self.route_call(server, c) for c in p.calls]
+        calls = [self.route_call(server, c, bool(self.units)) for c in p.calls]
         route.calls = calls
         missing = next((c for c in calls if c.engine_id is None), None)
         if missing is None and calls:
@@ -329,25 +387,32 @@ class Predictor:
         return route
 
     @staticmethod
-    def route_call(server: UnetServer, call: CallShape) -> CallRoute:
+    def route_call(server: UnetServer, call: CallShape, control: bool) -> CallRoute:
+        """Where one call runs. With ControlNet units every call carries their inputs, which only the engines
+        with ControlNet inputs take (serving skips the others the same way)."""
         shape = Shape(max(1, call.rows), call.height, call.width, call.chunks * TOKENS_PER_CHUNK)
-        slot, index, reason = server.route(lambda s: s.contract.call_dims(shape, rows=call.rows))
+
+        def dims(slot: Any) -> Mapping[str, Any]:
+            if control and not slot.contract.takes_control:
+                raise NotServable("this engine has no ControlNet inputs")
+            return slot.contract.call_dims(shape, rows=call.rows)
+
+        slot, index, reason = server.route(dims)
         return CallRoute(call.rows, call.width, call.height, call.chunks, slot.id if slot else None,
                          None if index is None else index + 1, reason)
 
-    def unservable(self, server: UnetServer, prompts: tuple[str, ...]) -> str | None:
+    def unservable(self, server: UnetServer) -> str | None:
         """What in the request sends the pass to PyTorch whatever the sizes (as serving would find it)."""
         tiling = self.body.get("tiling")
         if tiling is None:
             tiling = self.option("tiling", False)
         if tiling:
             return foreign.TILING
-        units = controlnet_units(self.body)
-        if units:
-            why = controlnet.request_problem(units, server.takes_control)
+        if self.units:
+            why = controlnet.request_problem(self.units, server.takes_control)
             if why is not None:
                 return why
-        if lora_names(*prompts):
+        if lora_names(*self.prompts):
             for slot in server.slots:
                 refusal = refit_refusal(slot.manifest, "LoRA weights")
                 if refusal is not None:
@@ -358,9 +423,8 @@ class Predictor:
     def predict(self) -> Coverage:
         gen = self.spec()
         passes = plan_passes(gen, self.cfg_options())
-        prompts = (_text(self.body, "prompt"), _text(self.body, "hr_prompt"))
-        routes = [self.route_pass(p, prompts) for p in passes]
-        return summarize(routes, self.suggest(gen, passes, routes))
+        routes = [self.route_pass(p) for p in passes]
+        return summarize(routes, self.suggest(gen, passes, routes), fails=self.settings.fallback == "error")
 
     def suggest(self, gen: GenerationSpec, passes: list[PassSpec], routes: list[PassRoute]) -> dict[str, Any] | None:
         """A build request whose profile covers every pass on the checkpoint of the first pass that lacks an
@@ -370,7 +434,7 @@ class Predictor:
             return None
         mine = [p for p, r in zip(passes, routes) if r.checkpoint == first.checkpoint]
         return {"checkpoint": first.checkpoint, "profiles": [suggest_profile(mine)],
-                "controlnet": bool(controlnet_units(self.body))}
+                "controlnet": bool(self.units)}
 
 
 def _never_read(names: Any) -> Mapping[str, Any]:
@@ -401,8 +465,9 @@ def suggest_profile(passes: list[PassSpec]) -> str:
     return f"{lo}:{opt}:{hi}"
 
 
-def summarize(routes: list[PassRoute], build: dict[str, Any] | None) -> Coverage:
-    """The answer and the status line's text."""
+def summarize(routes: list[PassRoute], build: dict[str, Any] | None, *, fails: bool = False) -> Coverage:
+    """The answer and the status line's text. `fails`: the fallback policy is "error", so a call no profile covers
+    fails the generation instead of running on PyTorch."""
     engine = bool(routes) and all(r.engine for r in routes)
     if engine:
         head = routes[0]
@@ -421,6 +486,11 @@ def summarize(routes: list[PassRoute], build: dict[str, Any] | None) -> Coverage
         reason = routes[0].reason or "no engine"
         return Coverage(False, "no_engine", f"TensorRT: {reason}", reason, routes, build)
     bad = next(r for r in routes if not r.engine)
+    if fails and any(r.kind == "uncovered" for r in routes):
+        bad = next(r for r in routes if r.kind == "uncovered")
+        text = (f"TensorRT: the {bad.name} ({bad.width}x{bad.height}) has no engine profile and the fallback policy "
+                "is 'error': the generation will fail")
+        return Coverage(False, "fails", text, bad.reason, routes, build)
     short = "no profile covers it" if bad.kind == "uncovered" else (bad.reason or "")
     text = f"TensorRT: the {bad.name} ({bad.width}x{bad.height}) will run on PyTorch — {short}"
     state = "partial" if any(c.engine_id for r in routes for c in r.calls) else "pytorch"

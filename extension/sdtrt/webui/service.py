@@ -245,10 +245,14 @@ class EngineService:
         return self.server_for(spec, self.loaded_arch, self._weights_for_loaded)
 
     def server_for(self, spec: OptionSpec, arch_of: Callable[[], LoadedArch | None],
-                   weights_for: Callable[[], WeightSource | None]) -> UnetServer:
+                   weights_for: Callable[[], WeightSource | None], *, counters: Counters | None = None
+                   ) -> UnetServer:
         """The server of `spec` for a model of architecture `arch_of()` whose weights `weights_for()` gives (the
-        loaded model's for serving; a checkpoint's identity only, for a prediction). Never raises: what those
-        raise becomes the reason every call runs on PyTorch."""
+        loaded model's for serving; a checkpoint's identity only, for a prediction, which passes its own
+        `counters` so that nothing it finds reaches /status or the log). Never raises: what those raise becomes
+        the reason every call runs on PyTorch."""
+        serving = counters is None
+        counters = self.counters if counters is None else counters
         slots: list[EngineSlot] = []
         unusable: str | None = None
         weights: WeightSource | None = None
@@ -282,11 +286,12 @@ class EngineService:
         except SdtrtError as e:
             unusable = str(e)
         except Exception as e:
-            log.exception("sdtrt: cannot prepare %s", spec.label)
+            if serving:
+                log.exception("sdtrt: cannot prepare %s", spec.label)
             unusable = f"{type(e).__name__}: {e}"
         if unusable is not None:
-            self.counters.error(unusable)
-        server = UnetServer(slots, fallback=self.torch_fallback, counters=self.counters, notify=self.notify,
+            counters.error(unusable)
+        server = UnetServer(slots, fallback=self.torch_fallback, counters=counters, notify=self.notify,
                             weights=weights, policy=lambda: self.settings().fallback, unusable=unusable,
                             enabled=lambda: self.settings().enabled)
         return server

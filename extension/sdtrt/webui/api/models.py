@@ -173,7 +173,8 @@ class CoveragePass(BaseModel):
 
 class CoverageBody(BaseModel):
     engine: bool = Field(..., description="every UNet call of the generation runs on an engine")
-    state: str = Field(..., description="engine, partial, pytorch, off or no_engine")
+    state: str = Field(..., description="engine, partial, pytorch, off, no_engine or fails (the fallback policy "
+                                        "is 'error' and a call has no profile)")
     message: str = Field(..., description="the status line shown in the generation tabs")
     reason: str | None
     passes: list[CoveragePass]
