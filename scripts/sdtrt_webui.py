@@ -247,7 +247,7 @@ def network_weights(unet: Any, base: Any) -> dict[str, Any]:
     net after net, in the update's dtype, 4->9 channel padding for inpainting input convs."""
     import torch
 
-    from sdtrt.refit import merge
+    from sdtrt.pipeline.refit import merge
 
     lora = _lora()
     if lora is None or not lora.loaded_networks:

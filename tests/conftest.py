@@ -13,8 +13,8 @@ if str(EXT) not in sys.path:
 
 import torch
 
-from sdtrt.export import cpu_computes
-from sdtrt.tiny import TINY, write_tiny_checkpoint
+from sdtrt.pipeline.export import cpu_computes
+from sdtrt.tools.tiny import TINY, write_tiny_checkpoint
 
 FAMILIES = sorted(TINY)
 
@@ -52,7 +52,7 @@ WEBUI_FAMILIES = ("sd1", "sd1-inpaint", "sd2-v", "sdxl-base", "sdxl-refiner")
 @pytest.fixture(scope="session")
 def engines(tiny_checkpoint, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:  # type: ignore[no-untyped-def]
     """One onnxruntime engine per family, built from seed-0 checkpoints into a cache the WebUI tests share."""
-    from sdtrt.pipeline import build_engine
+    from sdtrt.pipeline.build import build_engine
     from sdtrt.profiles import Profile
 
     cache = tmp_path_factory.mktemp("engines")

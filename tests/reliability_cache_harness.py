@@ -25,10 +25,10 @@ if str(EXT) not in sys.path:
     sys.path.insert(0, str(EXT))
 
 from sdtrt.backends.base import BuildResult
-from sdtrt.engine_key import EngineKey
+from sdtrt.storage.key import EngineKey
 from sdtrt.fsutil import write_all
-from sdtrt.manifest import Manifest
-from sdtrt.registry import Registry
+from sdtrt.storage.manifest import Manifest
+from sdtrt.storage.registry import Registry
 
 #: Full trial counts when set (CI); small ones otherwise, so a local run stays under a minute.
 LONG = os.environ.get("SDTRT_LONG") == "1"

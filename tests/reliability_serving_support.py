@@ -20,9 +20,9 @@ from typing import Any, ClassVar
 import torch
 
 from sdtrt.backends.base import Backend, BackendInfo, BuildOptions, BuildResult, EngineProfile, EngineRunner
-from sdtrt.checkpoint import build_unet, open_checkpoint
+from sdtrt.pipeline.checkpoint import build_unet, open_checkpoint
 from sdtrt.errors import RefitError, SdtrtError, StaleEngine
-from sdtrt.refit import merge
+from sdtrt.pipeline.refit import merge
 from webui_support import DictHost
 
 #: CI sets SDTRT_LONG=1 for the full trial counts; without it the file stays well under 90 s on 2 cores.
@@ -105,7 +105,7 @@ def instrument_locks(svc: Any, monkeypatch: Any, log: WaitLog) -> None:
     """Time every lock a UNet call can take: the service's, its per-engine load locks, each engine session's, the
     counters' and the job queue's."""
     import sdtrt.webui.service as service_module
-    from sdtrt.runtime import EngineSession
+    from sdtrt.serving.session import EngineSession
 
     svc._lock = TimedLock(svc._lock, "service._lock", log)
     svc.counters._lock = TimedLock(svc.counters._lock, "counters._lock", log)

@@ -15,16 +15,16 @@ from conftest import FAMILIES, FP16_RUNS
 
 from sdtrt.backends import get_backend
 from sdtrt.backends.base import BuildOptions
-from sdtrt.catalog import BackendProbe, engine_rows
-from sdtrt.cli import main
-from sdtrt.engine_key import EngineKey
+from sdtrt.serving.catalog import BackendProbe, engine_rows
+from sdtrt.tools.cli import main
+from sdtrt.storage.key import EngineKey
 from sdtrt.engine_types import BackendInfo
 from sdtrt.errors import BackendUnavailable, RefitRejected, StaleEngine, TargetError
-from sdtrt.manifest import stale_reason
-from sdtrt.pipeline import build_engine
+from sdtrt.storage.manifest import stale_reason
+from sdtrt.pipeline.build import build_engine
 from sdtrt.profiles import Profile
-from sdtrt.registry import Registry
-from sdtrt.runtime import EngineSession
+from sdtrt.storage.registry import Registry
+from sdtrt.serving.session import EngineSession
 from sdtrt.targets import normalize_target, parse_targets, target_of
 
 try:
@@ -49,7 +49,7 @@ def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 
 def embedded_fraction(plan: bytes, checkpoint: Path) -> float:
     """Which share of the checkpoint's UNet tensors (of 32+ elements) has its first 64 fp16 bytes in `plan`."""
-    from sdtrt.checkpoint import read_unet_state_dict
+    from sdtrt.pipeline.checkpoint import read_unet_state_dict
 
     heads = [t.to(torch.float16).contiguous().numpy().tobytes()[:64]
              for t in read_unet_state_dict(checkpoint).values() if t.numel() >= 32]
@@ -225,7 +225,7 @@ def test_engine_for_other_targets_is_refused_before_deserialization(tiny_checkpo
 def test_engine_without_refit_refuses_other_weights_and_lora(tiny_checkpoint, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """The same rule an ahead-of-time engine follows, on an engine that runs here (onnxruntime, --no-refit): its key
     holds the checkpoint's hash (two checkpoints, two engines); other weights and LoRA are refused, nothing changes."""
-    from sdtrt.checkpoint import read_unet_state_dict
+    from sdtrt.pipeline.checkpoint import read_unet_state_dict
 
     options = BuildOptions(refit=False, strip_weights=False)
     own = build_engine(tiny_checkpoint("sd1", 0), [Profile.parse("1x64x64x75")], tmp_path, backend="onnxruntime",
@@ -247,7 +247,7 @@ def test_engine_without_refit_refuses_other_weights_and_lora(tiny_checkpoint, tm
         session.close()
 
     # served: a LoRA set is refused before A1111's LoRA maths runs (it would be thrown away every generation)
-    from sdtrt.serving import Counters, EngineSlot, NetworkSet, NetworksFailed, WeightSource
+    from sdtrt.serving.server import Counters, EngineSlot, NetworkSet, NetworksFailed, WeightSource
 
     def maths(base: Any) -> Any:
         raise AssertionError("the LoRA maths ran for an engine that cannot take its result")
@@ -270,9 +270,9 @@ def test_refittable_or_stripped_plans_need_a_gpu(tiny_checkpoint, tmp_path: Path
     plan of full size). Built through the backend directly, bypassing build_options. If a TensorRT-RTX release
     starts building these on a CPU, this test fails: then build_options can stop embedding."""
     from sdtrt.backends.tensorrt import TensorRTRTXBackend
-    from sdtrt.checkpoint import build_unet, open_checkpoint
+    from sdtrt.pipeline.checkpoint import build_unet, open_checkpoint
     from sdtrt.errors import BuildError
-    from sdtrt.export import ExportSettings, export_unet
+    from sdtrt.pipeline.export import ExportSettings, export_unet
 
     ckpt, sd = open_checkpoint(tiny_checkpoint("sd1"))
     contract = ckpt.info.contract_for(False)

@@ -49,7 +49,7 @@ from hypothesis import strategies as st
 from schemathesis.generation import GenerationMode
 
 import sdtrt
-from sdtrt.pipeline import build_engine
+from sdtrt.pipeline.build import build_engine
 from sdtrt.profiles import Profile
 from sdtrt.webui import api as api_module
 from sdtrt.webui.api import ENGINE_ID_PATTERN, EXPOSED_HINT, PREFIX, mount, webui_exposed

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from sdtrt.cli import main
+from sdtrt.tools.cli import main
 
 
 def test_latency_bench_json_and_chart(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
@@ -47,9 +47,9 @@ def test_attention_swap_reaches_the_unet_and_is_undone() -> None:
     numbers through a math attention, every attention layer called) and undone afterwards."""
     import torch
 
-    from sdtrt.bench import LATENCY_MODELS, _with_attention
-    from sdtrt.tiny import randomize_
-    from sdtrt.unet import UNetModel
+    from sdtrt.tools.bench import LATENCY_MODELS, _with_attention
+    from sdtrt.tools.tiny import randomize_
+    from sdtrt.models.torch_unet import UNetModel
 
     spec, _ = LATENCY_MODELS["tiny"]
     unet = UNetModel(spec).eval()

@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sdtrt.catalog import BackendProbe, engine_rows
-from sdtrt.pipeline import build_engine
+from sdtrt.serving.catalog import BackendProbe, engine_rows
+from sdtrt.pipeline.build import build_engine
 from sdtrt.profiles import Profile
-from sdtrt.registry import Registry
+from sdtrt.storage.registry import Registry
 
 
 def test_rows_tell_stale_from_unavailable_here(tiny_checkpoint, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]

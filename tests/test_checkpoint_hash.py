@@ -6,7 +6,7 @@ from __future__ import annotations
 import builtins
 from pathlib import Path
 
-from sdtrt import checkpoint
+from sdtrt.pipeline import checkpoint
 
 
 def test_a_files_hash_is_read_once_until_the_file_changes(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]

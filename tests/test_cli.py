@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sdtrt.cli import main
+from sdtrt.tools.cli import main
 
 EXT = Path(__file__).resolve().parents[1] / "extension"
 PROFILE = "1x64x64x75:2x128x192x150:4x256x256x150"
@@ -39,7 +39,7 @@ def built(tiny_checkpoint, tmp_path_factory: pytest.TempPathFactory):  # type: i
 
 
 def _last_id(cache: Path, family: str) -> str:
-    from sdtrt.registry import Registry
+    from sdtrt.storage.registry import Registry
 
     ids = [s.id for s in Registry(cache).list() if s.manifest and s.manifest.key.family == family]
     assert len(ids) == 1

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdtrt.checkpoint import build_unet, open_checkpoint
+from sdtrt.pipeline.checkpoint import build_unet, open_checkpoint
 from sdtrt.errors import SdtrtError
-from sdtrt.manifest import Manifest
+from sdtrt.storage.manifest import Manifest
 from sdtrt.models import (
     CONTROL_KW,
     ControlFeeds,
@@ -21,11 +21,11 @@ from sdtrt.models import (
     TensorIO,
     bind_record,
 )
-from sdtrt.pipeline import build_engine
+from sdtrt.pipeline.build import build_engine
 from sdtrt.profiles import Profile
-from sdtrt.registry import Registry
-from sdtrt.runtime import EngineSession
-from sdtrt.unet import UNetModel, skip_cat, timestep_embedding
+from sdtrt.storage.registry import Registry
+from sdtrt.serving.session import EngineSession
+from sdtrt.models.torch_unet import UNetModel, skip_cat, timestep_embedding
 
 PROFILE = "1x64x64x75:1x96x96x75:2x128x128x150"
 #: (rows, height px, width px, tokens): sizes in steps of 8 px (latents not divisible by the UNet's downsampling)
@@ -144,7 +144,7 @@ def test_residuals_of_the_wrong_shape_or_count_are_refused() -> None:
 
 
 def test_skip_layout_of_sd1_and_sdxl_matches_the_hooks_residual_counts() -> None:
-    from sdtrt.unet import UNetSpec
+    from sdtrt.models.torch_unet import UNetSpec
 
     sd1 = UNetSpec(4, 4, 320, (1, 2, 4, 4), 2, (1, 1, 1, 0), (0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1), 1, 768, False, 8)
     sdxl = UNetSpec(4, 4, 320, (1, 2, 4), 2, (0, 2, 10), (10, 10, 10, 2, 2, 2, 0, 0, 0), 10, 2048, True, -1, 64, 2816)
@@ -158,7 +158,7 @@ def test_skip_layout_of_sd1_and_sdxl_matches_the_hooks_residual_counts() -> None
 def test_cli_builds_and_lists_an_engine_with_controlnet_inputs(tiny_checkpoint, tmp_path: Path, capsys) -> None:
     import json
 
-    from sdtrt.cli import main
+    from sdtrt.tools.cli import main
 
     cache = tmp_path / "cache"
     assert main(["build", str(tiny_checkpoint("sd1", 3)), "--backend", "onnxruntime", "--profile", "1x64x64x75",

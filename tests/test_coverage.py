@@ -11,7 +11,7 @@ import pytest
 
 import sdtrt.webui.service as service_module
 from fakehost import FakeHost
-from sdtrt.passes import CallShape, CfgOptions, GenerationSpec, HiresSpec, cfg_calls, hires_size, plan_passes
+from sdtrt.serving.passes import CallShape, CfgOptions, GenerationSpec, HiresSpec, cfg_calls, hires_size, plan_passes
 from sdtrt.profiles import Profile, Shape
 from test_webui_a1111 import boot as boot  # noqa: PLC0414 (the `boot` fixture, used by name)
 
@@ -214,7 +214,7 @@ def test_override_naming_no_checkpoint_is_dropped_as_a1111_drops_it(boot, tiny_c
 
 def test_a_prediction_leaves_the_counters_alone(boot, tiny_checkpoint, tmp_path) -> None:  # type: ignore[no-untyped-def]
     from sdtrt.backends.base import BuildOptions
-    from sdtrt.pipeline import build_engine
+    from sdtrt.pipeline.build import build_engine
 
     cache = tmp_path / "fixed"
     build_engine(tiny_checkpoint("sd1", 0), [Profile.parse("1x64x64x75")], cache, backend="onnxruntime",
@@ -300,7 +300,7 @@ def test_refiner_pass_option_decides_which_pass_switches() -> None:
 def test_fixed_weight_engine_with_a_lora_or_another_checkpoint(boot, tiny_checkpoint, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """An engine built without refit serves its own checkpoint only, and no LoRA: predicted as serving finds it."""
     from sdtrt.backends.base import BuildOptions
-    from sdtrt.pipeline import build_engine
+    from sdtrt.pipeline.build import build_engine
     from test_webui_lora import add_lora
 
     cache = tmp_path / "fixed"

@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import FAMILIES, FP16_RUNS, needs_fp16
 
-from sdtrt.checkpoint import build_unet, open_checkpoint
+from sdtrt.pipeline.checkpoint import build_unet, open_checkpoint
 from sdtrt.errors import ExportError
-from sdtrt.export import ExportSettings, export_unet
+from sdtrt.pipeline.export import ExportSettings, export_unet
 
 SHAPES = [  # (batch rows, latent h, latent w, chunks): batches differ, sizes not multiples of 64 px, 75 and 150 tokens
     (1, 8, 8, 1),
@@ -107,7 +107,7 @@ def test_skip_concats_resize_whatever_the_trace_size(exported) -> None:
 def test_fp16_export_without_float16_kernels_or_gpu_says_why(tiny_checkpoint, tmp_path: Path, monkeypatch) -> None:
     """torch 2.1 (A1111 1.10.1's) has no float16 CPU kernels: a float16 export traces on the GPU, and without one it
     fails up front with a message naming the ways out (not a kernel error from inside the trace)."""
-    import sdtrt.export as export
+    import sdtrt.pipeline.export as export
 
     ckpt, sd = open_checkpoint(tiny_checkpoint("sd1"))
     unet = build_unet(ckpt.info, sd)
@@ -170,7 +170,7 @@ def test_large_models_use_one_external_data_file(tiny_checkpoint, tmp_path: Path
     ONNX Runtime and the TensorRT-RTX parser both find."""
     import onnxruntime as ort
 
-    import sdtrt.export as export
+    import sdtrt.pipeline.export as export
 
     monkeypatch.setattr(export, "EXTERNAL_DATA_THRESHOLD", 0)
     ckpt, sd = open_checkpoint(tiny_checkpoint("sd1"))

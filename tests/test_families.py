@@ -8,10 +8,10 @@ import pytest
 import torch
 from conftest import FAMILIES
 
-from sdtrt.checkpoint import build_unet, check_safetensors, open_checkpoint
+from sdtrt.pipeline.checkpoint import build_unet, check_safetensors, open_checkpoint
 from sdtrt.errors import CheckpointError, UnknownArchitecture
-from sdtrt.families import ConfigHints, detect
-from sdtrt.tiny import TINY, tiny_unet
+from sdtrt.pipeline.families import ConfigHints, detect
+from sdtrt.tools.tiny import TINY, tiny_unet
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -115,7 +115,7 @@ def test_the_core_never_imports_the_webui_side() -> None:
 
 def test_storage_does_not_import_the_backend_interface() -> None:
     graph = import_graph()
-    cache = {"sdtrt.registry", "sdtrt.engine_key", "sdtrt.manifest", "sdtrt.lease", "sdtrt.cache_cleanup"}
+    cache = {"sdtrt.storage.registry", "sdtrt.storage.key", "sdtrt.storage.manifest", "sdtrt.storage.lease", "sdtrt.storage.cleanup"}
     storage = [m for m in graph if m in cache or m.startswith("sdtrt.storage")]
     assert storage
     assert {m: sorted(d for d in graph[m] if d.startswith("sdtrt.backends")) for m in storage} == {m: [] for m in storage}

@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sdtrt.check import check_engine
-from sdtrt.checkpoint import build_unet, open_checkpoint
-from sdtrt.cli import main
-from sdtrt.lora import LoraError, LoraSpec, diffusers_to_compvis, lora_weights, read_lora
-from sdtrt.pipeline import build_engine
+from sdtrt.tools.check import check_engine
+from sdtrt.pipeline.checkpoint import build_unet, open_checkpoint
+from sdtrt.tools.cli import main
+from sdtrt.pipeline.lora import LoraError, LoraSpec, diffusers_to_compvis, lora_weights, read_lora
+from sdtrt.pipeline.build import build_engine
 from sdtrt.profiles import Profile, Shape
 
 
@@ -138,8 +138,8 @@ def test_bad_lora_files_say_what_is_wrong(setup, tiny_checkpoint, tmp_path) -> N
 
 def test_refit_bench_counts_on_a_small_unet(monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
     """The benchmark's bookkeeping (its timings are reported, never asserted)."""
-    from sdtrt import bench
-    from sdtrt.tiny import TINY
+    from sdtrt.tools import bench
+    from sdtrt.tools.tiny import TINY
 
     monkeypatch.setitem(bench.FULL_SPECS, "sd15", TINY["sd1"][0])
     r = bench.refit_bench("sd15", rank=4)

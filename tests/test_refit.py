@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdtrt.checkpoint import build_unet, open_checkpoint, read_unet_state_dict
+from sdtrt.pipeline.checkpoint import build_unet, open_checkpoint, read_unet_state_dict
 from sdtrt.errors import RefitError
-from sdtrt.pipeline import build_engine
+from sdtrt.pipeline.build import build_engine
 from sdtrt.profiles import Profile
-from sdtrt.refit import WeightTracker, merge
-from sdtrt.registry import Registry
-from sdtrt.runtime import EngineSession
+from sdtrt.pipeline.refit import WeightTracker, merge
+from sdtrt.storage.registry import Registry
+from sdtrt.serving.session import EngineSession
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +129,7 @@ def test_a_rejected_refit_keeps_the_engine_usable_a_failed_one_marks_it_for_relo
     """A backend that cannot undo a refit (TensorRT) says when it refused before touching the engine
     (RefitRejected): then the weights are still the previous ones; any other failure means they are unknown."""
     from sdtrt.errors import RefitError, RefitRejected
-    from sdtrt.runtime import EngineSession
+    from sdtrt.serving.session import EngineSession
 
     class Runner:
         refit_is_atomic = False

@@ -24,9 +24,9 @@ EXT = Path(__file__).resolve().parents[1] / "extension"
 if str(EXT) not in sys.path:
     sys.path.insert(0, str(EXT))
 
-from sdtrt import registry as registry_mod
+from sdtrt.storage import registry as registry_mod
 from sdtrt.backends.base import BackendInfo, BuildResult
-from sdtrt.engine_key import EngineKey, validate_engine_id
+from sdtrt.storage.key import EngineKey, validate_engine_id
 from sdtrt.errors import (
     BuildError,
     EngineNotFound,
@@ -37,9 +37,9 @@ from sdtrt.errors import (
     StaleEngine,
 )
 from sdtrt.fsutil import FileLock, LockTimeout, atomic_write_bytes, read_regular_file, sha256_and_size, sha256_file
-from sdtrt.lease import host_name
-from sdtrt.manifest import MANIFEST_NAME, Manifest
-from sdtrt.registry import Registry
+from sdtrt.storage.lease import host_name
+from sdtrt.storage.manifest import MANIFEST_NAME, Manifest
+from sdtrt.storage.registry import Registry
 
 try:
     from hypothesis import HealthCheck, given, settings

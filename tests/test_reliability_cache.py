@@ -51,9 +51,9 @@ from reliability_cache_harness import (
 from sdtrt.backends.base import BackendInfo, BuildResult
 from sdtrt.errors import BuildError, CacheNotWritable, EngineNotFound, ManifestError, SdtrtError, StaleEngine
 from sdtrt.fsutil import FileLock
-from sdtrt.lease import Heartbeat, Liveness
-from sdtrt.manifest import Manifest
-from sdtrt.registry import Registry
+from sdtrt.storage.lease import Heartbeat, Liveness
+from sdtrt.storage.manifest import Manifest
+from sdtrt.storage.registry import Registry
 
 try:
     from hypothesis import HealthCheck, given, settings

@@ -53,14 +53,14 @@ from reliability_serving_support import (
     write_pickle_bomb,
 )
 from sdtrt.backends.base import BuildResult
-from sdtrt.checkpoint import read_unet_state_dict
-from sdtrt.engine_key import EngineKey
+from sdtrt.pipeline.checkpoint import read_unet_state_dict
+from sdtrt.storage.key import EngineKey
 from sdtrt.errors import EngineNotFound, NoMatchingProfile, SdtrtError
-from sdtrt.pipeline import build_engine
+from sdtrt.pipeline.build import build_engine
 from sdtrt.profiles import Profile
-from sdtrt.registry import Registry
-from sdtrt.runtime import CorruptEngine, EngineSession
-from sdtrt.serving import UnetServer
+from sdtrt.storage.registry import Registry
+from sdtrt.serving.session import CorruptEngine, EngineSession
+from sdtrt.serving.server import UnetServer
 from sdtrt.webui.jobs import DONE, FAILED
 from sdtrt.webui.service import EngineService, OptionSpec, SwapFailed
 
@@ -384,13 +384,13 @@ def test_a_read_error_is_not_taken_for_damage(cache: Cache, host: LoraHost, svc:
     as damaged, and the next activation serves from it."""
     import errno
 
-    import sdtrt.registry
+    import sdtrt.storage.registry
 
     def eio(path: Any) -> Any:
         raise OSError(errno.EIO, "Input/output error")
 
     with monkeypatch.context() as m:
-        m.setattr(sdtrt.registry, "sha256_and_size", eio)
+        m.setattr(sdtrt.storage.registry, "sha256_and_size", eio)
         outs, delta = generation(svc, switch(svc, spec_for(cache.e1)))
     assert delta == {"engine_calls": 0, "fallback_calls": 2, "refits": 0}
     assert "cannot read" in next(iter(svc.counters.snapshot()["fallback_reasons"]))
@@ -525,9 +525,9 @@ def test_pickle_bomb_fixture_really_goes_off(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", ["bomb.pt", "bomb.ckpt", "bomb.pth", "bomb.bin", "bomb-renamed.safetensors"])
 def test_headless_lora_pickles_are_refused_never_unpickled(name: str, cache: Cache, tiny_checkpoint,
                                                                  tmp_path: Path, no_unpickling: list[str]) -> None:
-    from sdtrt.check import check_engine
-    from sdtrt.cli import main
-    from sdtrt.lora import LoraError, LoraSpec, read_lora
+    from sdtrt.tools.check import check_engine
+    from sdtrt.tools.cli import main
+    from sdtrt.pipeline.lora import LoraError, LoraSpec, read_lora
     from sdtrt.profiles import Shape
 
     canary = tmp_path / "canary"
@@ -639,7 +639,7 @@ def classify(out: torch.Tensor, valid: dict[str | None, torch.Tensor]) -> str:
 @pytest.mark.timeout(300)
 def test_refit_from_another_thread_never_mixes_weights(cache: Cache, host: LoraHost,
                                                              svc: EngineService) -> None:
-    from sdtrt.serving import NetworkSet
+    from sdtrt.serving.server import NetworkSet
 
     refs = Refs(host)
     valid = {None: refs(None), "a": refs("a"), "b": refs("b")}
@@ -676,7 +676,7 @@ def test_refit_from_another_thread_never_mixes_weights(cache: Cache, host: LoraH
 def toy(cache: Cache, host: LoraHost, lora_sets: dict[str, dict[str, torch.Tensor]],
         monkeypatch: pytest.MonkeyPatch) -> dict[str | None, float]:
     """Engines load as ToyRunners (non-atomic, in-place refit); returns the value of each consistent state."""
-    import sdtrt.runtime as runtime_module
+    import sdtrt.serving.session as runtime_module
 
     names = sorted({n for d in lora_sets.values() for n in d})
     base = read_unet_state_dict(Path(host.loaded.filename), names=names)  # type: ignore[union-attr]
@@ -684,7 +684,7 @@ def toy(cache: Cache, host: LoraHost, lora_sets: dict[str, dict[str, torch.Tenso
     state = ToyState(names, base, {n: rng.uniform(0.5, 2.0) for n in names})
     monkeypatch.setattr(ToyBackend, "state", state)
     monkeypatch.setattr(runtime_module, "backend_class", lambda name: ToyBackend)
-    from sdtrt.refit import merge
+    from sdtrt.pipeline.refit import merge
 
     values: dict[str | None, float] = {None: toy_value(state, base)}
     for lora, deltas in lora_sets.items():
@@ -710,8 +710,8 @@ def test_toy_engine_detects_mixing_and_the_session_lock_prevents_it(
     mix; with the lock switched off the detector does see mixes (so the zero above is meaningful)."""
     import contextlib as cl
 
-    from sdtrt.runtime import EngineSession as Session
-    from sdtrt.serving import NetworkSet
+    from sdtrt.serving.session import EngineSession as Session
+    from sdtrt.serving.server import NetworkSet
 
     ToyBackend.state.pause = 0.0005  # type: ignore[union-attr]
     seconds = 1.5 if not LONG else 6.0
@@ -755,36 +755,36 @@ def injection_points(host: LoraHost) -> dict[str, list[Point]]:
     import onnx.numpy_helper
     import onnxruntime
 
-    import sdtrt.checkpoint
-    import sdtrt.families
-    import sdtrt.refit
-    import sdtrt.registry
+    import sdtrt.pipeline.checkpoint
+    import sdtrt.pipeline.families
+    import sdtrt.pipeline.refit
+    import sdtrt.storage.registry
     from sdtrt.backends.ort import OrtBackend, OrtRunner
 
     onnx_load = Point("onnx.load", onnx, "load")
     from_array = Point("onnx.numpy_helper.from_array (per weight)", onnx.numpy_helper, "from_array")
     session = Point("onnxruntime.InferenceSession", onnxruntime, "InferenceSession")
-    read = Point("checkpoint.read_unet_state_dict (weight loading)", sdtrt.checkpoint, "read_unet_state_dict")
+    read = Point("checkpoint.read_unet_state_dict (weight loading)", sdtrt.pipeline.checkpoint, "read_unet_state_dict")
     backend_refit = Point("OrtRunner.refit", OrtRunner, "refit")
     points = {
         "lora": [Point("host.network_weights (LoRA maths)", host, "network_weights"),
-                 Point("WeightTracker.plan (refit plan)", sdtrt.refit.WeightTracker, "plan"),
+                 Point("WeightTracker.plan (refit plan)", sdtrt.pipeline.refit.WeightTracker, "plan"),
                  Point("EngineSession.apply_deltas", EngineSession, "apply_deltas"),
                  read, backend_refit, onnx_load, from_array, session],
-        "checkpoint": [Point("checkpoint.file_sha256", sdtrt.checkpoint, "file_sha256"),
-                       Point("families.detect", sdtrt.families, "detect"),
+        "checkpoint": [Point("checkpoint.file_sha256", sdtrt.pipeline.checkpoint, "file_sha256"),
+                       Point("families.detect", sdtrt.pipeline.families, "detect"),
                        Point("EngineSession.load_weights", EngineSession, "load_weights"),
                        read, backend_refit, onnx_load, from_array, session],
-        "swap": [Point("Registry.get", sdtrt.registry.Registry, "get"),
-                 Point("Registry.verify", sdtrt.registry.Registry, "verify"),
-                 Point("registry.sha256_and_size", sdtrt.registry, "sha256_and_size"),
+        "swap": [Point("Registry.get", sdtrt.storage.registry.Registry, "get"),
+                 Point("Registry.verify", sdtrt.storage.registry.Registry, "verify"),
+                 Point("registry.sha256_and_size", sdtrt.storage.registry, "sha256_and_size"),
                  Point("EngineSession.open", EngineSession, "open"),
                  Point("OrtBackend.load", OrtBackend, "load"),
                  Point("OrtRunner.__init__", OrtRunner, "__init__"),
                  Point("EngineSession.close", EngineSession, "close"),
                  Point("EngineSession.load_weights", EngineSession, "load_weights"),
                  read, onnx_load, session, from_array, backend_refit],
-        "delete": [Point("Registry.delete", sdtrt.registry.Registry, "delete"),
+        "delete": [Point("Registry.delete", sdtrt.storage.registry.Registry, "delete"),
                    Point("EngineSession.close", EngineSession, "close")],
     }
     points["swap-a1111"] = points["swap"]
@@ -972,20 +972,20 @@ def test_injected_swap_and_refit_failures_leave_the_previous_unet_serving(
 
 # ---- G6, builds: a failed build or export leaves the active engine serving ------------------------------------------
 def build_points() -> list[Point]:
-    import sdtrt.export
-    import sdtrt.pipeline
-    import sdtrt.registry
+    import sdtrt.pipeline.export
+    import sdtrt.pipeline.build
+    import sdtrt.storage.registry
     from sdtrt.backends.ort import OrtBackend
 
-    points = [Point("pipeline.export_unet", sdtrt.pipeline, "export_unet"),
+    points = [Point("pipeline.export_unet", sdtrt.pipeline.build, "export_unet"),
               Point("torch.onnx.export", torch.onnx, "export"),
               Point("OrtBackend.build", OrtBackend, "build"),
-              Point("export.copy_onnx", sdtrt.export, "copy_onnx")]
+              Point("export.copy_onnx", sdtrt.pipeline.export, "copy_onnx")]
     for attr in ("_seal", "_publish"):
-        if hasattr(sdtrt.registry.Registry, attr):
-            points.append(Point(f"Registry.{attr}", sdtrt.registry.Registry, attr))
-    if hasattr(sdtrt.registry, "atomic_write_bytes"):
-        points.append(Point("registry.atomic_write_bytes (manifest)", sdtrt.registry, "atomic_write_bytes"))
+        if hasattr(sdtrt.storage.registry.Registry, attr):
+            points.append(Point(f"Registry.{attr}", sdtrt.storage.registry.Registry, attr))
+    if hasattr(sdtrt.storage.registry, "atomic_write_bytes"):
+        points.append(Point("registry.atomic_write_bytes (manifest)", sdtrt.storage.registry, "atomic_write_bytes"))
     return points
 
 
@@ -1040,8 +1040,8 @@ def test_failed_builds_leave_the_active_engine_serving(cache: Cache, host: LoraH
 def test_no_unet_call_waits_on_a_lock_while_a_build_refit_load_or_delete_runs(
         cache: Cache, host: LoraHost, svc: EngineService, monkeypatch: pytest.MonkeyPatch) -> None:
     from sdtrt.backends.ort import OrtRunner
-    from sdtrt.registry import Registry as Reg
-    from sdtrt.serving import NetworkSet
+    from sdtrt.storage.registry import Registry as Reg
+    from sdtrt.serving.server import NetworkSet
 
     log = WaitLog()
     instrument_locks(svc, monkeypatch, log)
@@ -1091,13 +1091,13 @@ def test_no_unet_call_waits_on_a_lock_while_a_build_refit_load_or_delete_runs(
 
         victim = derive(svc.registry(), cache.e1, profiles=["1x64x64x75:1x64x64x75:3x64x64x75"])
         if not LONG:  # the short run builds with the export replaced by a 2 s wait (no lock is taken either way)
-            import sdtrt.pipeline
+            import sdtrt.pipeline.build
 
             def export(*a: Any, **k: Any) -> Any:
                 time.sleep(slow)
                 raise SdtrtError("export skipped in the short run")
 
-            monkeypatch.setattr(sdtrt.pipeline, "export_unet", export)
+            monkeypatch.setattr(sdtrt.pipeline.build, "export_unet", export)
         run("build", lambda: svc.jobs.wait(svc.submit_build(host.refs[0].title, ["1x64x64x75"],
                                                             "onnxruntime").id, timeout=300))
         run("refit", refit)
@@ -1276,7 +1276,7 @@ CHILD = textwrap.dedent('''
     import signal, sys, threading, time
     from pathlib import Path
     import torch
-    import sdtrt.pipeline
+    import sdtrt.pipeline.build
     from sdtrt.webui.service import EngineService, OptionSpec
     from webui_support import DictHost
 
@@ -1285,7 +1285,7 @@ CHILD = textwrap.dedent('''
     def export(*a, **k):
         entered.set()
         time.sleep(3600)  # a build that would run for an hour, inside the registry's private folder
-    sdtrt.pipeline.export_unet = export
+    sdtrt.pipeline.build.export_unet = export
     host = DictHost(models)
     host.add_checkpoint(ckpt, load=True)
     svc = EngineService()
@@ -1338,8 +1338,8 @@ def test_sigterm_during_a_build_exits_in_bounded_time(cache: Cache, tiny_checkpo
 # ---- row 34: 16 threads x 500 mixed swap / unload / status / refit / call operations ----------------------------------
 def network_set(host: LoraHost, lora: str | None) -> Any:
     """The NetworkSet A1111 would give for `lora` (computed from the base weights when the engine needs it)."""
-    from sdtrt.refit import merge
-    from sdtrt.serving import NetworkSet
+    from sdtrt.pipeline.refit import merge
+    from sdtrt.serving.server import NetworkSet
 
     def compute(base: Any) -> dict[str, torch.Tensor]:
         if lora is None:
@@ -1356,7 +1356,7 @@ def test_16_threads_of_mixed_swaps_unloads_status_refits_and_calls(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """On toy engines (refit written weight by weight, so a race would show as a mixed value) through the real
     registry, verification, service and serving code. Then the real engine serves a correct generation."""
-    import sdtrt.runtime as runtime_module
+    import sdtrt.serving.session as runtime_module
     from sdtrt.backends import backend_class as real_backend_class
 
     ToyBackend.state.pause = 0.0001  # type: ignore[union-attr]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import FP16_RUNS
 
-from sdtrt.runbook import join_parts, run
+from sdtrt.tools.runbook import join_parts, run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -86,7 +86,7 @@ def test_dry_run_records_every_step(tmp_path: Path) -> None:
 
 
 def test_bench_build_measures_export_and_aot_build(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from sdtrt.cli import main
+    from sdtrt.tools.cli import main
 
     dtype = "float16" if FP16_RUNS else "float32"  # torch 2.1 (A1111's) traces float16 only on a GPU
     code = main(["bench", "build", "--model", "tiny", "--work", str(tmp_path), "--dtype", dtype, "--json"])

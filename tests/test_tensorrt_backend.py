@@ -105,7 +105,7 @@ from sdtrt.backends import AUTO_ORDER, BACKENDS, CHOICES, backend_class, get_bac
 from sdtrt.backends.base import Backend, BuildOptions
 from sdtrt.backends.tensorrt import PLAN_FILE, TORCH_DTYPES, TensorRTBackend, TensorRTRTXBackend, parse_onnx
 from sdtrt.errors import BackendUnavailable, BuildError, RefitError, RefitRejected, UnknownWeights
-from sdtrt.export import torchscript_exporter
+from sdtrt.pipeline.export import torchscript_exporter
 from sdtrt.profiles import TensorRange
 
 
@@ -251,7 +251,7 @@ def test_capabilities_are_declared_on_the_classes() -> None:
     """Callers ask the class (pipeline.supports_stripping) or the runner (refit_is_atomic), never the name."""
     from sdtrt.backends.ort import OrtBackend, OrtRunner
     from sdtrt.backends.tensorrt.runner import TensorRTRunner
-    from sdtrt.pipeline import supports_stripping
+    from sdtrt.pipeline.build import supports_stripping
 
     for cls in (TensorRTBackend, TensorRTRTXBackend):
         caps = cls.capabilities

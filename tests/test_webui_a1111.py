@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import sdtrt.backends.ort
-import sdtrt.export
+import sdtrt.pipeline.export
 import sdtrt.webui.api
 import sdtrt.webui.service as service_module
 from conftest import WEBUI_PROFILE, needs_fp16
@@ -338,7 +338,7 @@ def test_failed_build_leaves_the_webui_as_it_was(boot, tiny_checkpoint, tmp_path
             assert torch.nn.functional.scaled_dot_product_attention is not before["sdpa"]  # swapped while tracing
             raise RuntimeError("injected export failure")
 
-        monkeypatch.setattr(sdtrt.export.torch.onnx, "export", exploding_export)
+        monkeypatch.setattr(sdtrt.pipeline.export.torch.onnx, "export", exploding_export)
     else:
         real = None
 
@@ -354,7 +354,7 @@ def test_failed_build_leaves_the_webui_as_it_was(boot, tiny_checkpoint, tmp_path
     assert_unchanged(before, snapshot_host(host))
     assert not any((tmp_path / "c").glob("sd1-*"))  # nothing published
     if real is not None:
-        monkeypatch.setattr(sdtrt.export.torch.onnx, "export", real)
+        monkeypatch.setattr(sdtrt.pipeline.export.torch.onnx, "export", real)
     reference = gen(host, unet="None")
     assert torch.equal(reference.latents, gen(host, unet="None").latents)
 
@@ -408,7 +408,7 @@ def test_engine_with_fixed_weights_serves_its_own_checkpoint_only(boot, tiny_che
     """An engine built without refit (as TensorRT-RTX builds ahead of time without a GPU) serves the checkpoint it
     embeds; with another checkpoint of the same architecture loaded the generation runs on PyTorch and says why."""
     from sdtrt.backends.base import BuildOptions
-    from sdtrt.pipeline import build_engine
+    from sdtrt.pipeline.build import build_engine
     from sdtrt.profiles import Profile
 
     cache = tmp_path / "fixed"

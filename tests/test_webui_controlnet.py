@@ -21,7 +21,7 @@ PROFILE = "1x64x64x75:1x64x64x75:2x128x128x150"
 @pytest.fixture(scope="module")
 def control_cache(tiny_checkpoint, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """Engines with ControlNet inputs for the seed-0 SD1 and SDXL checkpoints (the hosts load those)."""
-    from sdtrt.pipeline import build_engine
+    from sdtrt.pipeline.build import build_engine
     from sdtrt.profiles import Profile
 
     cache = tmp_path_factory.mktemp("control-cache")
@@ -248,7 +248,7 @@ def test_coverage_predicts_what_controlnet_units_run_on(host_for, engines, modul
 def test_coverage_routes_controlnet_calls_to_engines_with_controlnet_inputs_only(host_for, tiny_checkpoint, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """A plain engine covering 128 px does not serve a ControlNet generation at 128 px when the engine with
     ControlNet inputs covers 64 px only: predicted on PyTorch, as it runs."""
-    from sdtrt.pipeline import build_engine
+    from sdtrt.pipeline.build import build_engine
     from sdtrt.profiles import Profile
     from test_coverage import body, predict_and_run
 

@@ -14,7 +14,7 @@ import torch
 from conftest import FP16_RUNS
 
 from sdtrt.errors import NoMatchingProfile, ProfileError, SdtrtError
-from sdtrt.pipeline import build_engine
+from sdtrt.pipeline.build import build_engine
 from sdtrt.profiles import Profile
 from sdtrt.webui import tab
 from sdtrt.webui.jobs import CANCELLED, DONE, FAILED, JobNotFound, JobQueue
@@ -319,7 +319,7 @@ def test_api_build_job_then_engine_listed_then_deleted(api: Any, host: DictHost,
 def test_api_build_on_a_read_only_cache_is_refused_up_front_with_503(api: Any, svc: EngineService,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """Row 14: the engines there keep serving (listed ok); a build is refused at once, no job is created."""
-    from sdtrt.registry import Registry
+    from sdtrt.storage.registry import Registry
 
     probes = []
 
@@ -445,10 +445,10 @@ def test_rebuild_of_an_ahead_of_time_engine(svc: EngineService, tiny_checkpoint,
     """Rebuild keeps an ahead-of-time engine's backend; one stale here because of its targets is rebuilt for this
     GPU (the same targets again would make the same, still stale, engine)."""
     from sdtrt.backends.base import BuildResult
-    from sdtrt.checkpoint import file_sha256
-    from sdtrt.engine_key import EngineKey
+    from sdtrt.pipeline.checkpoint import file_sha256
+    from sdtrt.storage.key import EngineKey
     from sdtrt.engine_types import BackendInfo
-    from sdtrt.registry import Registry
+    from sdtrt.storage.registry import Registry
     from sdtrt.webui import builds
 
     ckpt = tiny_checkpoint("sd1", 1)
@@ -491,7 +491,7 @@ def test_instance_forward_override_gets_the_pytorch_unet_on_the_device(host: Dic
 
 
 def test_fallback_reasons_are_bounded() -> None:
-    from sdtrt.serving import MAX_REASONS, Counters
+    from sdtrt.serving.server import MAX_REASONS, Counters
 
     c = Counters()
     for i in range(MAX_REASONS + 10):

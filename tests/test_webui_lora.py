@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from sdtrt.checkpoint import read_unet_state_dict
+from sdtrt.pipeline.checkpoint import read_unet_state_dict
 from test_webui_a1111 import STEPS, assert_close, boot, counters, gen, svc  # noqa: F401  (boot is a fixture)
 
 lora_files = pytest.importorskip("lora_files")

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from sdtrt.checkpoint import build_unet, open_checkpoint
+from sdtrt.pipeline.checkpoint import build_unet, open_checkpoint
 from sdtrt.errors import SdtrtError
 from sdtrt.webui.host import CheckpointRef, Settings
 

@@ -1,5 +1,5 @@
 import sys
 
-from sdtrt.cli import main
+from sdtrt.tools.cli import main
 
 sys.exit(main())

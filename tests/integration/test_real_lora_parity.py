@@ -29,7 +29,7 @@ from fakehost import FakeHost
 EXTENSION = TESTS.parent / "extension"
 LAYER_TYPES = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.MultiheadAttention)
 
-#: Runs in A1111's Python: argv = a1111_root, extension dir, spec.json. Builds the UNet from sdtrt.tiny's spec,
+#: Runs in A1111's Python: argv = a1111_root, extension dir, spec.json. Builds the UNet from sdtrt.tools.tiny's spec,
 #: loads the base weights, then for every step sets `networks.loaded_networks` and calls the REAL
 #: network_apply_weights on every module (as the patched forwards would), and saves the state dicts.
 REAL_DRIVER = r'''
@@ -82,8 +82,8 @@ stub("modules.patches", patch=lambda *a, **k: None, undo=lambda *a, **k: None, o
 sys.path[:0] = [os.path.join(a1111, "extensions-builtin", "Lora"), ext]
 import network
 import networks
-from sdtrt.tiny import TINY
-from sdtrt.unet import UNetModel
+from sdtrt.tools.tiny import TINY
+from sdtrt.models.torch_unet import UNetModel
 
 networks.extra_network_lora = SimpleNamespace(errors={})
 assert networks.__file__.startswith(a1111), networks.__file__

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from sdtrt.checkpoint import read_unet_state_dict
+from sdtrt.pipeline.checkpoint import read_unet_state_dict
 
 from .a1111_host import WebUIHost
 from .test_real_webui_sdtrt import (

@@ -4,7 +4,7 @@
 
 It writes, in OUT_DIR:
 - `<stem>.safetensors`: every tensor of an `ldm.models.diffusion.ddpm.LatentDiffusion` in A1111's key layout.
-  The UNet (`--unet`) is either `sdtrt.tiny`'s "sd1" UNet (the default: 3 levels, 1 res block per level; same
+  The UNet (`--unet`) is either `sdtrt.tools.tiny`'s "sd1" UNet (the default: 3 levels, 1 res block per level; same
   weights as `write_tiny_checkpoint("sd1", ..., seed)`) or "sd1-blocks": SD1's block layout (4 levels, 2 res
   blocks per level, channel mult 1-2-4-4, transformers at the first three levels, so input blocks 2, 5, 8 and 11
   end the levels, where a T2I-Adapter adds its features) at a tiny width (`SD1_BLOCKS_CHANNELS`), or "sd1-width":
@@ -19,7 +19,7 @@ It writes, in OUT_DIR:
   (the real 49,408-token CLIP BPE vocabulary, taken from the installed open_clip package), so nothing is
   downloaded.
 
-Needs, on the module path, the repository's `extension/` folder (for `sdtrt.tiny`) and A1111's
+Needs, on the module path, the repository's `extension/` folder (for `sdtrt.tools.tiny`) and A1111's
 `repositories/stable-diffusion-stability-ai` (for `ldm`); the caller sets PYTHONPATH.
 
 `write_t2i_adapter()` (plain torch + safetensors, callable from the test process) writes a random-weight
@@ -101,8 +101,8 @@ def write_clip_folder(folder: Path) -> None:
 
 
 def unet_spec(layout: str = "sd1") -> Any:
-    """The `sdtrt.unet.UNetSpec` of a UNet layout of UNET_LAYOUTS."""
-    from sdtrt.tiny import TINY, standard_spec
+    """The `sdtrt.models.torch_unet.UNetSpec` of a UNet layout of UNET_LAYOUTS."""
+    from sdtrt.tools.tiny import TINY, standard_spec
 
     if layout == "sd1":
         return TINY["sd1"][0]
@@ -250,14 +250,14 @@ def main() -> None:
     from omegaconf import OmegaConf
     from safetensors.torch import load_file, save_file
 
-    from sdtrt.tiny import write_checkpoint, write_tiny_checkpoint
+    from sdtrt.tools.tiny import write_checkpoint, write_tiny_checkpoint
 
     out: Path = args.out_dir.resolve()
     out.mkdir(parents=True, exist_ok=True)
     clip_folder = out / f"{args.stem}-clip"
     write_clip_folder(clip_folder)
 
-    # The UNet: exactly sdtrt.tiny's (same seed -> same weights), key layout checked strictly below.
+    # The UNet: exactly sdtrt.tools.tiny's (same seed -> same weights), key layout checked strictly below.
     if args.unet == "sd1":
         ckpt = write_tiny_checkpoint("sd1", out, args.seed, stem=args.stem)
     else:

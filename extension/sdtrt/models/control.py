@@ -58,7 +58,7 @@ def level_hw(h: int, w: int, level: int) -> tuple[int, int]:
 
 class _ControlLoop(torch.nn.Module):
     """forward(sample, timesteps, context[, y], control_0.., adapter_0..): the UNet's blocks with the additions
-    described in the module docstring. Works on A1111's LDM/SGM UNet and on `sdtrt.unet.UNetModel` alike."""
+    described in the module docstring. Works on A1111's LDM/SGM UNet and on `sdtrt.models.torch_unet.UNetModel` alike."""
 
     def __init__(self, unet: torch.nn.Module, with_y: bool, n_skips: int, adapter_after: tuple[int, ...]):
         super().__init__()
@@ -69,7 +69,7 @@ class _ControlLoop(torch.nn.Module):
 
     def forward(self, sample: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
                 *rest: torch.Tensor) -> torch.Tensor:
-        from sdtrt.unet import skip_cat, timestep_embedding
+        from sdtrt.models.torch_unet import skip_cat, timestep_embedding
 
         unet = self.model
         y = rest[0] if self.with_y else None

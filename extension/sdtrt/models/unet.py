@@ -46,7 +46,7 @@ class UNetContract(ModelContract):
 
     @classmethod
     def build_module(cls, spec: Any) -> torch.nn.Module:
-        from sdtrt.unet import UNetModel, UNetSpec
+        from sdtrt.models.torch_unet import UNetModel, UNetSpec
 
         if not isinstance(spec, UNetSpec) or (spec.adm_in_channels is not None) != cls.takes_y:
             raise TypeError(f"{cls.name} builds from a UNetSpec {'with' if cls.takes_y else 'without'} a y width")

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdtrt.backends.base import BuildOptions
-from sdtrt.engine_key import validate_engine_id
+from sdtrt.storage.key import validate_engine_id
 from sdtrt.errors import BackendUnavailable, CacheNotWritable, EngineNotFound, ProfileError, SdtrtError
 from sdtrt.engine_types import BackendInfo
-from sdtrt.manifest import Manifest, stale_reason
+from sdtrt.storage.manifest import Manifest, stale_reason
 from sdtrt.models import record_takes_control
 from sdtrt.profiles import Profile
 from sdtrt.targets import parse_targets
@@ -73,7 +73,7 @@ def submit(svc: EngineService, checkpoint: str, profiles: Sequence[str], backend
 
     def work(job: Job, progress: Any) -> dict[str, Any]:
         from sdtrt.backends import get_backend
-        from sdtrt.pipeline import build_engine
+        from sdtrt.pipeline.build import build_engine
 
         chosen = get_backend(backend, targets=aot)
         # the build uses the GPU unless it runs on the CPU: an ONNX Runtime CPU engine, or ahead of time for

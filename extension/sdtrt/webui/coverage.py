@@ -2,7 +2,7 @@
 in the txt2img/img2img tabs).
 
 The request is the body of /sdapi/v1/txt2img or /img2img (override_settings included). Its sampling passes and
-their UNet calls come from `sdtrt.passes`; which SD Unet option each pass gets follows A1111's "Automatic" rule
+their UNet calls come from `sdtrt.serving.passes`; which SD Unet option each pass gets follows A1111's "Automatic" rule
 over the options this service lists for that pass's checkpoint; and each call is routed by the same serving code
 that routes it during the generation (`UnetServer.route`: gate, contract, slot order, profile selection, reasons).
 What else sends a pass to PyTorch is decided where serving decides it: tiling (`foreign`), ControlNet units
@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING, Any
 from sdtrt.constants import LATENT_FACTOR, TOKENS_PER_CHUNK
 from sdtrt.engine_types import RefitMode
 from sdtrt.errors import SdtrtError
-from sdtrt.passes import CallShape, CfgOptions, GenerationSpec, HiresSpec, PassSpec, hires_size, plan_passes
+from sdtrt.serving.passes import CallShape, CfgOptions, GenerationSpec, HiresSpec, PassSpec, hires_size, plan_passes
 from sdtrt.profiles import MAX_PIXELS, MIN_PIXELS, Shape, token_chunks
-from sdtrt.runtime import refit_refusal
+from sdtrt.serving.session import refit_refusal
 from sdtrt.models import NotServable
-from sdtrt.serving import SWITCHED_OFF, Counters, UnetServer, WeightSource
+from sdtrt.serving.server import SWITCHED_OFF, Counters, UnetServer, WeightSource
 from sdtrt.webui import controlnet, foreign
 from sdtrt.webui.host import LABEL_PREFIX, CheckpointRef
 
@@ -307,7 +307,7 @@ class Predictor:
         loaded = self.host.loaded_checkpoint()
         if loaded is not None and loaded.filename == ref.filename:
             return self.svc.loaded_arch()
-        from sdtrt.checkpoint import header_info
+        from sdtrt.pipeline.checkpoint import header_info
 
         try:
             info = header_info(Path(ref.filename), Path(ref.config) if ref.config else None)

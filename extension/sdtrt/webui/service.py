@@ -16,19 +16,19 @@ from typing import Any
 
 import torch
 
-from sdtrt.catalog import BackendProbe, EngineRow, engine_rows
-from sdtrt.engine_key import validate_engine_id
+from sdtrt.serving.catalog import BackendProbe, EngineRow, engine_rows
+from sdtrt.storage.key import validate_engine_id
 from sdtrt.engine_types import RefitMode
 from sdtrt.errors import (
     NoMatchingProfile,
     SdtrtError,
     StaleEngine,
 )
-from sdtrt.manifest import Manifest
+from sdtrt.storage.manifest import Manifest
 from sdtrt.models import CONTROL_KW, ControlFeeds
-from sdtrt.registry import Registry
-from sdtrt.runtime import EngineSession, refit_refusal
-from sdtrt.serving import (
+from sdtrt.storage.registry import Registry
+from sdtrt.serving.session import EngineSession, refit_refusal
+from sdtrt.serving.server import (
     SWITCHED_OFF,
     Counters,
     EngineSlot,
@@ -144,7 +144,7 @@ class EngineService:
 
     # ---- engine table -------------------------------------------------------------------------------------
     def catalog(self) -> list[EngineRow]:
-        """Every engine in the cache and whether it can serve here (see sdtrt.catalog), refusals included."""
+        """Every engine in the cache and whether it can serve here (see sdtrt.serving.catalog), refusals included."""
         return engine_rows(self.registry(), self.probe, self.sessions.refusal)
 
     def engine_rows(self) -> list[dict[str, Any]]:
@@ -167,7 +167,7 @@ class EngineService:
             return None
         if self._arch is not None and self._arch[0] == id(unet):
             return self._arch[1]
-        from sdtrt.families import ConfigHints, detect, read_config
+        from sdtrt.pipeline.families import ConfigHints, detect, read_config
 
         ckpt = host.loaded_checkpoint()
         try:
@@ -184,7 +184,7 @@ class EngineService:
 
     def checkpoint_sha256(self, ref: CheckpointRef) -> str | None:
         """The host's hash when it has one, else the file's (remembered per path, size and mtime)."""
-        from sdtrt.checkpoint import file_sha256
+        from sdtrt.pipeline.checkpoint import file_sha256
 
         if ref.sha256:
             return ref.sha256
@@ -308,7 +308,7 @@ class EngineService:
 
         def load(names: Sequence[str] | None) -> Mapping[str, torch.Tensor]:
             if ref.filename.endswith(".safetensors"):
-                from sdtrt.checkpoint import read_unet_state_dict
+                from sdtrt.pipeline.checkpoint import read_unet_state_dict
 
                 # straight to the GPU when there is one: A1111's LoRA maths then runs there, and the refitter
                 # takes device memory
@@ -594,7 +594,7 @@ def _check_network_files(host: Host) -> None:
     files = getattr(host, "network_files", None)
     if not callable(files):
         return
-    from sdtrt.lora import require_safetensors
+    from sdtrt.pipeline.lora import require_safetensors
 
     for name in files() or ():
         if name:

@@ -341,7 +341,7 @@ def instantiate_from_config(state_dict, checkpoint_config):  # type: ignore[no-u
     from sgm.models.diffusion import DiffusionEngine
     from sgm.modules.diffusionmodules import openaimodel as sgm_openaimodel
 
-    from sdtrt.families import ConfigHints, detect, read_config
+    from sdtrt.pipeline.families import ConfigHints, detect, read_config
 
     prefix = "model.diffusion_model."
     unet_sd = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}

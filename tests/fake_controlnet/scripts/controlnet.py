@@ -34,7 +34,7 @@ import enum
 import torch
 from modules import script_callbacks, scripts
 
-from sdtrt.unet import BasicTransformerBlock, CrossAttention, timestep_embedding
+from sdtrt.models.torch_unet import BasicTransformerBlock, CrossAttention, timestep_embedding
 
 UNITS = 2
 

@@ -18,7 +18,7 @@ under the cache folder only. Identical build requests while one is queued or run
 queue is idempotent); past the queue's cap a build answers 429 (see jobs.JobQueue).
 """
 
-from sdtrt.engine_key import ENGINE_ID_PATTERN
+from sdtrt.storage.key import ENGINE_ID_PATTERN
 from sdtrt.webui.api.guard import EXPOSED_HINT, MAX_BODY_BYTES, parse_api_auth, webui_exposed
 from sdtrt.webui.api.models import BUILD_EXAMPLE
 from sdtrt.webui.api.routes import PREFIX, mount

@@ -12,7 +12,7 @@ from fastapi.security import HTTPBasic
 from starlette.requests import Request
 from starlette.responses import Response
 
-from sdtrt.engine_key import ENGINE_ID_PATTERN
+from sdtrt.storage.key import ENGINE_ID_PATTERN
 from sdtrt.webui.api.guard import (
     HTTP_KINDS,
     MAX_BODY_BYTES,

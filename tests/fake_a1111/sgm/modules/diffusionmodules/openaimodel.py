@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import fake_trace
 
-from sdtrt.unet import UNetModel as _CoreUNet
-from sdtrt.unet import UNetSpec
+from sdtrt.models.torch_unet import UNetModel as _CoreUNet
+from sdtrt.models.torch_unet import UNetSpec
 
 __all__ = ["UNetModel", "UNetSpec"]
 

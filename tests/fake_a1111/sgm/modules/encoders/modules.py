@@ -8,7 +8,7 @@ import fake_clip
 import torch
 from torch import nn
 
-from sdtrt.unet import timestep_embedding
+from sdtrt.models.torch_unet import timestep_embedding
 
 
 class _Embedder(nn.Module):

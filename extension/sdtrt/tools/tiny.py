@@ -22,7 +22,7 @@ from sdtrt.constants import (
     SDXL_REFINER_Y_WIDTH,
     UNET_PREFIX,
 )
-from sdtrt.unet import UNetModel, UNetSpec
+from sdtrt.models.torch_unet import UNetModel, UNetSpec
 
 
 def standard_spec(*, in_channels: int = LATENT_CHANNELS, model_channels: int = 32,

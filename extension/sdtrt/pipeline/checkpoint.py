@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from sdtrt.constants import UNET_PREFIX
 from sdtrt.errors import CheckpointError
-from sdtrt.families import ConfigHints, ModelInfo, detect, read_config
+from sdtrt.pipeline.families import ConfigHints, ModelInfo, detect, read_config
 
 if TYPE_CHECKING:
     import torch

@@ -32,11 +32,11 @@ from sdtrt.errors import (
     StaleEngine,
     UnknownWeights,
 )
-from sdtrt.manifest import Manifest, stale_reason
+from sdtrt.storage.manifest import Manifest, stale_reason
 from sdtrt.models import ModelContract, bind_record
 from sdtrt.profiles import Dims, Profile, TensorRange, select_profile
-from sdtrt.refit import BaseLoader, RefitPlan, WeightTracker
-from sdtrt.registry import Registry
+from sdtrt.pipeline.refit import BaseLoader, RefitPlan, WeightTracker
+from sdtrt.storage.registry import Registry
 
 
 def _check_files(registry: Registry, engine_id: str, backend: Backend, quarantine: bool) -> Manifest:

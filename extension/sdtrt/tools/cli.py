@@ -42,8 +42,8 @@ def _progress(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from sdtrt.checkpoint import build_unet, open_checkpoint
-    from sdtrt.export import ExportSettings, export_unet
+    from sdtrt.pipeline.checkpoint import build_unet, open_checkpoint
+    from sdtrt.pipeline.export import ExportSettings, export_unet
 
     ckpt, sd = open_checkpoint(args.checkpoint, args.config)
     keys = set(sd)
@@ -65,7 +65,7 @@ def _parse_profiles(specs: Sequence[str]) -> list[Any]:
 
 def cmd_build(args: argparse.Namespace) -> int:
     from sdtrt.backends.base import BuildOptions
-    from sdtrt.pipeline import build_engine
+    from sdtrt.pipeline.build import build_engine
 
     from sdtrt.targets import parse_targets
 
@@ -83,8 +83,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from sdtrt.catalog import BackendProbe, engine_rows
-    from sdtrt.registry import Registry
+    from sdtrt.serving.catalog import BackendProbe, engine_rows
+    from sdtrt.storage.registry import Registry
 
     rows = []
     for row in engine_rows(Registry(args.cache), BackendProbe()):
@@ -111,7 +111,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    from sdtrt.registry import Registry
+    from sdtrt.storage.registry import Registry
 
     Registry(args.cache).delete(args.id)
     _emit(args, {"deleted": args.id}, f"deleted {args.id}")
@@ -119,7 +119,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    from sdtrt.registry import Registry
+    from sdtrt.storage.registry import Registry
 
     removed = Registry(args.cache).cleanup(max_age_s=args.older_than)
     _emit(args, {"cache": str(args.cache), "removed": removed},
@@ -135,8 +135,8 @@ def _check_text(rows: Sequence[Any]) -> str:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from sdtrt.check import check_engine
-    from sdtrt.lora import LoraSpec
+    from sdtrt.tools.check import check_engine
+    from sdtrt.pipeline.lora import LoraSpec
     from sdtrt.profiles import Shape
 
     rows = check_engine(args.cache, args.id, args.checkpoint, [Shape.parse(s) for s in args.shape],
@@ -148,11 +148,11 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from sdtrt.bench import format_refit, refit_bench, to_dicts
+    from sdtrt.tools.bench import format_refit, refit_bench, to_dicts
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.what == "build":
-        from sdtrt.bench_build import build_bench, format_build, to_dict
+        from sdtrt.tools.bench_build import build_bench, format_build, to_dict
         from sdtrt.targets import parse_targets
 
         targets = parse_targets(args.target or "sm89")
@@ -165,7 +165,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         rows = [refit_bench(f, rank=args.rank, device=device) for f in (args.family or ["sd15", "sdxl"])]
         _emit(args, {"refit": to_dicts(rows)}, format_refit(rows))
         return 0
-    from sdtrt.bench import (
+    from sdtrt.tools.bench import (
         LATENCY_MODELS,
         controlnet_bench,
         format_controlnet,
@@ -196,7 +196,7 @@ DEMO_SHAPES = ("1x64x64x75", "2x136x200x150", "4x256x248x75")
 
 
 def cmd_runbook(args: argparse.Namespace) -> int:
-    from sdtrt.runbook import TOTAL_S, run
+    from sdtrt.tools.runbook import TOTAL_S, run
 
     report = run(args.out, args.wheels, dry_run=args.dry_run, total_s=args.total_seconds or TOTAL_S,
                  log=lambda line: print(line, file=sys.stderr))
@@ -206,10 +206,10 @@ def cmd_runbook(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from sdtrt.check import check_engine
-    from sdtrt.pipeline import build_engine
+    from sdtrt.tools.check import check_engine
+    from sdtrt.pipeline.build import build_engine
     from sdtrt.profiles import Profile, Shape
-    from sdtrt.tiny import write_tiny_checkpoint
+    from sdtrt.tools.tiny import write_tiny_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="sdtrt-demo-") as tmp:
         work = Path(args.out) if args.out else Path(tmp)

@@ -19,12 +19,12 @@ from types import SimpleNamespace
 
 import torch
 
-from sdtrt.check import timed_samples
+from sdtrt.tools.check import timed_samples
 from sdtrt.constants import SD1_CONTEXT_DIM, SDXL_BASE_CONTEXT_DIM, SDXL_BASE_Y_WIDTH
-from sdtrt.lora import LoraSpec, lora_weights
-from sdtrt.refit import WeightTracker
-from sdtrt.tiny import standard_spec, write_checkpoint
-from sdtrt.unet import UNetModel, UNetSpec
+from sdtrt.pipeline.lora import LoraSpec, lora_weights
+from sdtrt.pipeline.refit import WeightTracker
+from sdtrt.tools.tiny import standard_spec, write_checkpoint
+from sdtrt.models.torch_unet import UNetModel, UNetSpec
 
 #: Full-size UNets as their LDM/SGM configs lay them out.
 FULL_SPECS: dict[str, UNetSpec] = {
@@ -211,7 +211,7 @@ def _xformers_attention() -> Callable[..., torch.Tensor] | None:
 
 
 def _with_attention(fn: Callable[[], object], attention: Callable[..., torch.Tensor]) -> Callable[[], object]:
-    from sdtrt.export import swapped_attention
+    from sdtrt.pipeline.export import swapped_attention
 
     def call() -> object:
         with swapped_attention(attention):
@@ -243,12 +243,12 @@ def _interleaved(fns: Mapping[str, Callable[[], object]], repeats: int, device: 
 def latency_bench(model: str, batch: int, work: Path, *, backend: str = "auto", repeats: int = 10
                   ) -> LatencyRow:
     from sdtrt.backends import backend_class
-    from sdtrt.checkpoint import build_unet, open_checkpoint
-    from sdtrt.pipeline import build_engine
+    from sdtrt.pipeline.checkpoint import build_unet, open_checkpoint
+    from sdtrt.pipeline.build import build_engine
     from sdtrt.profiles import Profile, Shape
-    from sdtrt.registry import Registry
-    from sdtrt.runtime import EngineSession, engine_contract
-    from sdtrt.serving import Counters, EngineSlot, UnetServer
+    from sdtrt.storage.registry import Registry
+    from sdtrt.serving.session import EngineSession, engine_contract
+    from sdtrt.serving.server import Counters, EngineSlot, UnetServer
 
     spec, pixels = LATENCY_MODELS[model]
     ckpt = write_checkpoint(spec, work / model, "bench-0")
@@ -343,11 +343,11 @@ class ControlNetRow:
 
 def controlnet_bench(model: str, batch: int, work: Path, *, backend: str = "auto", repeats: int = 10
                      ) -> ControlNetRow:
-    from sdtrt.checkpoint import build_unet, open_checkpoint
-    from sdtrt.pipeline import build_engine
+    from sdtrt.pipeline.checkpoint import build_unet, open_checkpoint
+    from sdtrt.pipeline.build import build_engine
     from sdtrt.profiles import Profile, Shape
-    from sdtrt.registry import Registry
-    from sdtrt.runtime import EngineSession, engine_contract
+    from sdtrt.storage.registry import Registry
+    from sdtrt.serving.session import EngineSession, engine_contract
 
     spec, pixels = LATENCY_MODELS[model]
     ckpt = write_checkpoint(spec, work / f"{model}-cn", "bench-0")

@@ -9,13 +9,13 @@ import stat
 import time
 from typing import TYPE_CHECKING
 
-from sdtrt.engine_key import ENGINE_DIR_RE
+from sdtrt.storage.key import ENGINE_DIR_RE
 from sdtrt.errors import EngineNotFound, InvalidEngineId
 from sdtrt.fsutil import FileLock, fsync_dir
-from sdtrt.lease import host_name, pid_alive
+from sdtrt.storage.lease import host_name, pid_alive
 
 if TYPE_CHECKING:
-    from sdtrt.registry import Registry
+    from sdtrt.storage.registry import Registry
 
 #: `.tmp-<id>-<host>-<pid>-<rnd>`: a build (or delete) in progress, or what a killed one left behind.
 TMP_RE = re.compile(r"^\.tmp-(?P<id>.+)-(?P<host>[A-Za-z0-9_.]+)-(?P<pid>\d+)-(?P<rnd>[0-9a-f]+)$")

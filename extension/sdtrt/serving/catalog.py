@@ -11,9 +11,9 @@ from typing import Any
 from sdtrt.backends import backend_class
 from sdtrt.engine_types import BackendInfo
 from sdtrt.errors import SdtrtError
-from sdtrt.manifest import Manifest, stale_reason
+from sdtrt.storage.manifest import Manifest, stale_reason
 from sdtrt.models import record_takes_control
-from sdtrt.registry import Registry
+from sdtrt.storage.registry import Registry
 
 
 class BackendProbe:

@@ -47,7 +47,7 @@ def _phase(args: Sequence[str], timeout: float) -> tuple[float, float | None, di
     peak: float | None = None
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         start = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "sdtrt.bench_build", *args], stdout=out, stderr=err, env=env)
+        proc = subprocess.Popen([sys.executable, "-m", "sdtrt.tools.bench_build", *args], stdout=out, stderr=err, env=env)
         try:
             if hasattr(os, "wait4"):
                 while True:
@@ -88,7 +88,7 @@ def _phase(args: Sequence[str], timeout: float) -> tuple[float, float | None, di
 def build_bench(model: str, work: Path, *, targets: Sequence[str] = ("sm89",), dtype: str = "float16",
                 timeout: float = 3600) -> BuildBenchRow:
     """Checkpoint (not measured), export (measured), ahead-of-time build (measured) of one full-size model."""
-    from sdtrt.bench import LATENCY_MODELS
+    from sdtrt.tools.bench import LATENCY_MODELS
 
     if model not in LATENCY_MODELS:
         raise SdtrtError(f"unknown model {model!r}; choose from {', '.join(LATENCY_MODELS)}")
@@ -141,8 +141,8 @@ def _write_checkpoint(model: str, path: Path) -> dict[str, Any]:
     import torch
     from safetensors import safe_open
 
-    from sdtrt.bench import LATENCY_MODELS
-    from sdtrt.tiny import write_checkpoint
+    from sdtrt.tools.bench import LATENCY_MODELS
+    from sdtrt.tools.tiny import write_checkpoint
 
     path = write_checkpoint(LATENCY_MODELS[model][0], path.parent, path.stem, dtype=torch.float16)
     with safe_open(str(path), "pt") as f:
@@ -158,8 +158,8 @@ def _numel(shape: Sequence[int]) -> int:
 
 def _export(ckpt: Path, out: Path, dtype: str) -> dict[str, Any]:
     """What a build's export does (pipeline.build_engine's first half)."""
-    from sdtrt.checkpoint import build_unet, open_checkpoint
-    from sdtrt.export import ExportSettings, export_unet, onnx_files
+    from sdtrt.pipeline.checkpoint import build_unet, open_checkpoint
+    from sdtrt.pipeline.export import ExportSettings, export_unet, onnx_files
 
     checkpoint, sd = open_checkpoint(ckpt)
     keys = set(sd)

@@ -26,7 +26,7 @@ from sdtrt.constants import (
 )
 from sdtrt.errors import CheckpointError, UnknownArchitecture
 from sdtrt.models import LdmUNet, ModelContract, SgmUNet, TensorIO
-from sdtrt.unet import UNetSpec
+from sdtrt.models.torch_unet import UNetSpec
 
 
 @dataclass(frozen=True)

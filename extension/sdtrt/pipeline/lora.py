@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from sdtrt.errors import SdtrtError
-from sdtrt.refit import BaseLoader, merge
+from sdtrt.pipeline.refit import BaseLoader, merge
 
 UNET_KEY_PREFIX = "lora_unet_"
 TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")
@@ -115,7 +115,7 @@ def read_lora(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from sdtrt.checkpoint import check_safetensors
+    from sdtrt.pipeline.checkpoint import check_safetensors
 
     path = require_safetensors(path)
     try:

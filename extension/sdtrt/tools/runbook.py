@@ -86,11 +86,11 @@ def baseline(model: str, device: str, repeats: int, warmup: int = 3) -> dict[str
     """Median ms per UNet call of a random-weight UNet (CFG batch 2, SDPA, fp16 on a GPU) and peak memory."""
     import torch
 
-    from sdtrt.bench import LATENCY_MODELS
+    from sdtrt.tools.bench import LATENCY_MODELS
     from sdtrt.models import LdmUNet, SgmUNet, TensorIO, bind
     from sdtrt.profiles import Shape
-    from sdtrt.tiny import randomize_
-    from sdtrt.unet import UNetModel
+    from sdtrt.tools.tiny import randomize_
+    from sdtrt.models.torch_unet import UNetModel
 
     spec, pixels = LATENCY_MODELS[model]
     dtype = torch.float16 if device == "cuda" else torch.float32
@@ -156,10 +156,10 @@ def _attempt(work: Path, out: dict[str, Any]) -> None:
         return
     if out["unavailable"] is not None:
         return
-    from sdtrt.check import check_engine
-    from sdtrt.pipeline import build_engine
+    from sdtrt.tools.check import check_engine
+    from sdtrt.pipeline.build import build_engine
     from sdtrt.profiles import Profile, Shape
-    from sdtrt.tiny import write_tiny_checkpoint
+    from sdtrt.tools.tiny import write_tiny_checkpoint
 
     ckpt = write_tiny_checkpoint("sd1", work)
     out["stage"] = "build"
@@ -240,7 +240,7 @@ def run(out_dir: Path, wheels: Path | None = None, *, dry_run: bool = False,
 
     def in_child(name: str, *args: str) -> Any:
         """A step of this module run in a child process, so that its budget holds even if it hangs."""
-        done = _child([sys.executable, "-m", "sdtrt.runbook", name, *args], left(name), env, repo)
+        done = _child([sys.executable, "-m", "sdtrt.tools.runbook", name, *args], left(name), env, repo)
         if "json" not in done:
             raise RuntimeError(f"{name} gave no result: {done.get('skipped') or done.get('timed_out_s') and 'timed out'}"
                                f" {done.get('output', '')[-1500:]}")
@@ -269,7 +269,7 @@ def _write(out_dir: Path, report: dict[str, Any]) -> None:
 
 
 def _step_main(argv: Sequence[str]) -> None:
-    """`python -m sdtrt.runbook STEP ARGS`: one step in a child process, its result as one JSON line."""
+    """`python -m sdtrt.tools.runbook STEP ARGS`: one step in a child process, its result as one JSON line."""
     name, *args = argv
     if name == "baselines":
         device = args[0]

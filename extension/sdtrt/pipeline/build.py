@@ -12,14 +12,14 @@ from pathlib import Path
 
 from sdtrt.backends import get_backend
 from sdtrt.backends.base import Backend, BackendInfo, BuildOptions, BuildResult, ProgressCallback, no_progress
-from sdtrt.checkpoint import build_unet, file_sha256, open_checkpoint
-from sdtrt.engine_key import EngineKey
+from sdtrt.pipeline.checkpoint import build_unet, file_sha256, open_checkpoint
+from sdtrt.storage.key import EngineKey
 from sdtrt.engine_types import RefitMode, WeightsMode
-from sdtrt.export import DTYPES, ExportSettings, export_unet, trace_device
-from sdtrt.families import ModelInfo
-from sdtrt.manifest import Manifest
+from sdtrt.pipeline.export import DTYPES, ExportSettings, export_unet, trace_device
+from sdtrt.pipeline.families import ModelInfo
+from sdtrt.storage.manifest import Manifest
 from sdtrt.profiles import Profile
-from sdtrt.registry import Registry
+from sdtrt.storage.registry import Registry
 
 
 def default_dtype(info: BackendInfo) -> str:
@@ -29,7 +29,7 @@ def default_dtype(info: BackendInfo) -> str:
         return "float32"
     import torch
 
-    from sdtrt.export import cpu_computes
+    from sdtrt.pipeline.export import cpu_computes
 
     return "float16" if cpu_computes(torch.float16) or torch.cuda.is_available() else "float32"
 

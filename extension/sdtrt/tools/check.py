@@ -11,13 +11,13 @@ from pathlib import Path
 
 import torch
 
-from sdtrt.checkpoint import build_unet, file_sha256, open_checkpoint
+from sdtrt.pipeline.checkpoint import build_unet, file_sha256, open_checkpoint
 from sdtrt.errors import NoMatchingProfile, SdtrtError
-from sdtrt.export import DTYPES
-from sdtrt.lora import LoraSpec
+from sdtrt.pipeline.export import DTYPES
+from sdtrt.pipeline.lora import LoraSpec
 from sdtrt.profiles import Shape
-from sdtrt.registry import Registry
-from sdtrt.runtime import EngineSession
+from sdtrt.storage.registry import Registry
+from sdtrt.serving.session import EngineSession
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ def check_engine(cache: Path, engine_id: str, checkpoint: Path, shapes: Sequence
             )
         session.load_weights(sd, file_sha256(ckpt.path))
         if loras:
-            from sdtrt.lora import lora_weights, read_lora
+            from sdtrt.pipeline.lora import lora_weights, read_lora
 
             def base(names: Sequence[str]) -> dict[str, torch.Tensor]:
                 return {n: sd[n] for n in names if n in sd}

@@ -17,11 +17,11 @@ from typing import Any
 import torch
 
 from sdtrt.errors import NoMatchingProfile, SdtrtError
-from sdtrt.manifest import Manifest
+from sdtrt.storage.manifest import Manifest
 from sdtrt.models import NotServable
 from sdtrt.profiles import Dims, Profile, TensorRange, select_profile
-from sdtrt.refit import BaseLoader
-from sdtrt.runtime import EngineBusy, EngineClosed, EngineSession, engine_contract, refit_refusal
+from sdtrt.pipeline.refit import BaseLoader
+from sdtrt.serving.session import EngineBusy, EngineClosed, EngineSession, engine_contract, refit_refusal
 
 log = logging.getLogger("sdtrt")
 #: Distinct fallback reasons kept in the counters (a long-running server sees many sizes).

@@ -19,8 +19,8 @@ heartbeat *changes*, measured on the waiter's monotonic clock, so clocks that di
 a live build look dead. sha256 in the manifest detects corruption, not tampering: anyone who can
 write to the cache can run code in every replica.
 
-Its parts live beside it: sdtrt.engine_key (keys and ids), sdtrt.manifest (what a published engine vouches
-for), sdtrt.lease (heartbeat and liveness of builds) and sdtrt.cache_cleanup (garbage collection).
+Its parts live beside it: sdtrt.storage.key (keys and ids), sdtrt.storage.manifest (what a published engine vouches
+for), sdtrt.storage.lease (heartbeat and liveness of builds) and sdtrt.storage.cleanup (garbage collection).
 """
 
 from __future__ import annotations
@@ -37,14 +37,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from sdtrt import cache_cleanup
+from sdtrt.storage import cleanup as cache_cleanup
 from sdtrt.constants import CACHE_ENV
-from sdtrt.engine_key import ENGINE_DIR_RE, EngineKey, check_str, json_copy, require_dict, validate_engine_id
+from sdtrt.storage.key import ENGINE_DIR_RE, EngineKey, check_str, json_copy, require_dict, validate_engine_id
 from sdtrt.engine_types import BackendInfo, BuildResult, ProgressCallback
 from sdtrt.errors import BuildError, CacheNotWritable, EngineNotFound, ManifestError, SdtrtError, StaleEngine
 from sdtrt.fsutil import FileLock, atomic_write_bytes, fsync_dir, read_regular_file, sha256_and_size
-from sdtrt.lease import DEFAULT_LEASE_S, DEFAULT_LOCK_TIMEOUT_S, Heartbeat, Liveness, host_name
-from sdtrt.manifest import (
+from sdtrt.storage.lease import DEFAULT_LEASE_S, DEFAULT_LOCK_TIMEOUT_S, Heartbeat, Liveness, host_name
+from sdtrt.storage.manifest import (
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
     EngineStatus,
@@ -532,7 +532,7 @@ class Registry:
         raise BuildError(f"could not publish {engine_id}: {final} keeps being replaced by invalid content")
 
     def cleanup(self, max_age_s: float = 3600.0) -> list[str]:
-        """One garbage-collection pass; returns the names removed (see sdtrt.cache_cleanup.cleanup)."""
+        """One garbage-collection pass; returns the names removed (see sdtrt.storage.cleanup.cleanup)."""
         return cache_cleanup.cleanup(self, max_age_s)
 
     def list(self, current: BackendInfo | None = None) -> list[EngineStatus]:
