@@ -194,8 +194,8 @@ def _qualname(frame: Any) -> str:
 
 
 def where(frame: Any) -> str:
-    """The chain of sdtrt and fake-backend functions on the stack at `frame`, from Registry.build (or the
-    outermost one) down: 'Registry.build > Registry._build_new > Registry._seal'. Shows which phase of a build a
+    """The chain of sdtrt and fake-backend functions on the stack at `frame`, from Publisher.build (or the
+    outermost one) down: 'Publisher.build > Publisher._build_new > Publisher._seal'. Shows which phase of a build a
     fault or kill hit."""
     chain = []
     while frame is not None:
@@ -204,8 +204,8 @@ def where(frame: Any) -> str:
             chain.append(_qualname(frame))
         frame = frame.f_back
     chain.reverse()
-    if "Registry.build" in chain:
-        chain = chain[chain.index("Registry.build") :]
+    if "Publisher.build" in chain:
+        chain = chain[chain.index("Publisher.build") :]
     return " > ".join(chain) or "?"
 
 

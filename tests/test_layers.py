@@ -1,6 +1,7 @@
-"""The product's import graph: no cycles, the core never imports the WebUI side, storage never imports the backend
-interface, and the core stays importable without A1111 (read from the source with ast, imports under
-`if TYPE_CHECKING:` left out since they never run)."""
+"""The product's shape: its import graph has no cycles (imports made only for annotations, under `if TYPE_CHECKING:`,
+count too: a cycle there is a cycle in the design), the core never imports the WebUI side, storage never imports the
+backend interface, the core stays importable without A1111, the core is grouped into packages by job (few modules
+left at the top) and no product file grows past a size one can read (all read from the source with ast)."""
 
 from __future__ import annotations
 
@@ -20,12 +21,12 @@ def _modules() -> dict[str, Path]:
     return out
 
 
-def _runtime_imports(tree: ast.AST) -> list[ast.AST]:
-    """Import nodes outside `if TYPE_CHECKING:` blocks."""
+def _imports(tree: ast.AST, *, annotations: bool = True) -> list[ast.AST]:
+    """Import nodes; with annotations=False those under `if TYPE_CHECKING:` (which never run) are left out."""
     found: list[ast.AST] = []
 
     def visit(node: ast.AST) -> None:
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+        if not annotations and isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
             for child in node.orelse:
                 visit(child)
             return
@@ -38,7 +39,7 @@ def _runtime_imports(tree: ast.AST) -> list[ast.AST]:
     return found
 
 
-def import_graph() -> dict[str, set[str]]:
+def import_graph(*, annotations: bool = True) -> dict[str, set[str]]:
     modules = _modules()
 
     def resolve(name: str) -> str | None:
@@ -49,7 +50,7 @@ def import_graph() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
         deps: set[str] = set()
-        for node in _runtime_imports(ast.parse(path.read_text(encoding="utf-8"))):
+        for node in _imports(ast.parse(path.read_text(encoding="utf-8")), annotations=annotations):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "sdtrt":
                 for alias in node.names:
                     target = resolve(f"{node.module}.{alias.name}") or resolve(node.module)
@@ -102,7 +103,7 @@ def test_the_checker_finds_a_cycle_and_a_layer_break() -> None:
     assert cycles({"a": {"b"}, "b": set()}) == []
 
 
-def test_no_import_cycles() -> None:
+def test_no_import_cycles_not_even_for_annotations() -> None:
     assert cycles(import_graph()) == []
 
 
@@ -122,8 +123,41 @@ def test_storage_does_not_import_the_backend_interface() -> None:
 
 
 def test_every_core_module_imports_without_a1111_or_a_gpu() -> None:
-    names = sorted(m for m in import_graph() if not m.startswith("sdtrt.webui") and m != "sdtrt.__main__")
+    names = sorted(m for m in import_graph(annotations=False) if not m.startswith("sdtrt.webui") and m != "sdtrt.__main__")
     code = ("import sys; " + "; ".join(f"import {n}" for n in names) +
             "; bad = [m for m in sys.modules if m.split('.')[0] in ('modules', 'gradio', 'fastapi')]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=PACKAGE.parent, timeout=300)
+
+
+#: The core's packages, one job each; everything else at the top is a shared leaf (constants, errors, profiles...).
+PACKAGES = {"backends", "models", "pipeline", "serving", "storage", "tools", "webui"}
+
+
+def test_the_core_is_grouped_by_job() -> None:
+    top = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert len(top) <= 12, top
+    packages = sorted(p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists())
+    assert set(packages) == PACKAGES, packages
+
+
+def test_the_storage_layer_uses_no_private_name_of_another_module() -> None:
+    """Cleanup, publishing and the registry talk through public calls (no `registry._probe()` from cleanup)."""
+    storage = PACKAGE / "storage"
+    found = []
+    for path in storage.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                    and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))):
+                found.append(f"{path.name}:{node.lineno} .{node.attr}")
+    assert found == []
+
+
+MAX_LINES = 400
+
+
+def test_no_product_file_is_longer_than_one_can_read() -> None:
+    files = [*PACKAGE.rglob("*.py"), *(PACKAGE.parents[1] / "scripts").glob("*.py")]
+    long = {str(p.relative_to(PACKAGE.parents[1])): n for p in files
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
+    assert long == {}

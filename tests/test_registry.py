@@ -24,7 +24,8 @@ EXT = Path(__file__).resolve().parents[1] / "extension"
 if str(EXT) not in sys.path:
     sys.path.insert(0, str(EXT))
 
-from sdtrt.storage import registry as registry_mod
+from sdtrt.storage import inspection as inspection_mod
+from sdtrt.storage import publish as publish_mod
 from sdtrt.backends.base import BackendInfo, BuildResult
 from sdtrt.storage.key import EngineKey, validate_engine_id
 from sdtrt.errors import (
@@ -242,7 +243,7 @@ def test_list_does_not_hash(reg: Registry, built: Manifest, monkeypatch: pytest.
     def boom(path: Any) -> Any:
         raise AssertionError("list() must not hash engine files")
 
-    monkeypatch.setattr(registry_mod, "sha256_and_size", boom)
+    monkeypatch.setattr(inspection_mod, "sha256_and_size", boom)
     assert [s.ok for s in reg.list()] == [True]
     assert reg.status(built.id).ok
 
@@ -511,9 +512,9 @@ def test_io_error_while_publishing_publishes_nothing(
         raise OSError(28, "No space left on device")
 
     if target == "rename":
-        monkeypatch.setattr(registry_mod.os, "rename", fail)
+        monkeypatch.setattr(publish_mod.os, "rename", fail)
     else:
-        monkeypatch.setattr(registry_mod, target, fail)
+        monkeypatch.setattr(publish_mod, target, fail)
     with pytest.raises(BuildError, match="No space left") as info:
         reg.build(make_key(), SOURCE, fake_produce())
     assert isinstance(info.value.__cause__, OSError)

@@ -209,12 +209,12 @@ def _g2_child(cache: str, kill_at: int | None, note: str, noop_lock: bool, chunk
 
 
 def _stratum(chain: str) -> str:
-    """'Registry.build > Registry._build_new > atomic_write_bytes > write_all > x' -> the first four names."""
+    """'Publisher.build > Publisher._build_new > atomic_write_bytes > write_all > x' -> the first four names."""
     return " > ".join(p.rsplit(".", 1)[-1] for p in chain.split(" > ")[:4])
 
 
 def _phase(chain: str) -> str:
-    """'Registry.build > Registry._build_new > Registry._seal > sha256_and_size' -> '_build_new > _seal'."""
+    """'Publisher.build > Publisher._build_new > Publisher._seal > sha256_and_size' -> '_build_new > _seal'."""
     return " > ".join(_stratum(chain).split(" > ")[1:3]) or "build"
 
 
@@ -225,7 +225,7 @@ def test_sigkill_at_random_points_never_exposes_partial_state(tmp_path: Path, ca
     chunks, pause = 6, 0.002
     note = str(tmp_path / "note")
     # Calibrate: the phase of every profiler event of one build, and an unkilled child's lifetime (for timers).
-    # Kill points are stratified: a phase (the first four functions down from Registry.build) is drawn uniformly,
+    # Kill points are stratified: a phase (the first four functions down from Publisher.build) is drawn uniformly,
     # then an event inside it, so the few events of publishing get as many kills as the many of JSON encoding.
     calib = tmp_path / "calib"
     p = CTX.Process(target=_g2_child, args=(str(calib), 0, note, False, chunks, pause))

@@ -758,7 +758,7 @@ def injection_points(host: LoraHost) -> dict[str, list[Point]]:
     import sdtrt.pipeline.checkpoint
     import sdtrt.pipeline.families
     import sdtrt.pipeline.refit
-    import sdtrt.storage.registry
+    import sdtrt.storage.publish
     from sdtrt.backends.ort import OrtBackend, OrtRunner
 
     onnx_load = Point("onnx.load", onnx, "load")
@@ -972,20 +972,18 @@ def test_injected_swap_and_refit_failures_leave_the_previous_unet_serving(
 
 # ---- G6, builds: a failed build or export leaves the active engine serving ------------------------------------------
 def build_points() -> list[Point]:
-    import sdtrt.pipeline.export
+    import sdtrt.fsutil
     import sdtrt.pipeline.build
-    import sdtrt.storage.registry
+    import sdtrt.storage.publish
     from sdtrt.backends.ort import OrtBackend
 
     points = [Point("pipeline.export_unet", sdtrt.pipeline.build, "export_unet"),
               Point("torch.onnx.export", torch.onnx, "export"),
               Point("OrtBackend.build", OrtBackend, "build"),
-              Point("export.copy_onnx", sdtrt.pipeline.export, "copy_onnx")]
+              Point("fsutil.copy_onnx", sdtrt.fsutil, "copy_onnx")]
     for attr in ("_seal", "_publish"):
-        if hasattr(sdtrt.storage.registry.Registry, attr):
-            points.append(Point(f"Registry.{attr}", sdtrt.storage.registry.Registry, attr))
-    if hasattr(sdtrt.storage.registry, "atomic_write_bytes"):
-        points.append(Point("registry.atomic_write_bytes (manifest)", sdtrt.storage.registry, "atomic_write_bytes"))
+        points.append(Point(f"Publisher.{attr}", sdtrt.storage.publish.Publisher, attr))
+    points.append(Point("publish.atomic_write_bytes (manifest)", sdtrt.storage.publish, "atomic_write_bytes"))
     return points
 
 

@@ -12,6 +12,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import shutil
 import stat
 import tempfile
 import time
@@ -264,3 +265,22 @@ class FileLock:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.release()
+
+
+def onnx_files(onnx_path: Path) -> list[Path]:
+    """The ONNX file and its external data file, if any."""
+    data = onnx_path.with_name(onnx_path.name + ".data")
+    return [onnx_path] + ([data] if data.exists() else [])
+
+
+def copy_onnx(onnx_path: Path, dest_dir: Path) -> list[str]:
+    """Copy (hard-link when possible) an exported ONNX and its data into `dest_dir`; returns file names."""
+    names = []
+    for src in onnx_files(onnx_path):
+        dst = Path(dest_dir) / src.name
+        try:
+            dst.hardlink_to(src)
+        except OSError:
+            shutil.copy2(src, dst)
+        names.append(src.name)
+    return names

@@ -157,7 +157,7 @@ class OrtBackend(Backend):
 
     def build(self, onnx_path: Path, profiles: Sequence[EngineProfile], out_dir: Path, options: BuildOptions,
               progress: ProgressCallback = no_progress) -> BuildResult:
-        from sdtrt.pipeline.export import copy_onnx
+        from sdtrt.fsutil import copy_onnx
 
         progress("build", 0.0)
         files = copy_onnx(onnx_path, out_dir)

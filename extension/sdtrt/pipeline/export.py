@@ -290,22 +290,3 @@ def _np_dtype(data_type: int) -> Any:
     import numpy as np
 
     return np.dtype(onnx.mapping.TENSOR_TYPE_TO_NP_TYPE[data_type])
-
-
-def onnx_files(onnx_path: Path) -> list[Path]:
-    """The ONNX file and its external data file, if any."""
-    data = onnx_path.with_name(onnx_path.name + ".data")
-    return [onnx_path] + ([data] if data.exists() else [])
-
-
-def copy_onnx(onnx_path: Path, dest_dir: Path) -> list[str]:
-    """Copy (hard-link when possible) an exported ONNX and its data into `dest_dir`; returns file names."""
-    names = []
-    for src in onnx_files(onnx_path):
-        dst = Path(dest_dir) / src.name
-        try:
-            dst.hardlink_to(src)
-        except OSError:
-            shutil.copy2(src, dst)
-        names.append(src.name)
-    return names

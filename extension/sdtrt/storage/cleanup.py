@@ -7,28 +7,25 @@ import re
 import shutil
 import stat
 import time
-from typing import TYPE_CHECKING
-
 from sdtrt.storage.key import ENGINE_DIR_RE
 from sdtrt.errors import EngineNotFound, InvalidEngineId
 from sdtrt.fsutil import FileLock, fsync_dir
+from sdtrt.storage.inspection import inspect
+from sdtrt.storage.layout import CacheLayout, SideKind
 from sdtrt.storage.lease import host_name, pid_alive
-
-if TYPE_CHECKING:
-    from sdtrt.storage.registry import Registry
 
 #: `.tmp-<id>-<host>-<pid>-<rnd>`: a build (or delete) in progress, or what a killed one left behind.
 TMP_RE = re.compile(r"^\.tmp-(?P<id>.+)-(?P<host>[A-Za-z0-9_.]+)-(?P<pid>\d+)-(?P<rnd>[0-9a-f]+)$")
 
 
-def _fs_now(registry: Registry) -> float:
+def _fs_now(layout: CacheLayout) -> float:
     """The file system's clock, from a probe folder's mtime (what heartbeats of any host are stamped with);
     this host's clock when the cache cannot be written."""
-    _, stamp = registry._probe()
+    _, stamp = layout.probe()
     return time.time() if stamp is None else stamp
 
 
-def cleanup(registry: Registry, max_age_s: float = 3600.0) -> list[str]:
+def cleanup(layout: CacheLayout, max_age_s: float = 3600.0) -> list[str]:
     """One garbage-collection pass. Returns the names removed. Removes:
 
     - temp folders of builds (or deletes) that died: untouched for `max_age_s` (a live build touches its
@@ -40,18 +37,18 @@ def cleanup(registry: Registry, max_age_s: float = 3600.0) -> list[str]:
     build look old. Quarantined engines, damaged engines (build() quarantines them), lock files and anything
     not named like an engine are kept. Never raises for a file it cannot remove (read-only cache)."""
     try:
-        names = os.listdir(registry.root)
+        names = os.listdir(layout.root)
     except (FileNotFoundError, NotADirectoryError):
         return []
     removed: list[str] = []
-    now, host = _fs_now(registry), host_name()
+    now, host = _fs_now(layout), host_name()
     for name in sorted(names):
         m = TMP_RE.match(name)
         if m is None:
-            if ENGINE_DIR_RE.match(name) and ".." not in name and _remove_orphan(registry, name, now, max_age_s):
+            if ENGINE_DIR_RE.match(name) and ".." not in name and _remove_orphan(layout, name, now, max_age_s):
                 removed.append(name)
             continue
-        path = registry.root / name
+        path = layout.root / name
         try:
             st = os.lstat(path)
         except FileNotFoundError:
@@ -60,7 +57,7 @@ def cleanup(registry: Registry, max_age_s: float = 3600.0) -> list[str]:
             continue
         if m["host"] == host and pid_alive(int(m["pid"])):
             continue
-        if _lock_held(registry, m["id"]):
+        if _lock_held(layout, m["id"]):
             continue
         if stat.S_ISDIR(st.st_mode):
             shutil.rmtree(path, ignore_errors=True)
@@ -73,22 +70,22 @@ def cleanup(registry: Registry, max_age_s: float = 3600.0) -> list[str]:
             removed.append(name)
     if removed:
         try:
-            fsync_dir(registry.root)
+            fsync_dir(layout.root)
         except OSError:
             pass  # the removals happened; durability of a removal is not worth failing the pass for
     return removed
 
 
-def _remove_orphan(registry: Registry, engine_id: str, now: float, grace_s: float) -> bool:
+def _remove_orphan(layout: CacheLayout, engine_id: str, now: float, grace_s: float) -> bool:
     """Remove an orphan engine folder once nothing in it changed for `grace_s` (mtime and ctime of the folder
     and its entries: a copy in progress, even one preserving mtimes, keeps the ctime fresh)."""
     try:
-        r = registry._inspect(engine_id, deep=False)
+        r = inspect(layout, engine_id, deep=False)
     except (EngineNotFound, OSError):
         return False
     if not r.orphan or not r.inode:
         return False
-    d = registry.engine_dir(engine_id)
+    d = layout.engine_dir(engine_id)
     try:
         newest = max(os.lstat(d).st_mtime, os.lstat(d).st_ctime)
         with os.scandir(d) as it:
@@ -99,7 +96,7 @@ def _remove_orphan(registry: Registry, engine_id: str, now: float, grace_s: floa
         return False
     if now - newest < grace_s:
         return False
-    gone = registry._side_dir("tmp", engine_id)
+    gone = layout.side_dir(SideKind.TMP, engine_id)
     try:
         if os.lstat(d).st_ino != r.inode:
             return False
@@ -120,12 +117,12 @@ def _remove_orphan(registry: Registry, engine_id: str, now: float, grace_s: floa
     return True
 
 
-def _lock_held(registry: Registry, engine_id: str) -> bool:
+def _lock_held(layout: CacheLayout, engine_id: str) -> bool:
     try:
-        lock_file = registry.lock_path(engine_id)
+        lock_file = layout.lock_path(engine_id)
     except InvalidEngineId:
         return False
-    if not registry.locking or not lock_file.exists():
+    if not layout.locking or not lock_file.exists():
         return False
     lock = FileLock(lock_file)
     try:

@@ -5,14 +5,32 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from sdtrt.backends.tensorrt.tensors import dims
 
 if TYPE_CHECKING:
+    import tensorrt
     import torch
 
-    from sdtrt.backends.tensorrt.runner import TensorRTRunner
+
+class ContextOwner(Protocol):
+    """What the graph operations need of a runner (TensorRTRunner is one): its live context, streams, tensor names
+    and dtypes, and how it selects a profile and runs."""
+
+    device: torch.device
+    inputs: list[str]
+    outputs: list[str]
+    main_output: str
+    dtypes: dict[str, torch.dtype]
+
+    def live(self) -> tuple[tensorrt.ICudaEngine, tensorrt.IExecutionContext]: ...
+
+    def streams(self) -> tuple[torch.cuda.Stream, torch.cuda.Stream]: ...
+
+    def select(self, profile_index: int, shapes: Mapping[str, tuple[int, ...]]) -> None: ...
+
+    def execute(self, stream: torch.cuda.Stream) -> None: ...
 
 
 @dataclass
@@ -28,7 +46,7 @@ class StaticBuffers:
 class TensorRTGraphOps:
     """GraphOps over one runner's execution context and streams."""
 
-    def __init__(self, runner: TensorRTRunner) -> None:
+    def __init__(self, runner: ContextOwner) -> None:
         self._r = runner
         self._capture_stream: torch.cuda.Stream | None = None
 
