@@ -40,7 +40,7 @@ def _ref(info: Any) -> H.CheckpointRef:
                            sha256=getattr(info, "sha256", None), config=config)
 
 
-class A1111Host:
+class A1111Host(H.HostDefaults):
     def settings(self) -> H.Settings:
         data = shared.opts.data
         return H.Settings.from_options(lambda key, default: data.get(key, default))

@@ -104,13 +104,15 @@ class _ThreadingProxy:
 def instrument_locks(svc: Any, monkeypatch: Any, log: WaitLog) -> None:
     """Time every lock a UNet call can take: the service's, its per-engine load locks, each engine session's, the
     counters' and the job queue's."""
-    import sdtrt.webui.service as service_module
+    import sdtrt.webui.activation as activation_module
+    import sdtrt.webui.state as state_module
     from sdtrt.serving.session import EngineSession
 
-    svc._lock = TimedLock(svc._lock, "service._lock", log)
+    svc.state.lock = TimedLock(svc.state.lock, "service._lock", log)
     svc.counters._lock = TimedLock(svc.counters._lock, "counters._lock", log)
     svc.jobs._lock = TimedLock(svc.jobs._lock, "jobs._lock", log)
-    monkeypatch.setattr(service_module, "threading", _ThreadingProxy(log, "service"))
+    for module in (state_module, activation_module):
+        monkeypatch.setattr(module, "threading", _ThreadingProxy(log, "service"))
     real_open = EngineSession.__dict__["open"].__func__
 
     def open_timed(cls: type, *a: Any, **k: Any) -> Any:

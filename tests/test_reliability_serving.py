@@ -323,9 +323,8 @@ def test_foreign_version_or_gpu_is_refused_before_deserialization_and_offered_fo
     assert all(torch.equal(o, Refs(host)(None)) for o in outs)
     [reason] = svc.counters.snapshot()["fallback_reasons"]
     assert "stale" in reason and "rebuild it for this machine" in reason
-    from sdtrt.webui.builds import manifest_even_if_stale
 
-    assert manifest_even_if_stale(svc, engine_id).id == engine_id  # what rebuild() starts from: still readable
+    assert svc.builds.manifest_even_if_stale(engine_id).id == engine_id  # what rebuild() starts from: still readable
 
 
 def test_bit_flipped_plan_is_quarantined_by_the_rebuild_not_deleted(
@@ -1152,7 +1151,7 @@ def test_shapes_outside_every_profile_fall_back_or_fail_clearly(cache: Cache, ho
         fallen.append(tuple(x.shape))
         return torch.zeros_like(x)
 
-    svc.torch_fallback = fallback  # type: ignore[method-assign]
+    svc.activation.torch_fallback = fallback  # type: ignore[method-assign]
     server = switch(svc, spec_for(cache.e1))
     seen = {"engine": 0, "fallback": 0, "error": 0}
 

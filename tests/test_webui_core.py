@@ -449,7 +449,6 @@ def test_rebuild_of_an_ahead_of_time_engine(svc: EngineService, tiny_checkpoint,
     from sdtrt.storage.key import EngineKey
     from sdtrt.engine_types import BackendInfo
     from sdtrt.storage.registry import Registry
-    from sdtrt.webui import builds
 
     ckpt = tiny_checkpoint("sd1", 1)
     sha = file_sha256(ckpt)
@@ -465,9 +464,9 @@ def test_rebuild_of_an_ahead_of_time_engine(svc: EngineService, tiny_checkpoint,
     m = Registry(svc.registry().root).build(key, {"name": ckpt.name, "sha256": sha}, produce)
     monkeypatch.setattr(svc.probe, "info", lambda name: BackendInfo("tensorrt-rtx", "1.7.1", "GPU", gpu))
     asked: dict[str, Any] = {}
-    monkeypatch.setattr(builds, "submit", lambda svc, checkpoint, profiles, backend, dtype, replaces=None,
+    monkeypatch.setattr(svc.builds, "submit", lambda checkpoint, profiles, backend, dtype, replaces=None,
                         controlnet=False, targets=None: asked.update(backend=backend, targets=targets, replaces=replaces))
-    builds.rebuild(svc, m.id)
+    svc.builds.rebuild(m.id)
     assert asked == {"backend": "tensorrt-rtx", "targets": ("sm86", "sm89") if kept else (), "replaces": m.id}
 
 

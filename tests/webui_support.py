@@ -13,11 +13,11 @@ import torch
 
 from sdtrt.pipeline.checkpoint import build_unet, open_checkpoint
 from sdtrt.errors import SdtrtError
-from sdtrt.webui.host import CheckpointRef, Settings
+from sdtrt.webui.host import CheckpointRef, HostDefaults, Settings
 
 
 @dataclass
-class DictHost:
+class DictHost(HostDefaults):
     """Implements sdtrt.webui.host.Host over plain attributes; every call is recorded."""
 
     models: Path

@@ -21,13 +21,18 @@ with the reason told to the user.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from sdtrt.models import ControlFeeds
+from sdtrt.errors import NoMatchingProfile
+from sdtrt.models import CONTROL_KW, ControlFeeds
+from sdtrt.serving.server import SWITCHED_OFF, UnetServer
+
+log = logging.getLogger("sdtrt")
 
 #: sd-webui-controlnet unit types (ControlModelType member names) whose effect is residuals, adapter features,
 #: extra context tokens, a changed `y`/sample or post-processing of the output: the engine serves them.
@@ -267,3 +272,56 @@ def serve(hook: Hook, args: tuple[Any, ...], kwargs: dict[str, Any], unet: torch
 
     recorder = _Recorder(unet, skips, adapters, x, run, timesteps)
     return hook.func(recorder, *args, **kwargs)
+
+
+def serve_call(server: UnetServer | None, unet: torch.nn.Module | None, hook: Hook, args: tuple[Any, ...],
+           kwargs: dict[str, Any], to_device: Callable[[torch.nn.Module], None], notify: Callable[[str], None]
+           ) -> torch.Tensor:
+    """One UNet call of a ControlNet pass: the hook's code, the blocks on `server`'s engine with ControlNet inputs.
+    Whatever the engine cannot take runs through the hook on the PyTorch UNet (`to_device` puts it back on the
+    device), told (`notify`) and counted."""
+    slot = None if server is None else next((s for s in server.slots if s.broken is None
+                                             and s.contract.takes_control), None)
+    if server is None or unet is None:
+        return hook.bound(*args, **kwargs)
+
+    def through_hook(*_: Any, **__: Any) -> torch.Tensor:
+        to_device(unet)
+        return hook.bound(*args, **kwargs)
+
+    reason = server.unusable or server.problem or server.bypass or (
+        None if slot is not None else NO_CONTROL_ENGINE)
+    if not server.enabled() or reason is not None or slot is None:
+        return server.to_pytorch(reason or SWITCHED_OFF, args, kwargs, user=server.enabled(),
+                                 fallback=through_hook)
+    contract = slot.contract
+
+    def pytorch(*_: Any, **__: Any) -> torch.Tensor:
+        raise RunOnPyTorch()
+
+    def engine(sample: torch.Tensor, t: Any, context: torch.Tensor, y: torch.Tensor | None,
+               feeds: ControlFeeds) -> torch.Tensor:
+        call, kw = contract.make_call(sample, t, context, y, **{CONTROL_KW: feeds})  # type: ignore[attr-defined]
+        return server.serve(call, kw, pytorch)
+
+    x, timesteps, _, _ = contract.split_call(args, kwargs)  # type: ignore[attr-defined]
+    try:
+        return serve(hook, args, kwargs, unet, contract.io.skips, contract.adapters,  # type: ignore[attr-defined]
+                     x, timesteps, engine)
+    except RunOnPyTorch:
+        pass
+    except NoMatchingProfile:
+        raise  # the fallback policy is "error": the user asked for a failed generation over a slow one
+    except Unexpected as e:
+        reason = f"sd-webui-controlnet did something the engine has no input for ({e}); this call ran on PyTorch"
+        server.counters.fallback(reason)
+        notify(reason)
+    except Exception as e:  # noqa: BLE001 - e.g. a unit that needs the PyTorch UNet on the device
+        log.exception("sdtrt: a ControlNet call failed with the engine serving it")
+        reason = (f"a ControlNet call failed with the engine serving it ({type(e).__name__}: {e}); it ran on "
+                  "PyTorch")
+        server.counters.fallback(reason)
+        server.counters.error(reason)
+        notify(reason)
+    to_device(unet)
+    return hook.bound(*args, **kwargs)

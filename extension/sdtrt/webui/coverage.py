@@ -32,7 +32,8 @@ from sdtrt.webui import controlnet, foreign
 from sdtrt.webui.host import LABEL_PREFIX, CheckpointRef
 
 if TYPE_CHECKING:
-    from sdtrt.webui.service import EngineService, LoadedArch, OptionSpec
+    from sdtrt.webui.options import LoadedArch, OptionSpec
+    from sdtrt.webui.service import EngineService
 
 log = logging.getLogger("sdtrt")
 KINDS = ("txt2img", "img2img")
@@ -158,7 +159,7 @@ class Predictor:
         if not isinstance(body, Mapping):
             raise CoverageError("the body must be a JSON object, as for /sdapi/v1/txt2img")
         self.svc, self.body, self.kind = svc, body, kind
-        self.host = svc._host()
+        self.host = svc.require_host()
         overrides = body.get("override_settings") or {}
         if not isinstance(overrides, Mapping):
             raise CoverageError("override_settings must be an object")
@@ -171,28 +172,24 @@ class Predictor:
         """A WebUI option as this request sees it (override_settings first)."""
         if key in self.overrides:
             return self.overrides[key]
-        read = getattr(self.host, "option", None)
-        return read(key, default) if callable(read) else default
+        return self.host.option(key, default)
 
     def styled(self, prompt: str, negative: bool) -> str:
         """The prompt with the request's styles applied, as processing applies them."""
         styles = self.body.get("styles") or []
-        apply = getattr(self.host, "apply_styles", None)
-        if not styles or not callable(apply):
+        if not styles:
             return prompt
         if not isinstance(styles, list):
             raise CoverageError("styles must be a list of style names")
-        return str(apply(prompt, [str(x) for x in styles], negative))
+        return str(self.host.apply_styles(prompt, [str(x) for x in styles], negative))
 
     def chunks(self, prompt: str, negative: bool) -> int:
         """77-row chunks of a (styled) prompt's conditioning, counted as the WebUI's token counter counts them."""
-        count = getattr(self.host, "prompt_chunks", None)
-        if callable(count):
-            steps = _int(self.body, "steps", 20, 1, 10000)
-            try:
-                return max(1, int(count(prompt, negative, steps)))
-            except Exception:  # a prediction never fails on the token counter
-                log.debug("sdtrt: the WebUI's token counter failed; counting words", exc_info=True)
+        steps = _int(self.body, "steps", 20, 1, 10000)
+        try:
+            return max(1, int(self.host.prompt_chunks(prompt, negative, steps)))
+        except Exception:  # a prediction never fails on the token counter
+            log.debug("sdtrt: the WebUI's token counter failed; counting words", exc_info=True)
         return token_chunks(len(prompt.split()))
 
     def checkpoint(self, name: Any) -> CheckpointRef | None:
@@ -214,13 +211,11 @@ class Predictor:
 
     def settings_value(self, key: str) -> Any:
         """A WebUI option without this request's override."""
-        read = getattr(self.host, "option", None)
-        return read(key, "") if callable(read) else ""
+        return self.host.option(key, "")
 
     def named_checkpoint(self, field_name: str, name: Any) -> CheckpointRef:
         """A hires or refiner checkpoint as A1111 looks it up (its closest match); unknown: the generation fails."""
-        closest = getattr(self.host, "closest_checkpoint", None)
-        ref = closest(str(name)) if callable(closest) else self.host.resolve_checkpoint(str(name))
+        ref = self.host.closest_checkpoint(str(name))
         if ref is None:
             raise CoverageError(f"{field_name}: unknown checkpoint {name!r}; the generation would fail with "
                                 "'Could not find checkpoint'")
@@ -288,7 +283,7 @@ class Predictor:
         if ref is None:
             return None, None, "no checkpoint is loaded"
         arch = self.arch_of(ref)
-        options = self.svc.options_with(ref, lambda: arch)
+        options = self.svc.options.options_with(ref, lambda: arch)
         if sd_unet == "Automatic":
             spec = next((o for o in options if o.model_name == ref.model_name), None)
             if spec is None:
@@ -302,11 +297,11 @@ class Predictor:
         return spec, arch, None
 
     def arch_of(self, ref: CheckpointRef) -> LoadedArch | None:
-        from sdtrt.webui.service import LoadedArch
+        from sdtrt.webui.options import LoadedArch
 
         loaded = self.host.loaded_checkpoint()
         if loaded is not None and loaded.filename == ref.filename:
-            return self.svc.loaded_arch()
+            return self.svc.options.loaded_arch()
         from sdtrt.pipeline.checkpoint import header_info
 
         try:
@@ -321,16 +316,16 @@ class Predictor:
         too, remembered per file version); a checkpoint that is not loaded is never hashed here (multi-GB files,
         per keystroke): an engine with fixed weights counts as its own when it was built from a file of that name.
         While this option is the active one, engines that failed to load stay failed, as they do in serving."""
-        sha = ref.sha256 or (self.svc.checkpoint_sha256(ref) if self._is_loaded(ref) else None)
+        sha = ref.sha256 or (self.svc.options.checkpoint_sha256(ref) if self._is_loaded(ref) else None)
         if sha is None:
             base = os.path.basename(ref.filename)
-            sha = next((str(m.source_checkpoint.get("sha256")) for m in self.svc.usable_manifests()
+            sha = next((str(m.source_checkpoint.get("sha256")) for m in self.svc.options.usable_manifests()
                         if m.id in spec.engine_ids and m.key.refit_mode is not RefitMode.REFIT
                         and m.source_checkpoint.get("name") == base), f"name:{base}")
         if arch is None:  # not readable without loading: assume the architecture of its own engines
             arch = self._own_arch(spec, ref)
         identity = WeightSource(sha, _never_read)
-        server = self.svc.server_for(spec, lambda: arch, lambda: identity, counters=Counters())
+        server = self.svc.activation.server_for(spec, lambda: arch, lambda: identity, counters=Counters())
         server.enabled = lambda: self.settings.enabled
         active = self.svc.active
         if active is not None and self.svc.active_label == spec.label and self._is_loaded(ref):
@@ -344,10 +339,10 @@ class Predictor:
         return loaded is not None and loaded.filename == ref.filename
 
     def _own_arch(self, spec: OptionSpec, ref: CheckpointRef) -> LoadedArch | None:
-        from sdtrt.webui.service import LoadedArch
+        from sdtrt.webui.options import LoadedArch
 
         base = os.path.basename(ref.filename)
-        for m in self.svc.usable_manifests():
+        for m in self.svc.options.usable_manifests():
             if m.id in spec.engine_ids and m.source_checkpoint.get("name") == base:
                 return LoadedArch(m.key.family, m.key.arch_hash, None)
         return None

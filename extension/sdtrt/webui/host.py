@@ -1,7 +1,10 @@
-"""What the WebUI glue needs from its host (A1111), as one small interface, plus the extension's settings.
+"""What the WebUI glue needs from its host, as one interface, plus the extension's settings.
 
-The A1111 implementation lives in scripts/; tests implement it over a fake host. Everything else in
-sdtrt.webui talks to a `Host`, never to `modules.*`.
+`Host` declares every host operation the extension uses; `HostDefaults` gives the optional ones (reading and saving
+options, styles, the token counter, A1111's closest-match checkpoint lookup, the files of the active networks) a
+behaviour that works without them, so a host adapter (A1111's in scripts/, a second host next, the tests' own)
+subclasses it and overrides what its host offers. Everything else in sdtrt.webui talks to a `Host`, never to a
+host's modules, and never probes a host for methods.
 """
 
 from __future__ import annotations
@@ -11,12 +14,14 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 
 from sdtrt.backends import CHOICES
+from sdtrt.errors import SdtrtError
 from sdtrt.locations import default_cache_dir
+from sdtrt.profiles import token_chunks
 
 #: Setting keys (A1111 `shared.opts`) and their defaults. One place for both.
 OPT_ENABLED = "sdtrt_enabled"
@@ -120,3 +125,46 @@ class Host(Protocol):
                        ) -> Mapping[str, torch.Tensor]:
         """{UNet weight name: new value} for every weight the active LoRA set changes, computed by the host's own
         code from the base weights `base(names)` of the checkpoint in the engine."""
+
+    # ---- optional: HostDefaults gives each a behaviour that works without it ------------------------------------
+    def option(self, key: str, default: Any) -> Any:
+        """A WebUI option's value (the host's default when it is not set)."""
+
+    def set_option(self, key: str, value: Any) -> None:
+        """Set and save a WebUI option as its Settings tab does; raises SdtrtError when the host cannot."""
+
+    def closest_checkpoint(self, name: str) -> CheckpointRef | None:
+        """A checkpoint as the host looks up hires and refiner checkpoints (A1111: its closest match), or None."""
+
+    def apply_styles(self, text: str, styles: list[str], negative: bool) -> str:
+        """`text` with the named prompt styles applied, as the host's processing applies them."""
+
+    def prompt_chunks(self, text: str, negative: bool, steps: int) -> int:
+        """77-row chunks of a prompt's conditioning as the host's token counter counts them."""
+
+    def network_files(self) -> list[str]:
+        """The files the active networks came from (the engine takes safetensors LoRAs only)."""
+
+
+class HostDefaults:
+    """The optional Host operations for a host that lacks them: options read as their defaults and cannot be saved,
+    no styles, prompt chunks counted by words, checkpoints looked up exactly, no network files to check."""
+
+    def option(self, key: str, default: Any) -> Any:
+        return default
+
+    def set_option(self, key: str, value: Any) -> None:
+        raise SdtrtError("this WebUI host cannot change settings; use its Settings tab")
+
+    def closest_checkpoint(self, name: str) -> CheckpointRef | None:
+        resolve = cast(Host, self).resolve_checkpoint
+        return resolve(name)
+
+    def apply_styles(self, text: str, styles: list[str], negative: bool) -> str:
+        return text
+
+    def prompt_chunks(self, text: str, negative: bool, steps: int) -> int:
+        return token_chunks(len(text.split()))
+
+    def network_files(self) -> list[str]:
+        return []

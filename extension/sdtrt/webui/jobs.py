@@ -33,6 +33,11 @@ class JobState(str, enum.Enum):
     FAILED = "failed"
     CANCELLED = "cancelled"
 
+    @property
+    def finished(self) -> bool:
+        """Done, failed or cancelled: nothing more happens to the job."""
+        return self not in (JobState.QUEUED, JobState.RUNNING)
+
     def __str__(self) -> str:  # Python 3.11+ would print "JobState.DONE" in f-strings otherwise
         return self.value
 
