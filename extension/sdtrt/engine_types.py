@@ -48,6 +48,11 @@ class BuildResult:
     """Files the build wrote (relative to the folder it was given) and facts for the manifest."""
 
     files: list[str]
-    weights: WeightsMode | str  # "stripped": must be refit from a checkpoint before use; "embedded": carries its weights
-    refit_mode: RefitMode | str  # "refit" or "none"
+    weights: WeightsMode  # STRIPPED: must be refit from a checkpoint before use; EMBEDDED: carries its weights
+    refit_mode: RefitMode
     extra: dict[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """A backend (or a test) may name the modes by their values; anything else is refused here."""
+        self.weights = WeightsMode(self.weights)
+        self.refit_mode = RefitMode(self.refit_mode)

@@ -7,6 +7,7 @@ Host-agnostic: the PyTorch forward, the weights and the notices come in as calla
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 import threading
 import time
@@ -30,6 +31,24 @@ MAX_REASONS = 64
 BUSY_WAIT_S = 0.5
 #: The fallback reason while the extension is switched off (never told to the user: it is their choice).
 SWITCHED_OFF = "sdtrt is switched off"
+
+
+class FallbackPolicy(str, enum.Enum):
+    """What a call that no engine profile covers does: run on the PyTorch UNet (told once), or fail the generation."""
+
+    PYTORCH = "pytorch"
+    ERROR = "error"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def read(cls, value: object, default: FallbackPolicy) -> FallbackPolicy:
+        """The policy a setting names; `default` for anything else (a hand-edited config)."""
+        try:
+            return cls(str(value))
+        except ValueError:
+            return default
 
 
 @dataclass
@@ -216,7 +235,7 @@ class UnetServer:
         counters: Counters,
         notify: Callable[[str], None],
         weights: WeightSource | None = None,
-        policy: Callable[[], str] = lambda: "pytorch",
+        policy: Callable[[], FallbackPolicy] = lambda: FallbackPolicy.PYTORCH,
         unusable: str | None = None,
         enabled: Callable[[], bool] = lambda: True,
     ):
@@ -379,7 +398,7 @@ class UnetServer:
         reason, uncovered = self.no_engine_reason(seen, refused)
         if not uncovered:  # no engine takes this kind of call at all, or every engine is broken
             return self.to_pytorch(reason, call, kwargs, fallback=fallback)
-        if self.policy() == "error":
+        if self.policy() is FallbackPolicy.ERROR:
             raise NoMatchingProfile(reason + ". Build an engine with a profile for this size in the TensorRT "
                                     "tab, or set the sdtrt fallback policy to 'pytorch'.")
         return self.to_pytorch(reason, call, kwargs, fallback=fallback)

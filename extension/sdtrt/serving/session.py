@@ -19,7 +19,7 @@ import torch
 
 from sdtrt.backends import backend_class
 from sdtrt.backends.base import Backend, EngineRunner
-from sdtrt.engine_types import RefitMode
+from sdtrt.engine_types import RefitMode, WeightsMode
 from sdtrt.errors import (
     CorruptEngine,
     EngineBusy,
@@ -119,7 +119,7 @@ class EngineSession:
                               digests={f.name: f.sha256 for f in manifest.files})
         if runner is None:  # a runtime that answers None instead of raising (deserialize_cuda_engine does)
             raise StaleEngine(f"backend {manifest.key.backend} returned no engine for {engine_id}; rebuild it")
-        embedded = manifest.key.weights == "embedded" and not runner.needs_weights
+        embedded = manifest.key.weights is WeightsMode.EMBEDDED and not runner.needs_weights
         return cls(manifest, runner, profiles, ranges, contract,
                    manifest.source_checkpoint.get("sha256") if embedded else None, cuda_graphs=cuda_graphs)
 

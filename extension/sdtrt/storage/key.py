@@ -106,7 +106,7 @@ class EngineKey:
             raise ValueError(f"refit_mode must be one of {REFIT_MODES}, got {self.refit_mode!r}")
         object.__setattr__(self, "weights", WeightsMode(self.weights))
         object.__setattr__(self, "refit_mode", RefitMode(self.refit_mode))
-        if self.weights == "stripped" and self.refit_mode != "refit":
+        if self.weights is WeightsMode.STRIPPED and self.refit_mode is not RefitMode.REFIT:
             raise ValueError("weights='stripped' needs refit_mode='refit': stripped weights come back by refit")
         if isinstance(self.profiles, str) or not isinstance(self.profiles, Sequence) or not self.profiles:
             raise ValueError(f"profiles must be a non-empty list of profile strings, got {self.profiles!r}")

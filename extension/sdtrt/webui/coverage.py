@@ -16,7 +16,6 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,9 +26,10 @@ from sdtrt.serving.passes import CallShape, CfgOptions, GenerationSpec, HiresSpe
 from sdtrt.profiles import MAX_PIXELS, MIN_PIXELS, Shape, token_chunks
 from sdtrt.serving.session import refit_refusal
 from sdtrt.models import NotServable
-from sdtrt.serving.server import SWITCHED_OFF, Counters, UnetServer, WeightSource
+from sdtrt.serving.server import SWITCHED_OFF, Counters, FallbackPolicy, UnetServer, WeightSource
 from sdtrt.webui import controlnet, foreign
 from sdtrt.webui.host import LABEL_PREFIX, CheckpointRef
+from sdtrt.webui.prediction import CallRoute, Coverage, PassRoute, RouteKind, suggest_profile, summarize
 
 if TYPE_CHECKING:
     from sdtrt.webui.options import LoadedArch, OptionSpec
@@ -46,57 +46,12 @@ NO_REFINER = ("", "None", "none", None)
 _LORA_RE = re.compile(r"<(?:lora|lyco):([^:>]+)(?::[^>]*)?>", re.IGNORECASE)
 #: A1111 splits a prompt into AND-composed sub-prompts on this
 _AND_RE = re.compile(r"\bAND\b")
-#: Rounding of a suggested profile's size range, and the smallest range it spans around the request
 #: Largest hires scale a prediction takes (A1111's slider goes to 4)
 MAX_HR_SCALE = 16.0
-SUGGEST_STEP = 64
-SUGGEST_SPAN = 256
 
 
 class CoverageError(SdtrtError):
     """The request cannot be predicted (bad field types, unknown checkpoint)."""
-
-
-@dataclass
-class CallRoute:
-    rows: int
-    width: int
-    height: int
-    chunks: int
-    engine_id: str | None
-    profile: int | None
-    reason: str | None
-
-
-@dataclass
-class PassRoute:
-    name: str
-    checkpoint: str | None
-    width: int
-    height: int
-    batch: int
-    engine: bool
-    engine_id: str | None
-    profile: int | None
-    reason: str | None
-    #: why: "engine", "off" (switched off or SD Unet is not ours), "no_engine", "uncovered" (no profile),
-    #: "no_control_inputs" (ControlNet units, an engine without ControlNet inputs), "unservable" (something no
-    #: engine can do: tiling, a unit type that changes the UNet's inside, LoRA on a fixed-weight engine)
-    kind: str
-    calls: list[CallRoute] = field(default_factory=list)
-
-
-@dataclass
-class Coverage:
-    engine: bool
-    state: str
-    message: str
-    reason: str | None
-    passes: list[PassRoute]
-    build: dict[str, Any] | None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 # ---- reading the request -----------------------------------------------------------------------------------------
@@ -350,12 +305,12 @@ class Predictor:
     def route_pass(self, p: PassSpec) -> PassRoute:
         ref = self.host.resolve_checkpoint(p.checkpoint) if p.checkpoint else None
         route = PassRoute(p.name, ref.title if ref else None, p.width, p.height, p.batch, False, None, None, None,
-                          "off")
+                          RouteKind.OFF)
         if not self.settings.enabled:
-            return self.nowhere(route, p, SWITCHED_OFF, "off")
+            return self.nowhere(route, p, SWITCHED_OFF, RouteKind.OFF)
         spec, arch, why = self.option_for(ref)
         if spec is None or ref is None:
-            return self.nowhere(route, p, why, "off" if why and why.startswith("SD Unet") else "no_engine")
+            return self.nowhere(route, p, why, RouteKind.OFF if why and why.startswith("SD Unet") else RouteKind.NO_ENGINE)
         server = self.server(spec, ref, arch)
         bypass = self.unservable(server)
         if bypass is not None:
@@ -364,18 +319,18 @@ class Predictor:
         route.calls = calls
         missing = next((c for c in calls if c.engine_id is None), None)
         if missing is None and calls:
-            route.engine, route.kind = True, "engine"
+            route.engine, route.kind = True, RouteKind.ENGINE
             route.engine_id, route.profile = calls[0].engine_id, calls[0].profile
             return route
         route.reason = missing.reason if missing else "no UNet call"
-        route.kind = ("no_control_inputs" if bypass == controlnet.NO_CONTROL_ENGINE
-                      else "unservable" if bypass is not None or server.unusable is not None
-                      else "uncovered" if route.reason and route.reason.startswith("no engine profile covers")
-                      else "unservable")
+        route.kind = (RouteKind.NO_CONTROL_INPUTS if bypass == controlnet.NO_CONTROL_ENGINE
+                      else RouteKind.UNSERVABLE if bypass is not None or server.unusable is not None
+                      else RouteKind.UNCOVERED if route.reason and route.reason.startswith("no engine profile covers")
+                      else RouteKind.UNSERVABLE)
         return route
 
     @staticmethod
-    def nowhere(route: PassRoute, p: PassSpec, reason: str | None, kind: str) -> PassRoute:
+    def nowhere(route: PassRoute, p: PassSpec, reason: str | None, kind: RouteKind) -> PassRoute:
         """`route` with every call on PyTorch for `reason`."""
         route.reason, route.kind = reason, kind
         route.calls = [CallRoute(c.rows, c.width, c.height, c.chunks, None, None, reason) for c in p.calls]
@@ -419,12 +374,12 @@ class Predictor:
         gen = self.spec()
         passes = plan_passes(gen, self.cfg_options())
         routes = [self.route_pass(p) for p in passes]
-        return summarize(routes, self.suggest(gen, passes, routes), fails=self.settings.fallback == "error")
+        return summarize(routes, self.suggest(gen, passes, routes), fails=self.settings.fallback is FallbackPolicy.ERROR)
 
     def suggest(self, gen: GenerationSpec, passes: list[PassSpec], routes: list[PassRoute]) -> dict[str, Any] | None:
         """A build request whose profile covers every pass on the checkpoint of the first pass that lacks an
         engine or a profile, when building would fix it."""
-        first = next((r for r in routes if r.kind in ("no_engine", "uncovered", "no_control_inputs")), None)
+        first = next((r for r in routes if r.kind.buildable), None)
         if first is None or first.checkpoint is None:
             return None
         mine = [p for p, r in zip(passes, routes) if r.checkpoint == first.checkpoint]
@@ -434,62 +389,6 @@ class Predictor:
 
 def _never_read(names: Any) -> Mapping[str, Any]:
     raise SdtrtError("a prediction reads no weights")
-
-
-def _down(px: int) -> int:
-    return max(MIN_PIXELS, px // SUGGEST_STEP * SUGGEST_STEP)
-
-
-def _up(px: int) -> int:
-    return min(MAX_PIXELS, -(-px // SUGGEST_STEP) * SUGGEST_STEP)
-
-
-def suggest_profile(passes: list[PassSpec]) -> str:
-    """min:opt:max around the passes' calls: sizes from a little below the smallest to a little above the largest
-    (in steps of 64 px, at least SUGGEST_SPAN wide), opt at the first pass, batch and prompt chunks as the calls
-    need them (a profile of B images takes calls of B to 2B rows)."""
-    calls = [c for p in passes for c in p.calls]
-    first = passes[0]
-    rows = [c.rows for c in calls]
-    hs, ws, chunks = [c.height for c in calls], [c.width for c in calls], [c.chunks for c in calls]
-    lo = Shape(min(first.batch, min(rows)), _down(min(hs) - SUGGEST_SPAN // 2), _down(min(ws) - SUGGEST_SPAN // 2),
-               min(chunks) * TOKENS_PER_CHUNK)
-    opt = Shape(first.batch, first.height, first.width, max(first.cond_chunks, min(chunks)) * TOKENS_PER_CHUNK)
-    hi = Shape(max(first.batch, -(-max(rows) // 2)), _up(max(hs) + SUGGEST_SPAN // 2),
-               _up(max(ws) + SUGGEST_SPAN // 2), max(max(chunks), 2) * TOKENS_PER_CHUNK)
-    return f"{lo}:{opt}:{hi}"
-
-
-def summarize(routes: list[PassRoute], build: dict[str, Any] | None, *, fails: bool = False) -> Coverage:
-    """The answer and the status line's text. `fails`: the fallback policy is "error", so a call no profile covers
-    fails the generation instead of running on PyTorch."""
-    engine = bool(routes) and all(r.engine for r in routes)
-    if engine:
-        head = routes[0]
-        text = (f"TensorRT: {head.engine_id} profile {head.profile} serves {head.width}x{head.height}, "
-                f"batch {head.batch}")
-        more = [f"{r.name} {r.width}x{r.height}" + (f" on {r.engine_id}" if r.engine_id != head.engine_id else "")
-                + f" profile {r.profile}" for r in routes[1:]]
-        if more:
-            text += "; " + ", ".join(more)
-        return Coverage(True, "engine", text, None, routes, None)
-    if routes and all(r.kind == "off" for r in routes):
-        reason = routes[0].reason
-        text = "TensorRT off" if reason == SWITCHED_OFF else f"TensorRT off ({reason})"
-        return Coverage(False, "off", text, reason, routes, None)
-    if routes and all(r.kind == "no_engine" for r in routes):
-        reason = routes[0].reason or "no engine"
-        return Coverage(False, "no_engine", f"TensorRT: {reason}", reason, routes, build)
-    bad = next(r for r in routes if not r.engine)
-    if fails and any(r.kind == "uncovered" for r in routes):
-        bad = next(r for r in routes if r.kind == "uncovered")
-        text = (f"TensorRT: the {bad.name} ({bad.width}x{bad.height}) has no engine profile and the fallback policy "
-                "is 'error': the generation will fail")
-        return Coverage(False, "fails", text, bad.reason, routes, build)
-    short = "no profile covers it" if bad.kind == "uncovered" else (bad.reason or "")
-    text = f"TensorRT: the {bad.name} ({bad.width}x{bad.height}) will run on PyTorch — {short}"
-    state = "partial" if any(c.engine_id for r in routes for c in r.calls) else "pytorch"
-    return Coverage(False, state, text, bad.reason, routes, build)
 
 
 def predict(svc: EngineService, body: Mapping[str, Any], kind: str = "txt2img") -> dict[str, Any]:

@@ -22,6 +22,7 @@ from sdtrt.backends import CHOICES
 from sdtrt.errors import SdtrtError
 from sdtrt.locations import default_cache_dir
 from sdtrt.profiles import token_chunks
+from sdtrt.serving.server import FallbackPolicy
 
 #: Setting keys (A1111 `shared.opts`) and their defaults. One place for both.
 OPT_ENABLED = "sdtrt_enabled"
@@ -32,7 +33,7 @@ OPT_CUDA_GRAPHS = "sdtrt_cuda_graphs"
 
 BACKEND_CHOICES = CHOICES  # "auto" and every backend, from the one table in sdtrt.backends
 #: pytorch: run calls no engine covers on the PyTorch UNet and say so once; error: fail the generation instead.
-FALLBACK_CHOICES = ("pytorch", "error")
+FALLBACK_CHOICES = tuple(p.value for p in FallbackPolicy)
 
 #: Label prefix of our entries in the SD Unet dropdown.
 LABEL_PREFIX = "[TRT]"
@@ -43,20 +44,23 @@ class Settings:
     enabled: bool = True
     backend: str = "auto"
     cache_dir: str = ""  # empty: the default (models/Unet-sdtrt, or $SDTRT_CACHE)
-    fallback: str = "pytorch"
+    fallback: FallbackPolicy = FallbackPolicy.PYTORCH
     cuda_graphs: bool = True  # replay captured CUDA graphs (TensorRT, TensorRT-RTX); applies to engines loaded next
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.fallback, FallbackPolicy):  # "error" as a host or a test wrote it
+            object.__setattr__(self, "fallback", FallbackPolicy.read(self.fallback, FallbackPolicy.PYTORCH))
 
     @classmethod
     def from_options(cls, get: Callable[[str, Any], Any]) -> Settings:
         """Read settings through `get(key, default)`, repairing values a hand-edited config may hold."""
         d = cls()
         backend = str(get(OPT_BACKEND, d.backend) or d.backend)
-        fallback = str(get(OPT_FALLBACK, d.fallback) or d.fallback)
         return cls(
             enabled=bool(get(OPT_ENABLED, d.enabled)),
             backend=backend if backend in BACKEND_CHOICES else d.backend,
             cache_dir=str(get(OPT_CACHE_DIR, d.cache_dir) or "").strip(),
-            fallback=fallback if fallback in FALLBACK_CHOICES else d.fallback,
+            fallback=FallbackPolicy.read(get(OPT_FALLBACK, d.fallback), d.fallback),
             cuda_graphs=bool(get(OPT_CUDA_GRAPHS, d.cuda_graphs)),
         )
 
