@@ -247,7 +247,8 @@ def test_engine_without_refit_refuses_other_weights_and_lora(tiny_checkpoint, tm
         session.close()
 
     # served: a LoRA set is refused before A1111's LoRA maths runs (it would be thrown away every generation)
-    from sdtrt.serving.server import Counters, EngineSlot, NetworkSet, NetworksFailed, WeightSource
+    from sdtrt.serving.counters import Counters
+    from sdtrt.serving.slot import EngineSlot, NetworkSet, NetworksFailed, WeightSource
 
     def maths(base: Any) -> Any:
         raise AssertionError("the LoRA maths ran for an engine that cannot take its result")

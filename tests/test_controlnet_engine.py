@@ -97,7 +97,7 @@ def test_engine_with_control_inputs_matches_the_hooks_block_loop(family: str, co
                 skips[i] = skips[i] + adapters[j]
             kwargs = {CONTROL_KW: ControlFeeds(skips, adapters), **({"y": y} if y is not None else {})}
             feeds = contract.feeds((x, t, ctx), kwargs)
-            index = session.profile_for({k: tuple(v.shape) for k, v in feeds.items()})
+            index = session.spec.profile_for({k: tuple(v.shape) for k, v in feeds.items()})
             assert index is not None, (rows, hpx, wpx)
             out = session(feeds)
             assert ref.abs().mean() > 1e-3 and (ref - plain_ref).abs().mean() > 1e-3  # the residuals matter

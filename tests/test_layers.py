@@ -109,8 +109,8 @@ def test_no_import_cycles_not_even_for_annotations() -> None:
 
 def test_the_core_never_imports_the_webui_side() -> None:
     graph = import_graph()
-    breaks = {m: sorted(d for d in deps if d.startswith("sdtrt.webui"))
-              for m, deps in graph.items() if not m.startswith("sdtrt.webui")}
+    breaks = {m: sorted(d for d in deps if d.startswith(("sdtrt.webui", "sdtrt.hosts")))
+              for m, deps in graph.items() if not m.startswith(("sdtrt.webui", "sdtrt.hosts"))}
     assert {m: d for m, d in breaks.items() if d} == {}
 
 
@@ -123,7 +123,8 @@ def test_storage_does_not_import_the_backend_interface() -> None:
 
 
 def test_every_core_module_imports_without_a1111_or_a_gpu() -> None:
-    names = sorted(m for m in import_graph(annotations=False) if not m.startswith("sdtrt.webui") and m != "sdtrt.__main__")
+    names = sorted(m for m in import_graph(annotations=False)
+                   if not m.startswith(("sdtrt.webui", "sdtrt.hosts")) and m != "sdtrt.__main__")
     code = ("import sys; " + "; ".join(f"import {n}" for n in names) +
             "; bad = [m for m in sys.modules if m.split('.')[0] in ('modules', 'gradio', 'fastapi')]; "
             "assert not bad, bad")
@@ -131,7 +132,7 @@ def test_every_core_module_imports_without_a1111_or_a_gpu() -> None:
 
 
 #: The core's packages, one job each; everything else at the top is a shared leaf (constants, errors, profiles...).
-PACKAGES = {"backends", "models", "pipeline", "serving", "storage", "tools", "webui"}
+PACKAGES = {"backends", "hosts", "models", "pipeline", "serving", "storage", "tools", "webui"}
 
 
 def test_the_core_is_grouped_by_job() -> None:
@@ -161,3 +162,18 @@ def test_no_product_file_is_longer_than_one_can_read() -> None:
     long = {str(p.relative_to(PACKAGE.parents[1])): n for p in files
             if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
     assert long == {}
+
+
+def test_only_host_adapters_know_a_hosts_modules() -> None:
+    """`modules.*` (A1111's and Forge's), `backend.*` (Forge's) and `networks` appear in sdtrt.hosts only."""
+    host_roots = {"modules", "backend", "networks", "ldm", "sgm"}
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        if "hosts" in path.relative_to(PACKAGE).parts:
+            continue
+        for node in _imports(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            if isinstance(node, ast.ImportFrom) and node.level:
+                continue
+            found += [f"{path.relative_to(PACKAGE)}: {n}" for n in names if n.split(".")[0] in host_roots]
+    assert found == []

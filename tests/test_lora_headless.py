@@ -138,7 +138,7 @@ def test_bad_lora_files_say_what_is_wrong(setup, tiny_checkpoint, tmp_path) -> N
 
 def test_refit_bench_counts_on_a_small_unet(monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
     """The benchmark's bookkeeping (its timings are reported, never asserted)."""
-    from sdtrt.tools import bench
+    from sdtrt.tools import bench_refit as bench
     from sdtrt.tools.tiny import TINY
 
     monkeypatch.setitem(bench.FULL_SPECS, "sd15", TINY["sd1"][0])

@@ -86,7 +86,8 @@ def test_an_unknown_contract_or_version_is_refused_naming_it() -> None:
 def test_a_built_engine_records_its_contract_and_serves_through_it(tiny_checkpoint, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from sdtrt.pipeline.build import build_engine
     from sdtrt.storage.registry import Registry
-    from sdtrt.serving.session import EngineSession, engine_contract
+    from sdtrt.serving.session import EngineSession
+    from sdtrt.serving.spec import engine_contract
 
     out = build_engine(tiny_checkpoint("sdxl-base"), [Profile.parse("1x64x64x75")], tmp_path, backend="onnxruntime")
     io = out.manifest.key.io
@@ -106,7 +107,7 @@ def test_a_manifest_with_a_contract_version_this_code_lacks_is_stale(tiny_checkp
     import dataclasses
 
     from sdtrt.pipeline.build import build_engine
-    from sdtrt.serving.session import engine_contract
+    from sdtrt.serving.spec import engine_contract
 
     out = build_engine(tiny_checkpoint("sd1"), [Profile.parse("1x64x64x75")], tmp_path, backend="onnxruntime")
     key = dataclasses.replace(out.manifest.key, io={**out.manifest.key.io, "contract_version": 99})

@@ -140,11 +140,11 @@ def test_a_rejected_refit_keeps_the_engine_usable_a_failed_one_marks_it_for_relo
         def refit(self, weights: object, fill: object = None) -> None:
             raise self.error
 
-    rejected = EngineSession(None, Runner(RefitRejected("no weights named x")), [], [], None, None)  # type: ignore[arg-type]
+    rejected = EngineSession(None, Runner(RefitRejected("no weights named x")), None)  # type: ignore[arg-type]
     with pytest.raises(RefitRejected):
         rejected._refit({})
     assert rejected.weights_unknown is None
-    failed = EngineSession(None, Runner(RefitError("refit failed")), [], [], None, None)  # type: ignore[arg-type]
+    failed = EngineSession(None, Runner(RefitError("refit failed")), None)  # type: ignore[arg-type]
     with pytest.raises(RefitError):
         failed._refit({})
     assert failed.weights_unknown is not None and "refit failed" in failed.weights_unknown

@@ -383,13 +383,13 @@ def test_a_read_error_is_not_taken_for_damage(cache: Cache, host: LoraHost, svc:
     as damaged, and the next activation serves from it."""
     import errno
 
-    import sdtrt.storage.registry
+    import sdtrt.storage.inspection
 
     def eio(path: Any) -> Any:
         raise OSError(errno.EIO, "Input/output error")
 
     with monkeypatch.context() as m:
-        m.setattr(sdtrt.storage.registry, "sha256_and_size", eio)
+        m.setattr(sdtrt.storage.inspection, "sha256_and_size", eio)
         outs, delta = generation(svc, switch(svc, spec_for(cache.e1)))
     assert delta == {"engine_calls": 0, "fallback_calls": 2, "refits": 0}
     assert "cannot read" in next(iter(svc.counters.snapshot()["fallback_reasons"]))
@@ -638,7 +638,7 @@ def classify(out: torch.Tensor, valid: dict[str | None, torch.Tensor]) -> str:
 @pytest.mark.timeout(300)
 def test_refit_from_another_thread_never_mixes_weights(cache: Cache, host: LoraHost,
                                                              svc: EngineService) -> None:
-    from sdtrt.serving.server import NetworkSet
+    from sdtrt.serving.slot import NetworkSet
 
     refs = Refs(host)
     valid = {None: refs(None), "a": refs("a"), "b": refs("b")}
@@ -710,7 +710,7 @@ def test_toy_engine_detects_mixing_and_the_session_lock_prevents_it(
     import contextlib as cl
 
     from sdtrt.serving.session import EngineSession as Session
-    from sdtrt.serving.server import NetworkSet
+    from sdtrt.serving.slot import NetworkSet
 
     ToyBackend.state.pause = 0.0005  # type: ignore[union-attr]
     seconds = 1.5 if not LONG else 6.0
@@ -757,7 +757,8 @@ def injection_points(host: LoraHost) -> dict[str, list[Point]]:
     import sdtrt.pipeline.checkpoint
     import sdtrt.pipeline.families
     import sdtrt.pipeline.refit
-    import sdtrt.storage.publish
+    import sdtrt.storage.inspection
+    import sdtrt.storage.registry
     from sdtrt.backends.ort import OrtBackend, OrtRunner
 
     onnx_load = Point("onnx.load", onnx, "load")
@@ -776,7 +777,7 @@ def injection_points(host: LoraHost) -> dict[str, list[Point]]:
                        read, backend_refit, onnx_load, from_array, session],
         "swap": [Point("Registry.get", sdtrt.storage.registry.Registry, "get"),
                  Point("Registry.verify", sdtrt.storage.registry.Registry, "verify"),
-                 Point("registry.sha256_and_size", sdtrt.storage.registry, "sha256_and_size"),
+                 Point("inspection.sha256_and_size", sdtrt.storage.inspection, "sha256_and_size"),
                  Point("EngineSession.open", EngineSession, "open"),
                  Point("OrtBackend.load", OrtBackend, "load"),
                  Point("OrtRunner.__init__", OrtRunner, "__init__"),
@@ -1038,7 +1039,7 @@ def test_no_unet_call_waits_on_a_lock_while_a_build_refit_load_or_delete_runs(
         cache: Cache, host: LoraHost, svc: EngineService, monkeypatch: pytest.MonkeyPatch) -> None:
     from sdtrt.backends.ort import OrtRunner
     from sdtrt.storage.registry import Registry as Reg
-    from sdtrt.serving.server import NetworkSet
+    from sdtrt.serving.slot import NetworkSet
 
     log = WaitLog()
     instrument_locks(svc, monkeypatch, log)
@@ -1336,7 +1337,7 @@ def test_sigterm_during_a_build_exits_in_bounded_time(cache: Cache, tiny_checkpo
 def network_set(host: LoraHost, lora: str | None) -> Any:
     """The NetworkSet A1111 would give for `lora` (computed from the base weights when the engine needs it)."""
     from sdtrt.pipeline.refit import merge
-    from sdtrt.serving.server import NetworkSet
+    from sdtrt.serving.slot import NetworkSet
 
     def compute(base: Any) -> dict[str, torch.Tensor]:
         if lora is None:

@@ -490,7 +490,7 @@ def test_instance_forward_override_gets_the_pytorch_unet_on_the_device(host: Dic
 
 
 def test_fallback_reasons_are_bounded() -> None:
-    from sdtrt.serving.server import MAX_REASONS, Counters
+    from sdtrt.serving.counters import MAX_REASONS, Counters
 
     c = Counters()
     for i in range(MAX_REASONS + 10):

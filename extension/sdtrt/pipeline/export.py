@@ -16,7 +16,6 @@ import functools
 import inspect
 import json
 import math
-import shutil
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence

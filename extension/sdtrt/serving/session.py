@@ -19,7 +19,7 @@ import torch
 
 from sdtrt.backends import backend_class
 from sdtrt.backends.base import Backend, EngineRunner
-from sdtrt.engine_types import RefitMode, WeightsMode
+from sdtrt.engine_types import WeightsMode
 from sdtrt.errors import (
     CorruptEngine,
     EngineBusy,
@@ -33,9 +33,10 @@ from sdtrt.errors import (
     UnknownWeights,
 )
 from sdtrt.storage.manifest import Manifest, stale_reason
-from sdtrt.models import ModelContract, bind_record
-from sdtrt.profiles import Dims, Profile, TensorRange, select_profile
+from sdtrt.models import ModelContract
+from sdtrt.profiles import Profile
 from sdtrt.pipeline.refit import BaseLoader, RefitPlan, WeightTracker
+from sdtrt.serving.spec import EngineSpec, refit_refusal
 from sdtrt.storage.registry import Registry
 
 
@@ -65,33 +66,10 @@ def _check_files(registry: Registry, engine_id: str, backend: Backend, quarantin
         raise CorruptEngine(f"{e}. It was never deserialized. {action}") from None
 
 
-def refit_refusal(manifest: Manifest, what: str) -> str | None:
-    """Why the engine of `manifest` cannot take `what` (other weights), None when it can: an engine built without
-    refit (on purpose, or ahead of time without a GPU) serves the checkpoint whose weights it embeds, only."""
-    if manifest.key.refit_mode is RefitMode.REFIT:
-        return None
-    source = manifest.source_checkpoint.get("name") or "its checkpoint"
-    built = (f"built ahead of time for {', '.join(manifest.key.targets)} without refit"
-             if manifest.key.targets else "built without refit")
-    return (f"engine {manifest.id} cannot take {what}: it was {built} and embeds the weights of {source}; "
-            "build an engine for this checkpoint (or one with refit, on a GPU of its targets) to serve it")
-
-
-def engine_contract(manifest: Manifest) -> ModelContract:
-    """The model contract an engine was built with (StaleEngine when this version cannot serve it)."""
-    try:
-        return bind_record(manifest.key.io)
-    except (SdtrtError, KeyError, TypeError, ValueError) as e:
-        raise StaleEngine(f"engine {manifest.id}: {e}") from None
-
-
 @dataclass
 class EngineSession:
-    manifest: Manifest
+    spec: EngineSpec
     runner: EngineRunner
-    profiles: list[Profile]
-    ranges: list[dict[str, TensorRange]]
-    contract: ModelContract
     weights_from: str | None  # sha256 of the checkpoint whose weights are in the engine
     deltas: WeightTracker = field(default_factory=WeightTracker)  # what differs from that checkpoint (LoRA)
     #: set when a refit failed half-way in a backend that cannot undo it: the weights are unknown, reload the engine
@@ -112,16 +90,26 @@ class EngineSession:
         if reason is not None:
             raise StaleEngine(f"engine {engine_id} needs backend {manifest.key.backend}: {reason}")
         manifest = _check_files(registry, engine_id, backend, quarantine)
-        contract = engine_contract(manifest)
-        profiles = [Profile.parse(p) for p in manifest.key.profiles]
-        ranges = [contract.engine_ranges(p) for p in profiles]
-        runner = backend.load(registry.engine_dir(engine_id), [f.name for f in manifest.files], ranges,
+        spec = EngineSpec.of(manifest)
+        runner = backend.load(registry.engine_dir(engine_id), [f.name for f in manifest.files], list(spec.ranges),
                               digests={f.name: f.sha256 for f in manifest.files})
         if runner is None:  # a runtime that answers None instead of raising (deserialize_cuda_engine does)
             raise StaleEngine(f"backend {manifest.key.backend} returned no engine for {engine_id}; rebuild it")
         embedded = manifest.key.weights is WeightsMode.EMBEDDED and not runner.needs_weights
-        return cls(manifest, runner, profiles, ranges, contract,
-                   manifest.source_checkpoint.get("sha256") if embedded else None, cuda_graphs=cuda_graphs)
+        return cls(spec, runner, manifest.source_checkpoint.get("sha256") if embedded else None,
+                   cuda_graphs=cuda_graphs)
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.spec.manifest
+
+    @property
+    def contract(self) -> ModelContract:
+        return self.spec.contract
+
+    @property
+    def profiles(self) -> tuple[Profile, ...]:
+        return self.spec.profiles
 
     @contextlib.contextmanager
     def hold(self, timeout: float | None = None) -> Iterator[EngineSession]:
@@ -193,20 +181,17 @@ class EngineSession:
             self.deltas.applied(plan)
             return plan
 
-    def profile_for(self, dims: dict[str, Dims]) -> int | None:
-        return select_profile(self.ranges, dims)
-
-    def __call__(self, feeds: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Run the engine on its feeds (`contract.feeds` of a host call, or `contract.random_feeds`)."""
-        dims = {k: tuple(v.shape) for k, v in feeds.items()}
-        index = self.profile_for(dims)
-        if index is None:
-            raise NoMatchingProfile(
-                f"no profile of engine {self.manifest.id} covers this call ({self.contract.describe(dims)}); its "
-                f"profiles are {', '.join(map(str, self.profiles))}"
-            )
-        with self.hold():
-            return self.runner.infer(dict(feeds), index)
+    def __call__(self, feeds: Mapping[str, torch.Tensor], profile: int | None = None,
+                 wait: float | None = None) -> torch.Tensor:
+        """Run the engine on its feeds (`contract.feeds` of a host call, or `contract.random_feeds`) with `profile`
+        (the first that covers the feeds when None). NoMatchingProfile when none does; EngineBusy after `wait`."""
+        if profile is None:
+            dims = {k: tuple(v.shape) for k, v in feeds.items()}
+            profile = self.spec.profile_for(dims)
+            if profile is None:
+                raise NoMatchingProfile(self.spec.uncovered(dims))
+        with self.hold(wait):
+            return self.runner.infer(dict(feeds), profile)
 
     def close(self) -> None:
         """Free the engine once no call or refit uses it (waits for the one in flight). Safe to call twice."""

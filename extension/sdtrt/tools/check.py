@@ -84,7 +84,7 @@ def check_engine(cache: Path, engine_id: str, checkpoint: Path, shapes: Sequence
         g = torch.Generator().manual_seed(seed)
         for shape in shapes:
             dims = session.contract.call_dims(shape)
-            if session.profile_for(dims) is None:
+            if session.spec.profile_for(dims) is None:
                 raise NoMatchingProfile(
                     f"shape {shape} is outside every profile of {engine_id}: "
                     f"{', '.join(map(str, session.profiles))}"

@@ -148,7 +148,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from sdtrt.tools.bench import format_refit, refit_bench, to_dicts
+    from sdtrt.tools.bench import to_dicts
+    from sdtrt.tools.bench_refit import format_refit, refit_bench
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.what == "build":

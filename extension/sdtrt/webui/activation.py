@@ -16,8 +16,10 @@ import torch
 
 from sdtrt.engine_types import RefitMode
 from sdtrt.errors import SdtrtError, StaleEngine
-from sdtrt.serving.server import Counters, EngineSlot, UnetServer, WeightSource
-from sdtrt.serving.session import refit_refusal
+from sdtrt.serving.counters import Counters
+from sdtrt.serving.server import FallbackPolicy, UnetServer
+from sdtrt.serving.slot import EngineSlot, WeightSource
+from sdtrt.serving.spec import refit_refusal
 from sdtrt.storage.key import validate_engine_id
 from sdtrt.webui.options import LoadedArch, OptionSpec, UnetOptions
 from sdtrt.webui.sessions import close_all
@@ -89,9 +91,7 @@ class Activation:
             unusable = f"{type(e).__name__}: {e}"
         if unusable is not None:
             counters.error(unusable)
-        server = UnetServer(slots, fallback=self.torch_fallback, counters=counters, notify=self.notify,
-                            weights=weights, policy=lambda: self.state.settings().fallback, unusable=unusable,
-                            enabled=lambda: self.state.settings().enabled)
+        server = UnetServer(slots, policy=HostPolicy(self), counters=counters, weights=weights, unusable=unusable)
         return server
 
     def weights_for_loaded(self) -> WeightSource | None:
@@ -201,3 +201,22 @@ class Activation:
         return {"unloaded": not closer.is_alive(),
                 "builds_left": [j.id for j in pending if not j.state.finished]}
 
+
+class HostPolicy:
+    """The ServingPolicy of the service's servers: the settings of the generation in progress, the host's PyTorch
+    UNet (moved back to the device) and its notices."""
+
+    def __init__(self, activation: Activation) -> None:
+        self.activation = activation
+
+    def enabled(self) -> bool:
+        return self.activation.state.settings().enabled
+
+    def on_uncovered(self) -> FallbackPolicy:
+        return self.activation.state.settings().fallback
+
+    def run_pytorch(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.activation.torch_fallback(*args, **kwargs)
+
+    def tell(self, reason: str) -> None:
+        self.activation.notify(reason)

@@ -12,7 +12,6 @@ What else sends a pass to PyTorch is decided where serving decides it: tiling (`
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 from collections.abc import Mapping
@@ -24,11 +23,14 @@ from sdtrt.engine_types import RefitMode
 from sdtrt.errors import SdtrtError
 from sdtrt.serving.passes import CallShape, CfgOptions, GenerationSpec, HiresSpec, PassSpec, hires_size, plan_passes
 from sdtrt.profiles import MAX_PIXELS, MIN_PIXELS, Shape, token_chunks
-from sdtrt.serving.session import refit_refusal
+from sdtrt.serving.spec import refit_refusal
 from sdtrt.models import NotServable
-from sdtrt.serving.server import SWITCHED_OFF, Counters, FallbackPolicy, UnetServer, WeightSource
+from sdtrt.serving.counters import Counters
+from sdtrt.serving.server import SWITCHED_OFF, FallbackPolicy, UnetServer
+from sdtrt.serving.slot import WeightSource
 from sdtrt.webui import controlnet, foreign
 from sdtrt.webui.host import LABEL_PREFIX, CheckpointRef
+from sdtrt.webui.request_fields import CoverageError, float_field, int_field, text_field
 from sdtrt.webui.prediction import CallRoute, Coverage, PassRoute, RouteKind, suggest_profile, summarize
 
 if TYPE_CHECKING:
@@ -50,46 +52,7 @@ _AND_RE = re.compile(r"\bAND\b")
 MAX_HR_SCALE = 16.0
 
 
-class CoverageError(SdtrtError):
-    """The request cannot be predicted (bad field types, unknown checkpoint)."""
-
-
 # ---- reading the request -----------------------------------------------------------------------------------------
-def _int(body: Mapping[str, Any], key: str, default: int, lo: int = 0, hi: int = 1 << 20) -> int:
-    value = body.get(key, default)
-    if value is None:
-        return default
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise CoverageError(f"{key} must be a number, got {value!r}") from None
-    if not lo <= number <= hi:
-        raise CoverageError(f"{key} must be between {lo} and {hi}, got {number}")
-    return number
-
-
-def _float(body: Mapping[str, Any], key: str, default: float | None) -> float | None:
-    value = body.get(key, default)
-    if value is None:
-        return default
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise CoverageError(f"{key} must be a number, got {value!r}") from None
-    if not math.isfinite(number):
-        raise CoverageError(f"{key} must be finite")
-    return number
-
-
-def _text(body: Mapping[str, Any], key: str, default: str = "") -> str:
-    value = body.get(key, default)
-    if value is None:
-        return default
-    if isinstance(value, list):  # A1111 takes a list of prompts too: one per image; the longest decides
-        return max((str(v) for v in value), key=len, default=default)
-    return str(value)
-
-
 def lora_names(*prompts: str) -> list[str]:
     return sorted({m.group(1).strip() for p in prompts for m in _LORA_RE.finditer(p)})
 
@@ -140,7 +103,7 @@ class Predictor:
 
     def chunks(self, prompt: str, negative: bool) -> int:
         """77-row chunks of a (styled) prompt's conditioning, counted as the WebUI's token counter counts them."""
-        steps = _int(self.body, "steps", 20, 1, 10000)
+        steps = int_field(self.body, "steps", 20, 1, 10000)
         try:
             return max(1, int(self.host.prompt_chunks(prompt, negative, steps)))
         except Exception:  # a prediction never fails on the token counter
@@ -178,23 +141,23 @@ class Predictor:
 
     def spec(self) -> GenerationSpec:
         b = self.body
-        raw_w = _int(b, "width", DEFAULT_PIXELS, MIN_PIXELS, MAX_PIXELS)
-        raw_h = _int(b, "height", DEFAULT_PIXELS, MIN_PIXELS, MAX_PIXELS)
+        raw_w = int_field(b, "width", DEFAULT_PIXELS, MIN_PIXELS, MAX_PIXELS)
+        raw_h = int_field(b, "height", DEFAULT_PIXELS, MIN_PIXELS, MAX_PIXELS)
         width, height = raw_w // LATENT_FACTOR * LATENT_FACTOR, raw_h // LATENT_FACTOR * LATENT_FACTOR
-        batch = _int(b, "batch_size", 1, 1, 64)
-        prompt = self.styled(_text(b, "prompt"), False)
-        negative = self.styled(_text(b, "negative_prompt"), True)
+        batch = int_field(b, "batch_size", 1, 1, 64)
+        prompt = self.styled(text_field(b, "prompt"), False)
+        negative = self.styled(text_field(b, "negative_prompt"), True)
         conds = max(1, len(_AND_RE.split(prompt)))
         main = self.checkpoint(self.overrides.get("sd_model_checkpoint"))
         hires = None
         if self.kind == "txt2img" and b.get("enable_hr"):
-            scale = _float(b, "hr_scale", 2.0) or 2.0
+            scale = float_field(b, "hr_scale", 2.0) or 2.0
             if not 0 < scale <= MAX_HR_SCALE:
                 raise CoverageError(f"hr_scale must be above 0 and at most {MAX_HR_SCALE}, got {scale}")
             hw, hh = hires_size(raw_w, raw_h, scale,
-                                _int(b, "hr_resize_x", 0, 0, MAX_PIXELS), _int(b, "hr_resize_y", 0, 0, MAX_PIXELS))
-            hr_prompt = self.styled(_text(b, "hr_prompt"), False) if _text(b, "hr_prompt") else prompt
-            hr_negative = self.styled(_text(b, "hr_negative_prompt"), True) if _text(b, "hr_negative_prompt") \
+                                int_field(b, "hr_resize_x", 0, 0, MAX_PIXELS), int_field(b, "hr_resize_y", 0, 0, MAX_PIXELS))
+            hr_prompt = self.styled(text_field(b, "hr_prompt"), False) if text_field(b, "hr_prompt") else prompt
+            hr_negative = self.styled(text_field(b, "hr_negative_prompt"), True) if text_field(b, "hr_negative_prompt") \
                 else negative
             self.prompts.append(hr_prompt)
             name = b.get("hr_checkpoint_name")
@@ -206,7 +169,7 @@ class Predictor:
         refiner_ref = None if refiner in NO_REFINER else self.named_checkpoint("refiner_checkpoint", refiner)
         return GenerationSpec(width, height, batch, self.chunks(prompt, False), self.chunks(negative, True), conds,
                               main.title if main else None, hires, refiner_ref.title if refiner_ref else None,
-                              _float(b, "refiner_switch_at", None),
+                              float_field(b, "refiner_switch_at", None),
                               str(self.option("hires_fix_refiner_pass", "second pass")),
                               self.start_ratio(self.kind == "img2img"))
 
@@ -215,16 +178,16 @@ class Predictor:
         starts at 1 - denoising strength (by noise level; by sampling steps every pass starts at 0)."""
         if not denoised or self.option("refiner_switch_by_sample_steps", False):
             return 0.0
-        strength = _float(self.body, "denoising_strength", None)
+        strength = float_field(self.body, "denoising_strength", None)
         if strength is None:
             strength = 0.75  # A1111's default
         return min(1.0, max(0.0, 1.0 - strength))
 
     def cfg_options(self) -> CfgOptions:
-        s_min = _float(self.body, "s_min_uncond", None)
+        s_min = float_field(self.body, "s_min_uncond", None)
         if s_min is None:
-            s_min = _float({"s_min_uncond": self.option("s_min_uncond", 0.0)}, "s_min_uncond", 0.0) or 0.0
-        early = _float({"skip_early_cond": self.option("skip_early_cond", 0.0)}, "skip_early_cond", 0.0) or 0.0
+            s_min = float_field({"s_min_uncond": self.option("s_min_uncond", 0.0)}, "s_min_uncond", 0.0) or 0.0
+        early = float_field({"skip_early_cond": self.option("skip_early_cond", 0.0)}, "skip_early_cond", 0.0) or 0.0
         return CfgOptions(bool(self.option("batch_cond_uncond", True)), bool(self.option("pad_cond_uncond", False)),
                           bool(self.option("pad_cond_uncond_v0", False)), s_min > 0 or early > 0)
 
@@ -347,9 +310,9 @@ class Predictor:
                 raise NotServable("this engine has no ControlNet inputs")
             return slot.contract.call_dims(shape, rows=call.rows)
 
-        slot, index, reason = server.route(dims)
-        return CallRoute(call.rows, call.width, call.height, call.chunks, slot.id if slot else None,
-                         None if index is None else index + 1, reason)
+        route = server.route(dims)
+        return CallRoute(call.rows, call.width, call.height, call.chunks, route.slot.id if route.slot else None,
+                         None if route.profile is None else route.profile + 1, route.reason)
 
     def unservable(self, server: UnetServer) -> str | None:
         """What in the request sends the pass to PyTorch whatever the sizes (as serving would find it)."""

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from sdtrt.serving.server import NetworkSet, NetworksFailed
+from sdtrt.serving.slot import NetworkSet, NetworksFailed
 from sdtrt.webui import controlnet, foreign
 from sdtrt.webui.activation import Activation
 from sdtrt.webui.state import Generation, ServiceState

@@ -13,7 +13,8 @@ from typing import Any
 
 from sdtrt.errors import SdtrtError
 from sdtrt.serving.catalog import BackendProbe
-from sdtrt.serving.server import Counters, UnetServer
+from sdtrt.serving.counters import Counters
+from sdtrt.serving.server import UnetServer
 from sdtrt.serving.session import EngineSession
 from sdtrt.storage.registry import Registry
 from sdtrt.webui.host import Host, Settings
