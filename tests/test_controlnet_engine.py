@@ -12,7 +12,7 @@ from sdtrt.pipeline.checkpoint import build_unet, open_checkpoint
 from sdtrt.errors import SdtrtError
 from sdtrt.storage.manifest import Manifest
 from sdtrt.models import (
-    CONTROL_KW,
+    CallSize,
     ControlFeeds,
     LdmUNet,
     LdmUNetControl,
@@ -84,7 +84,7 @@ def test_engine_with_control_inputs_matches_the_hooks_block_loop(family: str, co
             t = torch.rand(rows, generator=g) * 999
             ctx = torch.randn(rows, tokens, contract.io.context_dim, generator=g)
             y = torch.randn(rows, contract.io.y_dim, generator=g) if contract.io.y_dim else None
-            dims = contract._control_dims(rows, h, w)  # type: ignore[attr-defined]
+            dims = contract.control_dims(CallSize(rows, h, w, 77))
             controls = [torch.randn(d, generator=g) for name, d in dims if name.startswith("control_")]
             adapters = [torch.randn(d, generator=g) for name, d in dims if name.startswith("adapter_")]
             assert adapters, "the tiny UNet has at least one adapter injection point"
@@ -95,8 +95,8 @@ def test_engine_with_control_inputs_matches_the_hooks_block_loop(family: str, co
             skips = list(controls)
             for j, i in enumerate(contract.adapters):
                 skips[i] = skips[i] + adapters[j]
-            kwargs = {CONTROL_KW: ControlFeeds(skips, adapters), **({"y": y} if y is not None else {})}
-            feeds = contract.feeds((x, t, ctx), kwargs)
+            kwargs = {"y": y} if y is not None else {}
+            feeds = contract.feeds((x, t, ctx), kwargs, ControlFeeds(skips, adapters))
             index = session.spec.profile_for({k: tuple(v.shape) for k, v in feeds.items()})
             assert index is not None, (rows, hpx, wpx)
             out = session(feeds)
@@ -131,14 +131,14 @@ def test_residuals_of_the_wrong_shape_or_count_are_refused() -> None:
     contract = LdmUNetControl(io)
     x, t, ctx = torch.zeros(2, 4, 9, 11), torch.zeros(2), torch.zeros(2, 77, 768)
     good = [torch.zeros(2, c, -(-9 // 2**lv), -(-11 // 2**lv)) for c, lv in io.skips]
-    feeds = contract.feeds((x, t, ctx), {CONTROL_KW: ControlFeeds(good)})
+    feeds = contract.feeds((x, t, ctx), {}, ControlFeeds(good))
     assert tuple(feeds["control_2"].shape) == (2, 32, 5, 6)
     with pytest.raises(NotServable, match="control_1 has shape"):
-        contract.feeds((x, t, ctx), {CONTROL_KW: ControlFeeds([good[0], torch.zeros(2, 32, 8, 8), *good[2:]])})
+        contract.feeds((x, t, ctx), {}, ControlFeeds([good[0], torch.zeros(2, 32, 8, 8), *good[2:]]))
     with pytest.raises(NotServable, match="sent 4 residuals"):
-        contract.feeds((x, t, ctx), {CONTROL_KW: ControlFeeds(good[:4])})
+        contract.feeds((x, t, ctx), {}, ControlFeeds(good[:4]))
     with pytest.raises(NotServable, match="no ControlNet inputs"):
-        LdmUNet(io).feeds((x, t, ctx), {CONTROL_KW: ControlFeeds(good)})
+        LdmUNet(io).feeds((x, t, ctx), {}, ControlFeeds(good))
     with pytest.raises(SdtrtError, match="skip layout"):
         SgmUNetControl(TensorIO(4, 2048, 2816))
 

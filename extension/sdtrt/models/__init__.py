@@ -1,5 +1,6 @@
-"""Model contracts, one module per architecture (see base.py). A new architecture, or a variant with more inputs
-(ControlNet residuals), is a contract class in its own module plus one line in CONTRACTS."""
+"""Model contracts, one module per architecture (see base.py): its contract classes (plain, and with ControlNet
+inputs), declared as input rows, and the families detection recognises as it. A new architecture (SD3's MMDiT) is
+one module plus its entry in ARCHITECTURES."""
 
 from __future__ import annotations
 
@@ -7,15 +8,23 @@ from collections.abc import Mapping
 from typing import Any
 
 from sdtrt.errors import SdtrtError
-from sdtrt.models.base import ModelContract, NotServable, TensorIO, TensorSpec
-from sdtrt.models.control import CONTROL_KW, ControlFeeds
+from sdtrt.models import ldm, sgm
+from sdtrt.models.base import CallSize, FamilyDef, InputRow, ModelContract, NotServable, TensorIO, TensorSpec
+from sdtrt.models.control import ControlledUNet
 from sdtrt.models.ldm import LdmUNet, LdmUNetControl
 from sdtrt.models.sgm import SgmUNet, SgmUNetControl
+from sdtrt.models.unet import ControlFeeds, UNetCall, split_unet_call, unet_host_call
+
+#: Every architecture module: its contracts (named in engine keys) and its families.
+ARCHITECTURES = (ldm, sgm)
 
 CONTRACTS: dict[str, type[ModelContract]] = {c.name: c for c in (LdmUNet, LdmUNetControl, SgmUNet, SgmUNetControl)}
+FAMILIES: tuple[FamilyDef, ...] = tuple(f for arch in ARCHITECTURES for f in arch.FAMILIES)
 
-__all__ = ["CONTRACTS", "CONTROL_KW", "ControlFeeds", "LdmUNet", "LdmUNetControl", "ModelContract", "NotServable",
-           "SgmUNet", "SgmUNetControl", "TensorIO", "TensorSpec", "bind", "bind_record", "record_takes_control"]
+__all__ = ["ARCHITECTURES", "CONTRACTS", "FAMILIES", "CallSize", "ControlFeeds", "ControlledUNet", "FamilyDef",
+           "InputRow", "LdmUNet", "LdmUNetControl", "ModelContract", "NotServable", "SgmUNet", "SgmUNetControl",
+           "TensorIO", "TensorSpec", "UNetCall", "bind", "bind_record", "record_takes_control", "split_unet_call",
+           "unet_host_call"]
 
 
 def record_takes_control(record: Mapping[str, Any]) -> bool:

@@ -3,6 +3,8 @@ inpainting variants. No `y` vector."""
 
 from __future__ import annotations
 
+from sdtrt.constants import SD1_CONTEXT_DIM, SD2_CONTEXT_DIM
+from sdtrt.models.base import FamilyDef
 from sdtrt.models.control import ControlledUNet
 from sdtrt.models.unet import UNetContract
 
@@ -24,3 +26,9 @@ class LdmUNetControl(ControlledUNet):
 
 
 LdmUNet.control_variant = LdmUNetControl
+
+#: The families detection recognises as this architecture (by context width; no `y`), with their head layouts.
+FAMILIES = (
+    FamilyDef("sd1", "SD 1.x", SD1_CONTEXT_DIM, None, LdmUNet, num_heads=8),
+    FamilyDef("sd2", "SD 2.x", SD2_CONTEXT_DIM, None, LdmUNet, num_head_channels=64),
+)

@@ -3,6 +3,13 @@ inpainting included. Takes the `y` vector, which A1111 passes as a keyword."""
 
 from __future__ import annotations
 
+from sdtrt.constants import (
+    SDXL_BASE_CONTEXT_DIM,
+    SDXL_BASE_Y_WIDTH,
+    SDXL_REFINER_CONTEXT_DIM,
+    SDXL_REFINER_Y_WIDTH,
+)
+from sdtrt.models.base import FamilyDef
 from sdtrt.models.control import ControlledUNet
 from sdtrt.models.unet import UNetContract
 
@@ -25,3 +32,10 @@ class SgmUNetControl(ControlledUNet):
 
 
 SgmUNet.control_variant = SgmUNetControl
+
+#: The families detection recognises as this architecture (by context and `y` widths), with their head layouts.
+FAMILIES = (
+    FamilyDef("sdxl-base", "SDXL base", SDXL_BASE_CONTEXT_DIM, SDXL_BASE_Y_WIDTH, SgmUNet, num_head_channels=64),
+    FamilyDef("sdxl-refiner", "SDXL refiner", SDXL_REFINER_CONTEXT_DIM, SDXL_REFINER_Y_WIDTH, SgmUNet,
+              num_head_channels=64),
+)

@@ -17,43 +17,16 @@ from typing import Any
 from sdtrt.constants import (
     INPAINT_IN_CHANNELS,
     LATENT_CHANNELS,
-    SD1_CONTEXT_DIM,
-    SD2_CONTEXT_DIM,
-    SDXL_BASE_CONTEXT_DIM,
-    SDXL_BASE_Y_WIDTH,
-    SDXL_REFINER_CONTEXT_DIM,
-    SDXL_REFINER_Y_WIDTH,
 )
 from sdtrt.errors import CheckpointError, UnknownArchitecture
-from sdtrt.models import LdmUNet, ModelContract, SgmUNet, TensorIO
+from sdtrt.models import FAMILIES as MODEL_FAMILIES
+from sdtrt.models import FamilyDef, ModelContract, TensorIO
 from sdtrt.models.torch_unet import UNetSpec
 
 
-@dataclass(frozen=True)
-class FamilyDef:
-    """What identifies a family: its context width, its `y` width (SDXL) and its default head layout; and the
-    model contract its engines follow."""
-
-    name: str
-    label: str
-    context_dim: int
-    y_dim: int | None
-    contract: type[ModelContract]
-    num_heads: int = -1
-    num_head_channels: int = -1
-
-
-#: The table of supported families, keyed by what the state dict shows: (context width, y width).
-FAMILIES: dict[tuple[int, int | None], FamilyDef] = {
-    (SD1_CONTEXT_DIM, None): FamilyDef("sd1", "SD 1.x", SD1_CONTEXT_DIM, None, LdmUNet, num_heads=8),
-    (SD2_CONTEXT_DIM, None): FamilyDef("sd2", "SD 2.x", SD2_CONTEXT_DIM, None, LdmUNet, num_head_channels=64),
-    (SDXL_BASE_CONTEXT_DIM, SDXL_BASE_Y_WIDTH): FamilyDef(
-        "sdxl-base", "SDXL base", SDXL_BASE_CONTEXT_DIM, SDXL_BASE_Y_WIDTH, SgmUNet, num_head_channels=64
-    ),
-    (SDXL_REFINER_CONTEXT_DIM, SDXL_REFINER_Y_WIDTH): FamilyDef(
-        "sdxl-refiner", "SDXL refiner", SDXL_REFINER_CONTEXT_DIM, SDXL_REFINER_Y_WIDTH, SgmUNet, num_head_channels=64
-    ),
-}
+#: The supported families, keyed by what the state dict shows: (context width, y width). Each architecture module
+#: of sdtrt.models declares its own.
+FAMILIES: dict[tuple[int, int | None], FamilyDef] = {(f.context_dim, f.y_dim): f for f in MODEL_FAMILIES}
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import torch
 
 from sdtrt.errors import EngineBusy, EngineClosed, NoMatchingProfile, SdtrtError
+from sdtrt.models import ControlFeeds
 from sdtrt.profiles import Dims
 from sdtrt.serving.counters import Counters
 from sdtrt.serving.route import Route, plan
@@ -170,14 +171,16 @@ class UnetServer:
                  **kwargs: Any) -> torch.Tensor:
         return self.serve((x, timesteps, context, *args), kwargs, self.policy.run_pytorch)
 
-    def serve(self, call: tuple[Any, ...], kwargs: dict[str, Any], fallback: Callable[..., torch.Tensor]
-              ) -> torch.Tensor:
-        """One UNet call: on the engine its route names, else `fallback(*call, **kwargs)` (counted, and told
-        unless the extension is off). An engine that fails to load is marked broken and the call routed again."""
+    def serve(self, call: tuple[Any, ...], kwargs: dict[str, Any], fallback: Callable[..., torch.Tensor],
+              control: ControlFeeds | None = None) -> torch.Tensor:
+        """One UNet call `forward(*call, **kwargs)` plus what a ControlNet hook adds to it (`control`: only the
+        engines with ControlNet inputs take it): on the engine its route names, else `fallback(*call, **kwargs)`
+        (counted, and told unless the extension is off). An engine that fails to load is marked broken and the call
+        routed again."""
         x = call[0]
 
         def inputs_of(slot: EngineSlot) -> tuple[dict[str, Dims], dict[str, torch.Tensor]]:
-            feeds = slot.contract.feeds(call, kwargs)
+            feeds = slot.contract.feeds(call, kwargs, control)
             return {name: tuple(t.shape) for name, t in feeds.items()}, feeds
 
         while True:

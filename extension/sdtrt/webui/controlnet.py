@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from sdtrt.errors import NoMatchingProfile
-from sdtrt.models import CONTROL_KW, ControlFeeds
+from sdtrt.models import ControlFeeds, ControlledUNet, split_unet_call, unet_host_call
 from sdtrt.serving.server import SWITCHED_OFF, UnetServer
 
 log = logging.getLogger("sdtrt")
@@ -281,7 +281,7 @@ def serve_call(server: UnetServer | None, unet: torch.nn.Module | None, hook: Ho
     Whatever the engine cannot take runs through the hook on the PyTorch UNet (`to_device` puts it back on the
     device), told (`notify`) and counted."""
     slot = None if server is None else next((s for s in server.slots if s.broken is None
-                                             and s.contract.takes_control), None)
+                                             and isinstance(s.contract, ControlledUNet)), None)
     if server is None or unet is None:
         return hook.bound(*args, **kwargs)
 
@@ -295,19 +295,18 @@ def serve_call(server: UnetServer | None, unet: torch.nn.Module | None, hook: Ho
         return server.to_pytorch(reason or SWITCHED_OFF, args, kwargs, user=server.enabled(),
                                  fallback=through_hook)
     contract = slot.contract
+    assert isinstance(contract, ControlledUNet)  # the slot was chosen for it
 
     def pytorch(*_: Any, **__: Any) -> torch.Tensor:
         raise RunOnPyTorch()
 
     def engine(sample: torch.Tensor, t: Any, context: torch.Tensor, y: torch.Tensor | None,
                feeds: ControlFeeds) -> torch.Tensor:
-        call, kw = contract.make_call(sample, t, context, y, **{CONTROL_KW: feeds})  # type: ignore[attr-defined]
-        return server.serve(call, kw, pytorch)
+        return server.serve(*unet_host_call(sample, t, context, y), pytorch, control=feeds)
 
-    x, timesteps, _, _ = contract.split_call(args, kwargs)  # type: ignore[attr-defined]
+    x, timesteps, _, _ = split_unet_call(args, kwargs)
     try:
-        return serve(hook, args, kwargs, unet, contract.io.skips, contract.adapters,  # type: ignore[attr-defined]
-                     x, timesteps, engine)
+        return serve(hook, args, kwargs, unet, contract.io.skips, contract.adapters, x, timesteps, engine)
     except RunOnPyTorch:
         pass
     except NoMatchingProfile:
