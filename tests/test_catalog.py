@@ -18,7 +18,7 @@ def test_rows_tell_stale_from_unavailable_here(tiny_checkpoint, tmp_path: Path, 
     registry = Registry(tmp_path)
     [row] = engine_rows(registry, BackendProbe())
     assert row.ok and row.id == out.manifest.id and row.size_bytes == sum(f.size for f in out.manifest.files)
-    assert row.to_dict()["profiles"] == ["1x64x64x75"] and row.to_dict()["ok"] is True
+    assert list(row.manifest.key.profiles) == ["1x64x64x75"] and row.ok is True
 
     probe = BackendProbe()
     monkeypatch.setattr(probe, "info", lambda name: "no GPU here")  # the backend cannot run on this machine

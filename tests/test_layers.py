@@ -6,6 +6,7 @@ left at the top) and no product file grows past a size one can read (all read fr
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -177,3 +178,12 @@ def test_only_host_adapters_know_a_hosts_modules() -> None:
                 continue
             found += [f"{path.relative_to(PACKAGE)}: {n}" for n in names if n.split(".")[0] in host_roots]
     assert found == []
+
+
+def test_the_architecture_picture_names_every_package() -> None:
+    """docs/architecture.dot (the source of docs/architecture.svg) keeps up with the packages."""
+    docs = PACKAGE.parents[1] / "docs"
+    source = (docs / "architecture.dot").read_text(encoding="utf-8")
+    named = set(re.findall(r'label="([a-z_]+)[\\ "]', source)) | set(re.findall(r"\b([a-z_]+)\s*\[label=", source))
+    assert PACKAGES <= named, sorted(PACKAGES - named)
+    assert (docs / "architecture.svg").stat().st_mtime >= 0 and "<svg" in (docs / "architecture.svg").read_text()

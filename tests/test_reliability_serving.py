@@ -271,7 +271,7 @@ def test_bad_plans_are_refused_before_deserialization_and_pytorch_serves(
             server = switch(svc, spec_for(cache.e1))  # selected before the damage: the dropdown still had it
             outs, delta = generation(svc, server)
             reasons = svc.counters.snapshot()["fallback_reasons"]
-            rows = {r["id"]: r for r in svc.engine_rows()}
+            rows = {r.id: r for r in svc.engine_rows()}
             problems = []
             if sum(deserialize_counter.calls.values()):
                 problems.append(f"deserialized: {deserialize_counter.calls}")
@@ -283,7 +283,7 @@ def test_bad_plans_are_refused_before_deserialization_and_pytorch_serves(
                 problems.append(f"reason not given: {reasons}")
             if not host.told or "PyTorch" not in host.told[-1][1]:
                 problems.append("user not told")
-            if rows[cache.e1]["ok"] or cache.e1 in {s.engine_ids[0] for s in svc.unet_options()}:
+            if rows[cache.e1].ok or cache.e1 in {s.engine_ids[0] for s in svc.unet_options()}:
                 problems.append("still listed as usable")
             if not (cache.cache / cache.e1).is_dir():
                 problems.append("engine folder gone (deleted?)")
@@ -313,8 +313,8 @@ def test_bad_plans_are_refused_before_deserialization_and_pytorch_serves(
 def test_foreign_version_or_gpu_is_refused_before_deserialization_and_offered_for_rebuild(
         cache: Cache, host: LoraHost, svc: EngineService, deserialize_counter: Injector, which: str) -> None:
     engine_id = cache.derived[which]
-    rows = {r["id"]: r for r in svc.engine_rows()}
-    assert not rows[engine_id]["ok"] and "built with onnxruntime" in rows[engine_id]["reason"]
+    rows = {r.id: r for r in svc.engine_rows()}
+    assert not rows[engine_id].ok and "built with onnxruntime" in rows[engine_id].reason
     assert engine_id not in {i for s in svc.unet_options() for i in s.engine_ids}  # never offered
     server = switch(svc, spec_for(engine_id))  # chosen anyway (by the API, or selected before an upgrade)
     outs, delta = generation(svc, server)
@@ -344,14 +344,14 @@ def test_bit_flipped_plan_is_quarantined_by_the_rebuild_not_deleted(
         with pytest.raises(CorruptEngine, match="never deserialized"):
             EngineSession.open(svc.registry(), cache.e1)
         switch(svc, spec_for(cache.e1))
-        row = {r["id"]: r for r in svc.engine_rows()}[cache.e1]
-        assert not row["ok"] and "sha256" in row["reason"] and "moved aside" in row["reason"]
+        row = {r.id: r for r in svc.engine_rows()}[cache.e1]
+        assert not row.ok and "sha256" in row.reason and "moved aside" in row.reason
         svc.deactivate(svc.active)  # type: ignore[arg-type]
         job = svc.jobs.wait(svc.rebuild(cache.e1).id, timeout=300)
         assert job.state == DONE, job.error
         [quarantined] = list((models / "Unet-sdtrt").glob(f".quarantine-{cache.e1}-*"))
         assert (quarantined / onnx.name).read_bytes() == bytes(flipped)  # kept for inspection, not deleted
-        assert {r["id"]: r for r in svc.engine_rows()}[cache.e1]["ok"]
+        assert {r.id: r for r in svc.engine_rows()}[cache.e1].ok
         outs, delta = generation(svc, switch(svc, spec_for(cache.e1)))
         assert delta["engine_calls"] == 2
         assert_all_close(outs, Refs(host)(None))
@@ -393,7 +393,7 @@ def test_a_read_error_is_not_taken_for_damage(cache: Cache, host: LoraHost, svc:
         outs, delta = generation(svc, switch(svc, spec_for(cache.e1)))
     assert delta == {"engine_calls": 0, "fallback_calls": 2, "refits": 0}
     assert "cannot read" in next(iter(svc.counters.snapshot()["fallback_reasons"]))
-    assert {r["id"]: r for r in svc.engine_rows()}[cache.e1]["ok"]
+    assert {r.id: r for r in svc.engine_rows()}[cache.e1].ok
     outs, delta = generation(svc, switch(svc, spec_for(cache.e1)))
     assert delta["engine_calls"] == 2
     assert_all_close(outs, Refs(host)(None))
@@ -1004,7 +1004,7 @@ def test_failed_builds_leave_the_active_engine_serving(cache: Cache, host: LoraH
         for trial in range(trials):
             point = points[trial % len(points)].name
             kind = pick(rng, FAULT_KINDS)
-            before = {r["id"] for r in svc.engine_rows()}
+            before = {r.id for r in svc.engine_rows()}
             inj.arm(point, 1, fault(kind, point))
             job = svc.submit_build(host.refs[0].title, [f"{trial % 2 + 1}x64x64x75"], "onnxruntime")
             while svc.jobs.get(job.id).state in ("queued", "running"):
@@ -1016,7 +1016,7 @@ def test_failed_builds_leave_the_active_engine_serving(cache: Cache, host: LoraH
             job = svc.jobs.wait(job.id, timeout=300)
             fired = bool(inj.fired)
             inj.count_only()
-            after = {r["id"] for r in svc.engine_rows()}
+            after = {r.id for r in svc.engine_rows()}
             if fired and (job.state != FAILED or "injected" not in (job.error or "") or after != before):
                 failures.append(f"trial {trial} ({point}): job {job.state} {job.error!r}, new engines {after - before}")
             for new in after - before:
@@ -1107,7 +1107,7 @@ def test_no_unet_call_waits_on_a_lock_while_a_build_refit_load_or_delete_runs(
     finally:
         stop.set()
         worker.join(60)
-    for new in {r["id"] for r in svc.engine_rows()} - {cache.e1, *cache.derived.values()}:
+    for new in {r.id for r in svc.engine_rows()} - {cache.e1, *cache.derived.values()}:
         svc.delete(new)
     worst, lock = log.worst("unet-call")
     per_phase = {p: sum(1 for q, _ in results if q == p) for p in timings}
@@ -1135,9 +1135,9 @@ def test_delete_on_a_read_only_cache_is_a_listed_error(cache: Cache, svc: Engine
         m.setattr(os, "rename", erofs)
         with pytest.raises(CacheNotWritable, match="read-only"):
             svc.delete(victim)
-    assert victim in {r["id"] for r in svc.engine_rows()} and not svc.sessions._deleting
+    assert victim in {r.id for r in svc.engine_rows()} and not svc.sessions._deleting
     svc.delete(victim)
-    assert victim not in {r["id"] for r in svc.engine_rows()}
+    assert victim not in {r.id for r in svc.engine_rows()}
 
 
 # ---- row 22: call shapes outside every profile --------------------------------------------------------------------
@@ -1225,13 +1225,13 @@ def test_a_build_in_progress_keeps_generations_working_and_is_not_ready(
     entered, gate = gated_build
     refs = Refs(host)
     server = switch(svc, spec_for(cache.e1))
-    before = {r["id"] for r in svc.engine_rows()}
+    before = {r.id for r in svc.engine_rows()}
     job = svc.submit_build(host.refs[0].title, ["1x64x64x75"], "onnxruntime")
     assert entered.wait(300)
     st = svc.status()
-    assert st["jobs"]["running"] == 1 and [b["job_id"] for b in st["building"]] == [job.id]
-    assert st["building"][0]["profiles"] == ["1x64x64x75"] and st["building"][0]["state"] == "running"
-    assert {r["id"] for r in svc.engine_rows()} == before  # nothing published: not ready, not offered
+    assert st.jobs.running == 1 and [b.job_id for b in st.building] == [job.id]
+    assert st.building[0].profiles == ["1x64x64x75"] and st.building[0].state == "running"
+    assert {r.id for r in svc.engine_rows()} == before  # nothing published: not ready, not offered
     assert {i for s in svc.unet_options() for i in s.engine_ids} <= before
     assert any(p.name.startswith(".tmp-") for p in cache.cache.iterdir())  # it is being built, privately
     outs, delta = generation(svc, server)
@@ -1242,9 +1242,9 @@ def test_a_build_in_progress_keeps_generations_working_and_is_not_ready(
     assert delta["engine_calls"] == 2
     gate.set()
     assert svc.jobs.wait(job.id, timeout=300).state == DONE
-    new = {r["id"]: r for r in svc.engine_rows()}
+    new = {r.id: r for r in svc.engine_rows()}
     [built] = set(new) - before
-    assert new[built]["ok"] and svc.status()["building"] == []
+    assert new[built].ok and svc.status().building == []
     svc.delete(built)
 
 
@@ -1253,7 +1253,7 @@ def test_shutdown_during_a_build_returns_in_bounded_time(
         cache: Cache, host: LoraHost, svc: EngineService, gated_build: tuple[threading.Event, threading.Event]) -> None:
     entered, gate = gated_build
     server = switch(svc, spec_for(cache.e1))
-    before = {r["id"] for r in svc.engine_rows()}
+    before = {r.id for r in svc.engine_rows()}
     job = svc.submit_build(host.refs[0].title, ["1x64x64x75"], "onnxruntime")
     queued = svc.submit_build(host.refs[1].title, ["1x64x64x75"], "onnxruntime")
     assert entered.wait(300)
@@ -1267,7 +1267,7 @@ def test_shutdown_during_a_build_returns_in_bounded_time(
     gate.set()  # the stuck build wakes up: it was cancelled, so it stops at its next progress report
     final = svc.jobs.wait(job.id, timeout=300)
     assert final.state == "cancelled", (final.state, final.error)
-    assert {r["id"] for r in svc.engine_rows()} == before
+    assert {r.id for r in svc.engine_rows()} == before
 
 
 CHILD = textwrap.dedent('''
@@ -1563,7 +1563,7 @@ def test_a1111_reload_ui_during_a_build_is_prompt_and_the_webui_keeps_serving(
     assert svc.jobs.wait(job_id, timeout=300).state == DONE
     report("A1111 Reload UI during a build", reload_seconds=round(took, 2))
     assert took < 10
-    for new in {r["id"] for r in svc.engine_rows()} - {cache.e1, *cache.derived.values()}:
+    for new in {r.id for r in svc.engine_rows()} - {cache.e1, *cache.derived.values()}:
         svc.delete(new)
 
 

@@ -105,7 +105,7 @@ def test_txt2img_runs_every_step_on_the_engine(boot, tiny_checkpoint, engines) -
     assert host.sd_unet.current_unet.option.label == "[TRT] sd1-s0"
     assert next(ref(host).parameters()).device.type == "cpu"  # offloaded while the engine serves
     assert "ran on PyTorch" not in (result.comments or "")
-    assert svc().status()["active"]["engines"] == [engines[1]["sd1"]]
+    assert svc().status().active.engines == [engines[1]["sd1"]]
 
 
 def test_img2img_and_batch_size_and_count(boot, tiny_checkpoint) -> None:  # type: ignore[no-untyped-def]
@@ -176,7 +176,7 @@ def test_sdxl_base_with_the_refiner_switching_in_and_out(boot, tiny_checkpoint, 
     assert "Refiner: sdxl-refiner-s0" in result.info
     _, _, delta = compare(host)  # base alone afterwards: back on the base engine
     assert delta["engine_calls"] == STEPS and delta["fallback_calls"] == 0
-    assert svc().status()["active"]["engines"][0] == engines[1]["sdxl-base"]
+    assert svc().status().active.engines[0] == engines[1]["sdxl-base"]
 
 
 def test_checkpoint_change_automatic_follows_and_refits(boot, tiny_checkpoint, engines) -> None:  # type: ignore[no-untyped-def]
@@ -189,7 +189,7 @@ def test_checkpoint_change_automatic_follows_and_refits(boot, tiny_checkpoint, e
     assert host.sd_unet.current_unet.option.label == "[TRT] sd1-s1"
     _, _, delta = compare(host, override_settings={"sd_model_checkpoint": "sdxl-base-s0"})
     assert delta["engine_calls"] == STEPS and delta["fallback_calls"] == 0
-    assert svc().status()["active"]["engines"] == [engines[1]["sdxl-base"]]
+    assert svc().status().active.engines == [engines[1]["sdxl-base"]]
 
 
 @pytest.mark.parametrize("flag", ["--medvram", "--lowvram"])

@@ -54,7 +54,7 @@ def test_two_loras_and_a_b_a_and_no_needless_refit(boot, tiny_checkpoint) -> Non
     reference, _ = run(host, both, unet="None")
     result, delta = run(host, both)
     assert_close(result.latents, reference.latents)
-    assert svc().status()["active"]["networks"] == ["a:0.8", "b:-0.5"]
+    assert svc().status().active.networks == ["a:0.8", "b:-0.5"]
     again, delta = run(host, both)
     assert delta["refits"] == 0 and torch.equal(again.latents, result.latents)  # unchanged set: no refit
     first_a, _ = run(host, "a cat <lora:a:0.8>")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from sdtrt.backends import backend_class
 from sdtrt.engine_types import BackendInfo
@@ -65,26 +64,10 @@ class EngineRow:
     def size_bytes(self) -> int | None:
         return None if self.manifest is None else sum(f.size for f in self.manifest.files)
 
-    def to_dict(self) -> dict[str, Any]:
-        """The row as the REST API and the TensorRT tab show it."""
-        m = self.manifest
-        return {
-            "id": self.id,
-            "ok": self.ok,
-            "reason": self.reason,
-            "family": m.key.family if m else None,
-            "profiles": list(m.key.profiles) if m else [],
-            "backend": m.key.backend if m else None,
-            "backend_version": m.key.backend_version if m else None,
-            "device": m.key.device if m else None,
-            "dtype": m.key.export.get("dtype") if m else None,
-            "size_bytes": self.size_bytes,
-            "checkpoint": m.source_checkpoint.get("name") if m else None,
-            "created": m.created if m else None,
-            "controlnet": bool(m and record_takes_control(m.key.io)),
-            "targets": list(m.key.targets) if m else [],
-            "weights": m.key.weights.value if m else None,
-        }
+    @property
+    def controlnet(self) -> bool:
+        """The engine has ControlNet inputs."""
+        return bool(self.manifest and record_takes_control(self.manifest.key.io))
 
 
 def engine_rows(registry: Registry, probe: BackendProbe,

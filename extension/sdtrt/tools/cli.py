@@ -100,7 +100,7 @@ def cmd_list(args: argparse.Namespace) -> int:
             "weights": m.key.weights.value if m else None,
             "size": row.size_bytes,
             "checkpoint": m.source_checkpoint.get("name") if m else None,
-            "controlnet": row.to_dict()["controlnet"],
+            "controlnet": row.controlnet,
         })
     lines = [f"{'OK   ' if r['ok'] else 'STALE'} {r['id']}  {r['family'] or '?'}"
              f"{' +ControlNet' if r['controlnet'] else ''}  {r['backend'] or '?'}"

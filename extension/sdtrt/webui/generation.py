@@ -5,8 +5,7 @@ and ends (the PyTorch UNet offloaded again, what it did kept for /status)."""
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -14,18 +13,10 @@ import torch
 from sdtrt.serving.slot import NetworkSet, NetworksFailed
 from sdtrt.webui import controlnet, foreign
 from sdtrt.webui.activation import Activation
+from sdtrt.webui.reports import GenerationOutcome
 from sdtrt.webui.state import Generation, ServiceState
 
 log = logging.getLogger("sdtrt")
-
-
-def generation_outcome(before: Mapping[str, Any], after: Mapping[str, Any], number: int) -> dict[str, Any]:
-    """What one generation did, from the counters before and after it: its engine and PyTorch calls and why."""
-    reasons = {k: n - int(before["fallback_reasons"].get(k, 0)) for k, n in after["fallback_reasons"].items()}
-    return {"number": number, "finished": time.time(),
-            "engine_calls": after["engine_calls"] - before["engine_calls"],
-            "fallback_calls": after["fallback_calls"] - before["fallback_calls"],
-            "fallback_reasons": {k: n for k, n in reasons.items() if n > 0}}
 
 
 class GenerationScope:
@@ -33,7 +24,7 @@ class GenerationScope:
         self.state = state
         self.activation = activation
         self.generations = 0
-        self.last_generation: dict[str, Any] | None = None
+        self.last_generation: GenerationOutcome | None = None
 
     def begin(self, p: object) -> None:
         settings = self.state.require_host().settings()
@@ -74,7 +65,8 @@ class GenerationScope:
             self.state.generation = None
             if gen.counted is not None:
                 self.generations += 1
-                self.last_generation = generation_outcome(gen.counted, self.state.counters.snapshot(), self.generations)
+                self.last_generation = GenerationOutcome.between(gen.counted, self.state.counters.snapshot(),
+                                                                 self.generations)
         host = self.state.require_host()
         unet = host.torch_unet()
         if unet is not None:

@@ -7,12 +7,12 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from sdtrt.errors import SdtrtError
 from sdtrt.serving.catalog import EngineRow, engine_rows
 from sdtrt.storage.manifest import Manifest
 from sdtrt.webui.host import LABEL_PREFIX, CheckpointRef
+from sdtrt.webui.reports import EngineListing
 from sdtrt.webui.state import ServiceState
 
 
@@ -43,11 +43,11 @@ class UnetOptions:
         """Every engine in the cache and whether it can serve here (see sdtrt.serving.catalog), refusals included."""
         return engine_rows(self.state.registry(), self.state.probe, self.state.sessions.refusal)
 
-    def engine_rows(self) -> list[dict[str, Any]]:
+    def engine_rows(self) -> list[EngineListing]:
         """Every engine in the cache with ok/stale and the reason, for the tab and GET /engines (the catalog's rows,
         plus whether the active SD Unet uses each)."""
         active = {s.id for s in self.state.active.slots} if self.state.active is not None else set()
-        return [{**row.to_dict(), "active": row.id in active} for row in self.catalog()]
+        return [EngineListing.of(row, row.id in active) for row in self.catalog()]
 
     def usable_manifests(self) -> list[Manifest]:
         backend = self.state.settings().backend

@@ -15,13 +15,14 @@ from sdtrt.storage.registry import Registry
 from sdtrt.webui import status
 from sdtrt.webui.activation import Activation, SwapFailed
 from sdtrt.webui.builds import Builds
-from sdtrt.webui.generation import GenerationScope, generation_outcome
+from sdtrt.webui.generation import GenerationScope
 from sdtrt.webui.host import OPT_ENABLED, Host, Settings
 from sdtrt.webui.jobs import Job
 from sdtrt.webui.options import LoadedArch, OptionSpec, UnetOptions
+from sdtrt.webui.reports import EngineListing, StatusReport
 from sdtrt.webui.state import Generation, ServiceState
 
-__all__ = ["EngineService", "Generation", "LoadedArch", "OptionSpec", "SwapFailed", "generation_outcome", "service"]
+__all__ = ["EngineService", "Generation", "LoadedArch", "OptionSpec", "SwapFailed", "service"]
 
 log = logging.getLogger("sdtrt")
 
@@ -76,7 +77,7 @@ class EngineService:
         return removed
 
     # ---- engines and SD Unet options (UnetOptions) --------------------------------------------------------
-    def engine_rows(self) -> list[dict[str, Any]]:
+    def engine_rows(self) -> list[EngineListing]:
         return self.options.engine_rows()
 
     def unet_options(self) -> list[OptionSpec]:
@@ -133,7 +134,7 @@ class EngineService:
     def refresh_list(self) -> None:
         self.state.refresh_list()
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> StatusReport:
         return status.snapshot(self.state, self.scope)
 
 

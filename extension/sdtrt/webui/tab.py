@@ -15,6 +15,7 @@ from sdtrt.errors import ProfileError, SdtrtError
 from sdtrt.profiles import Profile, Shape
 from sdtrt.webui.host import BACKEND_CHOICES
 from sdtrt.webui.jobs import DONE, QUEUED, RUNNING, Job
+from sdtrt.webui.reports import EngineListing
 from sdtrt.webui.service import EngineService
 
 #: label -> profiles (user units: batch x height x width x tokens; min:opt:max or one static shape).
@@ -41,17 +42,16 @@ def format_size(n: int | None) -> str:
     return f"{n} B"
 
 
-def table(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
+def table(rows: Sequence[EngineListing]) -> list[list[str]]:
     out = []
     for r in rows:
-        status = "ok" if r["ok"] else f"stale: {r['reason']}"
-        if r.get("active"):
+        status = "ok" if r.ok else f"stale: {r.reason}"
+        if r.active:
             status += " (active)"
-        family = (r["family"] or "?") + (" + ControlNet inputs" if r.get("controlnet") else "")
-        backend = (r["backend"] or "?") + (f" for {', '.join(r['targets'])}" if r.get("targets") else "")
-        out.append([r["id"], status, family, "\n".join(r["profiles"]), backend,
-                    r.get("dtype") or "?", format_size(r["size_bytes"]), r["checkpoint"] or "?",
-                    (r["created"] or "")[:19]])
+        family = (r.family or "?") + (" + ControlNet inputs" if r.controlnet else "")
+        backend = (r.backend or "?") + (f" for {', '.join(r.targets)}" if r.targets else "")
+        out.append([r.id, status, family, "\n".join(r.profiles), backend, r.dtype or "?", format_size(r.size_bytes),
+                    r.checkpoint or "?", (r.created or "")[:19]])
     return out
 
 
@@ -121,7 +121,7 @@ def run_build(svc: EngineService, checkpoint: str, profiles_text: str, backend: 
 
 
 def rebuild_stale(svc: EngineService, progress: Callable[[float, str], None], poll: float = 0.25) -> str:
-    stale = [r["id"] for r in svc.engine_rows() if not r["ok"]]
+    stale = [r.id for r in svc.engine_rows() if not r.ok]
     if not stale:
         return "No stale engines."
     lines = []
@@ -155,7 +155,7 @@ def create_tab(svc: EngineService, checkpoint_titles: Callable[[], list[str]],
     import gradio as gr
 
     def engine_ids() -> list[str]:
-        return [r["id"] for r in svc.engine_rows()]
+        return [r.id for r in svc.engine_rows()]
 
     def table_value() -> dict[str, Any]:
         # with headers: gradio 3.41 drops them for an empty list (and shows 1..9 instead)

@@ -1,15 +1,19 @@
 """The bodies of the REST API's requests and answers, as the OpenAPI schema describes them (pydantic 2, or pydantic
 1.10 as A1111 1.10 pins it). Only BuildRequest validates anything; the answer models document what the routes
-return."""
+return, and those of the engine rows and /status are derived from the service's report dataclasses."""
 
 from __future__ import annotations
 
+import dataclasses
+import types
+import typing
 from typing import Any, ClassVar
 
 import pydantic
 from pydantic import BaseModel, Field
 
 from sdtrt.webui.jobs import JobState
+from sdtrt.webui.reports import EngineListing, StatusReport
 
 MAX_PROFILES = 32
 MAX_PROFILE_CHARS = 200
@@ -64,23 +68,45 @@ class BuildRequest(BaseModel):
             schema_extra: ClassVar[dict[str, Any]] = {"examples": [BUILD_EXAMPLE]}
 
 
-class EngineRow(BaseModel):
-    id: str
-    ok: bool
-    reason: str | None
-    family: str | None
-    profiles: list[str]
-    backend: str | None
-    backend_version: str | None
-    device: str | None
-    dtype: str | None
-    size_bytes: int | None
-    checkpoint: str | None
-    created: str | None
-    active: bool
-    controlnet: bool = False
-    targets: list[str] = []
-    weights: str | None = None
+def model_of(report: type, name: str) -> type[BaseModel]:
+    """The answer model of a report dataclass (sdtrt.webui.reports): one field per dataclass field, with its type
+    (nested reports as their own models), default and description. Works with pydantic 1 and 2."""
+    if report in _DERIVED:
+        return _DERIVED[report]
+    hints = typing.get_type_hints(report)
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(report):
+        if f.default is not dataclasses.MISSING:
+            default = Field(f.default, description=f.metadata.get("description"))
+        elif f.default_factory is not dataclasses.MISSING:
+            default = Field(default_factory=f.default_factory, description=f.metadata.get("description"))
+        else:
+            default = Field(..., description=f.metadata.get("description"))
+        fields[f.name] = (_model_type(hints[f.name]), default)
+    model = pydantic.create_model(name, **fields)  # type: ignore[call-overload]
+    model.__doc__ = report.__doc__
+    _DERIVED[report] = model
+    return model  # type: ignore[no-any-return]
+
+
+_DERIVED: dict[type, type[BaseModel]] = {}
+
+
+def _model_type(hint: Any) -> Any:
+    """`hint` with every report dataclass in it replaced by its answer model."""
+    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+        return model_of(hint, hint.__name__ + "Body")
+    args = typing.get_args(hint)
+    if not args:
+        return hint
+    mapped = tuple(_model_type(a) for a in args)
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return typing.Union[mapped]  # noqa: UP007 - rebuilt from its parts
+    return origin[mapped] if len(mapped) > 1 else origin[mapped[0]]
+
+
+EngineRow = model_of(EngineListing, "EngineRow")
 
 
 class EngineList(BaseModel):
@@ -119,26 +145,7 @@ class Deleted(BaseModel):
     deleted: str
 
 
-class JobCounts(BaseModel):
-    queued: int
-    running: int
-
-
-class StatusBody(BaseModel):
-    enabled: bool
-    backend: str
-    fallback: str
-    cuda_graphs: bool = Field(True, description="the CUDA graphs setting engines load with")
-    cache_dir: str
-    active: dict[str, Any] | None = Field(..., description="label, engines, loaded, ready (loaded and not broken), "
-                                          "backends, unusable, runtime (per engine: CUDA graph counters), networks")
-    counters: dict[str, Any]
-    jobs: JobCounts
-    building: list[dict[str, Any]] = Field(default_factory=list, description="queued and running builds (not ready)")
-    generations: int = Field(0, description="generations finished since the WebUI started")
-    last_generation: dict[str, Any] | None = Field(None, description="the last finished generation: number, "
-                                                   "finished (epoch s), engine_calls, fallback_calls, "
-                                                   "fallback_reasons")
+StatusBody = model_of(StatusReport, "StatusBody")
 
 
 COVERAGE_HELP = ("the body of a /sdapi/v1/txt2img (or, with kind=img2img, /sdapi/v1/img2img) request, "

@@ -86,7 +86,7 @@ def mount(app: Any, svc: EngineService, credentials: dict[str, str] | None = Non
     job_id_param = _id_param(JOB_ID_PATTERN, 32, "job id: 32 hexadecimal digits")
 
     def list_engines() -> Response:
-        return answer(lambda: {"engines": svc.engine_rows()})
+        return answer(lambda: {"engines": [row.to_dict() for row in svc.engine_rows()]})
 
     def build(req: BuildRequest) -> Response:
         def go() -> dict[str, Any]:
@@ -117,7 +117,7 @@ def mount(app: Any, svc: EngineService, credentials: dict[str, str] | None = Non
         return answer(lambda: svc.jobs.cancel(job_id).to_dict())
 
     def status() -> Response:
-        return answer(svc.status)
+        return answer(lambda: svc.status().to_dict())
 
     def coverage(request: Request, body: dict[str, Any] = fastapi.Body(..., description=COVERAGE_HELP),  # noqa: B008
                  kind: str = fastapi.Query("txt2img", description="txt2img or img2img")) -> Response:
