@@ -123,10 +123,11 @@ case "$cmd" in
   sdtrt) setup; exec python -m sdtrt "$@" ;;
   test-a1111) setup_a1111; exec python -m pytest -q "$@" ;;
   setup) setup ;;
+  setup-a1111) setup_a1111 ;;
   # On a GPU machine with no package index: its own Python and torch, the wheels in ./wheels (see gpu-wheels).
   gpu-runbook) wheels=(); [ -d "${SDTRT_WHEELS:-wheels}" ] && wheels=(--wheels "${SDTRT_WHEELS:-wheels}")
     PYTHONPATH="extension${PYTHONPATH:+:$PYTHONPATH}" exec "$PY" -m sdtrt runbook ${wheels[@]+"${wheels[@]}"} \
       --out "${OUT:-runbook-out}" "$@" ;;
   gpu-wheels) gpu_wheels "$@" ;;
-  *) echo "usage: bash run.sh demo|test|test-a1111|sdtrt|setup|gpu-runbook|gpu-wheels [ARGS]" >&2; exit 2 ;;
+  *) echo "usage: bash run.sh demo|test|test-a1111|sdtrt|setup|setup-a1111|gpu-runbook|gpu-wheels [ARGS]" >&2; exit 2 ;;
 esac

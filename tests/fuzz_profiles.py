@@ -1,4 +1,4 @@
-"""atheris (libFuzzer) target for the profile parser (issue 6, matrix row 23, goal G5d).
+"""atheris (libFuzzer) target for the profile parser.
 
 Run:  python tests/fuzz_profiles.py -max_total_time=600 -print_final_stats=1   (any libFuzzer flags)
 

@@ -1,4 +1,4 @@
-"""Ahead-of-time TensorRT-RTX engines built on this machine without a GPU (issue 14): every family through
+"""Ahead-of-time TensorRT-RTX engines built on this machine without a GPU: every family through
 `sdtrt build --target`, published with a manifest that records targets and weights, listed by `sdtrt list`;
 refused before deserialization on a GPU outside the targets; an engine without refit serves its own checkpoint
 only (LoRA and other checkpoints run on PyTorch, saying why)."""

@@ -1,17 +1,17 @@
-"""The REST API under hostile and careless clients (issue 6, goal G5, test matrix rows 24-31).
+"""The REST API under hostile and careless clients.
 
-- G5a / row 28: schemathesis against our own OpenAPI schema, in process, positive and negative cases per operation:
+- schemathesis against our own OpenAPI schema, in process, positive and negative cases per operation:
   0 server errors, every response matches the schema (status code, content type, body).
-- Row 24: with --api-auth every route (enumerated from app.routes, so a new one cannot slip through) answers 401
+- with --api-auth every route (enumerated from app.routes, so a new one cannot slip through) answers 401
   without or with wrong credentials, before it reads the body.
-- Row 25: reachable beyond localhost without --api-auth: POST/DELETE answer 403 saying to set --api-auth.
-- Row 26 / G5c: ids with '..', %2e%2e, absolute paths, NUL, unicode, very long, and a symlink in the cache
+- reachable beyond localhost without --api-auth: POST/DELETE answer 403 saying to set --api-auth.
+- ids with '..', %2e%2e, absolute paths, NUL, unicode, very long, and a symlink in the cache
   pointing outside: 400/404, nothing outside the cache read, written or deleted (audit hook + canary snapshot),
   over thousands of hypothesis-generated ids.
-- Row 27: huge, streamed, deeply nested or absurd bodies: 413/422/400 and no job.
-- Row 29: 100 concurrent builds, some duplicates: 429 past the queue cap, duplicates share one job.
-- Row 30: a client that disconnects does not cancel its job; no thread leaks.
-- Row 31: /status and the other answers hold no flags, environment values or credentials.
+- huge, streamed, deeply nested or absurd bodies: 413/422/400 and no job.
+- 100 concurrent builds, some duplicates: 429 past the queue cap, duplicates share one job.
+- a client that disconnects does not cancel its job; no thread leaks.
+- /status and the other answers hold no flags, environment values or credentials.
 
 Counts: SDTRT_LONG=1 (CI) runs the full figures (1,000 schemathesis cases per operation, 10,000 ids), else small
 ones. Figures are printed (pytest -rA or -s shows them).
@@ -195,7 +195,7 @@ def concrete(path: str, value: str = "x") -> str:
     return re.sub(r"\{[^}]+\}", value, path)
 
 
-# ---- G5a: schemathesis -------------------------------------------------------------------------------------------
+# ---- schemathesis ------------------------------------------------------------------------------------------------
 #: Valid-by-schema requests may still be refused for what a schema cannot say (an unknown checkpoint name, a
 #: height not a multiple of 8): 400 joins the statuses positive data may get. 422 stays out: a schema-valid body
 #: that FastAPI rejects would mean the schema lies.
@@ -256,7 +256,7 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(schema: Any,
     run(GenerationMode.NEGATIVE, SCHEMA_NEGATIVE)
     total = sum(cases.values())
     five_xx = sum(n for code, n in statuses.items() if code >= 500)
-    print(f"G5a {method} {PREFIX}{path}: {total} cases ({dict(cases)}), statuses {dict(sorted(statuses.items()))}, "
+    print(f"schemathesis {method} {PREFIX}{path}: {total} cases ({dict(cases)}), statuses {dict(sorted(statuses.items()))}, "
           f"5xx {five_xx}, {time.monotonic() - t0:.1f} s")
     assert five_xx == 0
     assert total >= SCHEMA_MIN_CASES, dict(cases)
@@ -295,7 +295,7 @@ def test_not_found_answers_read_cleanly(env: Env) -> None:
     assert engine["error"] == "EngineNotFound" and env.engine_id in engine["detail"]  # lists the known ones
 
 
-# ---- row 24: credentials on every route --------------------------------------------------------------------------
+# ---- credentials on every route --------------------------------------------------------------------------
 def bad_auth_headers() -> list[dict[str, str]]:
     b64 = base64.b64encode
     return [{}, {"Authorization": "Basic " + b64(f"{USER}:wrong".encode()).decode()},
@@ -337,7 +337,7 @@ def test_every_route_refuses_requests_without_the_credentials(env: Env) -> None:
         ok = anon.request(method, harmless, headers={"Authorization": "Basic " + base64.b64encode(
             b"second:other-pass").decode()}, **(harmless_body if method == "POST" else {}))
         assert ok.status_code in (200, 400, 404), (method, path, ok.status_code)
-    print(f"G5b: {len(routes)} of {len(routes)} routes under auth; {refused} unauthenticated requests refused")
+    print(f"auth: {len(routes)} of {len(routes)} routes under auth; {refused} unauthenticated requests refused")
     assert len(env.svc.jobs.list()) == jobs_before  # the authenticated POST named an unknown checkpoint
     assert (env.cache / env.engine_id).is_dir()
     env.assert_canaries_untouched()
@@ -353,7 +353,7 @@ def test_a_route_added_later_without_the_guards_is_caught(env: Env) -> None:
             assert anon.request(method, concrete(path)).status_code == 401, path
 
 
-# ---- row 25: exposed without --api-auth ----------------------------------------------------------------------------
+# ---- exposed without --api-auth ----------------------------------------------------------------------------
 def test_exposed_without_auth_refuses_changes_but_serves_reads(env: Env) -> None:
     app = env.app(None, exposed=True)
     c = client(app, auth=False)
@@ -402,7 +402,7 @@ def test_webui_exposed_reads_a1111_flags(opts: dict[str, Any], exposed: bool) ->
 def test_a1111_listen_without_api_auth_gets_403_and_status_keeps_secrets(tmp_path: Path, tiny_checkpoint: Any,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """Through the fake A1111's argument parsing and on_app_started: --listen alone refuses changes; --listen with
-    --api-auth needs the credentials; /status never shows the planted secrets (row 31 in the WebUI)."""
+    --api-auth needs the credentials; /status never shows the planted secrets (in the WebUI too)."""
     from fakehost import FakeHost
     from sdtrt.webui import service as service_module
 
@@ -438,7 +438,7 @@ def test_a1111_listen_without_api_auth_gets_403_and_status_keeps_secrets(tmp_pat
             service_module._SERVICE = None
 
 
-# ---- row 26 / G5c: ids never reach outside the cache ---------------------------------------------------------------
+# ---- ids never reach outside the cache ----------------------------------------------------------------------------
 _RECORDING: list[list[tuple[str, str]]] = []
 _FS_EVENTS = {"open", "os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.listdir", "os.scandir", "shutil.rmtree",
               "os.symlink", "os.link", "os.chmod", "os.chown", "os.truncate", "os.utime", "os.chdir", "shutil.move",
@@ -537,7 +537,7 @@ def test_hostile_ids_get_400_or_404_and_touch_nothing_outside(env: Env) -> None:
     accesses = assert_inside(seen, env.cache)
     env.assert_canaries_untouched()
     assert (env.cache / env.engine_id).is_dir() and len(env.svc.jobs.list()) == 0
-    print(f"row 26: {len(NASTY_IDS) + len(extra)} hand-picked ids x 4 routes x 3 encodings: {dict(codes)}; "
+    print(f"ids: {len(NASTY_IDS) + len(extra)} hand-picked ids x 4 routes x 3 encodings: {dict(codes)}; "
           f"{accesses} file-system accesses, all inside the cache")
 
 
@@ -611,12 +611,12 @@ def test_generated_ids_never_escape_the_cache(env: Env) -> None:
     accesses = assert_inside(seen, env.cache)
     env.assert_canaries_untouched()
     assert (env.cache / env.engine_id).is_dir() and len(env.svc.jobs.list()) == 0
-    print(f"G5c: {len(ids)} distinct generated ids, {sum(per_route.values())} requests {dict(per_route)}, "
+    print(f"ids: {len(ids)} distinct generated ids, {sum(per_route.values())} requests {dict(per_route)}, "
           f"statuses {dict(codes)}, {accesses} file-system accesses inside the cache, 0 outside, canaries "
           f"unchanged, {time.monotonic() - t0:.1f} s")
 
 
-# ---- row 27: oversized and absurd bodies ---------------------------------------------------------------------------
+# ---- oversized and absurd bodies ---------------------------------------------------------------------------
 def test_huge_deep_and_absurd_bodies_are_refused_without_a_job(env: Env) -> None:
     c = client(env.app({USER: PASSWORD}))
     url = PREFIX + "/engines"
@@ -672,7 +672,7 @@ def test_huge_deep_and_absurd_bodies_are_refused_without_a_job(env: Env) -> None
         assert_error_body(r, *codes)
         seen[name] = r.status_code
     assert env.svc.jobs.list() == []
-    print("row 27:", seen)
+    print("bodies:", seen)
     # the same body at a legal size is accepted: the refusals were about size and shape, not the route
     assert c.post(url, json=ok_body).status_code == 202
 
@@ -706,7 +706,7 @@ def http_scope(method: str, path: str, headers: dict[str, str] | None = None) ->
             "client": ("127.0.0.1", 50000), "server": ("testserver", 80)}
 
 
-# ---- row 29: a burst of builds ---------------------------------------------------------------------------------------
+# ---- a burst of builds ---------------------------------------------------------------------------------------
 @pytest.mark.timeout(120)
 def test_burst_of_builds_gets_429_past_the_cap_and_duplicates_share_a_job(env: Env) -> None:
     import httpx
@@ -758,7 +758,7 @@ def test_burst_of_builds_gets_429_past_the_cap_and_duplicates_share_a_job(env: E
         again = c.post(PREFIX + "/engines", json={"checkpoint": EXAMPLE_CKPT, "profiles": first.request["profiles"]})
         assert again.status_code == 202 and again.json()["job_id"] == first.id
         dup_429 = sum(1 for p, r in answers if r.status_code == 429 and p in distinct[:12])
-        print(f"row 29: 100 POSTs in {elapsed:.2f} s: {dict(codes)}; {len(by_profile)} jobs queued (cap {cap}); "
+        print(f"build flood: 100 POSTs in {elapsed:.2f} s: {dict(codes)}; {len(by_profile)} jobs queued (cap {cap}); "
               f"{sum(1 for p, r in answers if r.status_code == 202) - len(by_profile)} duplicates answered with the "
               f"existing job, {dup_429} duplicate(s) of refused requests refused too")
         for j in queued:
@@ -769,7 +769,7 @@ def test_burst_of_builds_gets_429_past_the_cap_and_duplicates_share_a_job(env: E
         svc.jobs.wait(blocker.id, timeout=10)
 
 
-# ---- row 30: clients that disconnect ---------------------------------------------------------------------------------
+# ---- clients that disconnect ---------------------------------------------------------------------------------
 async def disconnecting_call(app: Any, method: str, path: str, body: bytes, *, mid_body: bool = False,
                              send_raises: bool = True) -> list[dict[str, Any]]:
     """One request whose client goes away: after sending the body (or halfway through it), every receive() says
@@ -847,7 +847,7 @@ def test_client_disconnect_does_not_cancel_the_job_or_leak_threads(tmp_path: Pat
         assert done.result is not None and (env.cache / done.result["engine_id"] / "manifest.json").is_file()
         time.sleep(0.2)
         leaked = {t.name for t in sdtrt_threads() - baseline}
-        print(f"row 30: 20 disconnecting clients (10 mid-body, 10 before the answer) and a disconnecting poller: "
+        print(f"disconnects: 20 disconnecting clients (10 mid-body, 10 before the answer) and a disconnecting poller: "
               f"1 job, state {done.state}; threads leaked: {sorted(leaked) or 0}")
         assert not leaked
         assert len(env.svc.jobs.list()) == (2 if dup.json()["job_id"] == job.id else 3)
@@ -855,7 +855,7 @@ def test_client_disconnect_does_not_cancel_the_job_or_leak_threads(tmp_path: Pat
         env.close()
 
 
-# ---- row 31: no secrets in what the API answers ---------------------------------------------------------------------
+# ---- no secrets in what the API answers ---------------------------------------------------------------------
 FLAG_RE = re.compile(r"(?<![\w-])--[a-z][a-z0-9]+(?:-[a-z0-9]+)*")
 
 
@@ -893,5 +893,5 @@ def test_status_and_listings_hold_no_flags_environment_or_credentials(env: Env, 
         assert_no_secrets(r.text, planted, flags=r.status_code == 200)
     status = answers[0].json()
     assert {"enabled", "backend", "fallback", "cache_dir", "active", "counters", "jobs"} <= set(status)
-    print(f"row 31: {len(answers)} answers scanned (status, listings, errors, 401s): no planted password, "
+    print(f"secrets: {len(answers)} answers scanned (status, listings, errors, 401s): no planted password, "
           "token or environment value, no command-line flag")

@@ -1,4 +1,4 @@
-"""`python -m sdtrt bench latency` runs on a CPU with the tiny model and reports what issue 5 asks for (timings are
+"""`python -m sdtrt bench latency` runs on a CPU with the tiny model and reports what a user compares (timings are
 reported, never asserted)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The profile parser under fuzzing (issue 6, matrix row 23, goal G5d): whatever text or object it is handed, it
+"""The profile parser under fuzzing: whatever text or object it is handed, it
 returns a profile that obeys the bounds and round-trips, or raises its own error, ProfileError (a ValueError).
 
 hypothesis: arbitrary text, profile-like text built from hostile tokens (min > max, negative, 0, 1e9, NaN,
@@ -231,7 +231,7 @@ def test_atheris_finds_nothing_but_profile_error(tmp_path: Path) -> None:
     runs = re.search(r"stat::number_of_executed_units:\s*(\d+)", out)
     rate = re.search(r"stat::average_exec_per_sec:\s*(\d+)", out)
     assert runs and int(runs.group(1)) > 0, out[-2000:]
-    print(f"G5d atheris: {ATHERIS_SECONDS} s, {int(runs.group(1))} executions "
+    print(f"profile parser fuzzing (atheris): {ATHERIS_SECONDS} s, {int(runs.group(1))} executions "
           f"({rate.group(1) if rate else '?'} per s), only ProfileError raised")
 
 

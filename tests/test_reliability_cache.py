@@ -1,9 +1,10 @@
-"""The engine cache under faults, with figures (issue 6: goals G1-G3, test-matrix rows 4, 6-17 at registry level).
+"""The engine cache under faults, with figures (at the registry level).
 
 Every test uses a fake `produce` that writes bytes (tests/reliability_cache_harness.py), so no backend or GPU is
 involved. Processes are forked from this pre-imported test process, so a trial costs milliseconds. With
-SDTRT_LONG=1 (CI) the full trial counts run: G1 200 + 50 trials of 4 processes x 8 threads, G2 500 SIGKILLs,
-G3 every injectable call site of a build with every errno; without it, small counts. Each goal test prints a
+SDTRT_LONG=1 (CI) the full trial counts run: one engine per key, 200 + 50 trials of 4 processes x 8 threads; crash
+safety, 500 SIGKILLs; I/O faults, every injectable call site of a build with every errno; without it, small counts.
+Each of these tests prints a
 `FIGURE` line (and appends it to $SDTRT_FIGURES when set).
 """
 
@@ -79,7 +80,7 @@ def _silence_lock() -> None:
     fcntl.lockf = _noop_lock  # type: ignore[assignment]
 
 
-# ==== G1, rows 9 and 10: many processes and threads, one key ================================================
+# ==== one engine per key: many processes and threads ============================================================
 
 
 def _g1_process(cache: str, noop_lock: bool, barrier: Any, counter: str, out: Any, threads: int) -> None:
@@ -158,7 +159,7 @@ def test_many_processes_and_threads_publish_exactly_one_engine(tmp_path: Path, c
         "wall_s": round(wall, 1),
     }
     figures["locked_at_most_one_build_pct"] = round(100 * stats["locked"]["at_most_one_build"] / locked, 1)
-    report_figure(capsys, "G1", **figures)
+    report_figure(capsys, "one engine per key", **figures)
     assert bad == [], bad[:5]
     for mode in ("locked", "noop"):
         s = stats[mode]
@@ -169,7 +170,7 @@ def test_many_processes_and_threads_publish_exactly_one_engine(tmp_path: Path, c
     assert stats["noop"]["raced"] >= noop / 2, stats["noop"]
 
 
-# ==== G2, rows 11, 12: SIGKILL at random points ===============================================================
+# ==== crash safety: SIGKILL at random points ==================================================================
 
 
 def _g2_child(cache: str, kill_at: int | None, note: str, noop_lock: bool, chunks: int, pause: float) -> None:
@@ -309,7 +310,7 @@ def test_sigkill_at_random_points_never_exposes_partial_state(tmp_path: Path, ca
     wall = time.monotonic() - t0
     report_figure(
         capsys,
-        "G2",
+        "crash safety",
         **dict(sorted(c.items())),
         max_restart_s=round(max(reclaim), 3),
         lease_s=LEASE_S,
@@ -332,7 +333,7 @@ def test_sigkill_at_random_points_never_exposes_partial_state(tmp_path: Path, ca
         assert len(strata_hit & set(strata)) >= 0.9 * len(strata), sorted(set(strata) - strata_hit)
 
 
-# ---- row 12: a lock whose holder is gone, hung, or never locked ----------------------------------------------
+# ---- a lock whose holder is gone, hung, or never locked ----------------------------------------------
 
 
 def _slow_holder(cache: str, started: Any, sleep: float, counter: str, skew_s: float = 0.0) -> None:
@@ -438,7 +439,7 @@ def test_without_working_flock_nothing_waits(tmp_path: Path, monkeypatch: pytest
 
 @pytest.mark.timeout(60)
 def test_lookups_never_take_the_build_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
-    """G6 (registry part): while another process holds the lock of an engine it builds, every lookup a request
+    """While another process holds the lock of an engine it builds, every lookup a request
     thread makes (get, status, verify, list, writable, build of an engine that exists) returns within 1 s and
     never touches a lock."""
     cache, counter = tmp_path / "cache", tmp_path / "calls"
@@ -502,7 +503,7 @@ def test_lookups_never_take_the_build_lock(tmp_path: Path, monkeypatch: pytest.M
     assert max(latencies) < 1.0
 
 
-# ==== G3, rows 13 and 15: injected write/fsync/rename/mkdir failures ==========================================
+# ==== I/O faults: injected write/fsync/rename/mkdir failures ====================================================
 
 ERRNOS = {
     "open": (errno.ENOSPC, errno.EIO, errno.EROFS, errno.EDQUOT),
@@ -621,7 +622,7 @@ def test_every_injected_io_failure_fails_cleanly(tmp_path: Path, capsys: Any) ->
     wall = time.monotonic() - t0
     report_figure(
         capsys,
-        "G3",
+        "I/O faults",
         **dict(sorted(c.items())),
         per_op=dict(sorted(per_op.items())),
         call_sites=len(sites),
@@ -724,7 +725,7 @@ def test_no_manifest_before_the_plan_is_durable(tmp_path: Path) -> None:
     assert audit(root).engines == [] and audit(root).temps == []
 
 
-# ==== row 14: read-only cache =================================================================================
+# ==== read-only cache =================================================================================
 
 
 @pytest.mark.timeout(60)
@@ -782,7 +783,7 @@ def test_writable_probe_for_a_cache_not_made_yet(tmp_path: Path) -> None:
     assert Registry(tmp_path / "a" / "b").writable() and not (tmp_path / "a").exists()
 
 
-# ==== row 4: engines of another backend version or GPU =========================================================
+# ==== engines of another backend version or GPU =========================================================
 
 
 @pytest.mark.parametrize(
@@ -827,7 +828,7 @@ def test_damaged_engine_is_not_reported_stale(tmp_path: Path) -> None:
     assert not status.ok and not status.stale and "missing" in (status.reason or "")
 
 
-# ==== rows 6 and 7: garbage manifests ==========================================================================
+# ==== garbage manifests ==========================================================================
 
 
 @pytest.mark.parametrize("kind", ["fifo", "directory", "symlink-outside", "symlink-dev-zero", "empty"])
@@ -972,7 +973,7 @@ if HAVE_HYPOTHESIS:
         assert Manifest.from_dict(d) == valid_manifest
 
 
-# ==== row 8: orphans ===========================================================================================
+# ==== orphans ===========================================================================================
 
 
 def test_orphans_are_never_served_and_removed_by_gc_after_grace(
@@ -1051,7 +1052,7 @@ def test_cleanup_age_uses_the_file_system_clock(tmp_path: Path, monkeypatch: pyt
     assert not dead.exists()
 
 
-# ==== row 16: the final name already exists =====================================================================
+# ==== the final name already exists =====================================================================
 
 
 def test_publication_race_loser_never_overwrites_the_winner(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Reliability of serving, swapping and refitting (issue 6: G4, G6; matrix rows 1-3, 5, 18-22, 32-34).
+"""Reliability of serving, swapping and refitting.
 
 Everything runs on CPU with the onnxruntime backend, through the real registry, verification, service and serving
 code: a tiny SD1 engine is built once, and the service is driven the way A1111 drives it (make_server/activate per
@@ -241,7 +241,7 @@ def deserialize_counter() -> Iterator[Injector]:
     inj.restore()
 
 
-# ---- G4: bad plans are refused before deserialization (rows 1, 2, 3, 4, 5) -------------------------------------
+# ---- bad plans are refused before deserialization ----------------------------------------------------------------
 def corruptions(data: bytes, rng: random.Random) -> Iterator[tuple[str, bytes]]:
     for _ in range(count(10, 50)):
         yield "truncated", data[: rng.randrange(0, len(data))]
@@ -295,7 +295,7 @@ def test_bad_plans_are_refused_before_deserialization_and_pytorch_serves(
             svc.shutdown(timeout=5)
         tally[kind] = tally.get(kind, 0) + 1
     cache.restore()
-    report("G4 corrupt plans", **tally, failures=len(failures), seconds=round(time.perf_counter() - start, 1))
+    report("bad plans", **tally, failures=len(failures), seconds=round(time.perf_counter() - start, 1))
     assert not failures, failures[:5]
     # control: the pristine plan does reach the backend, so the zero above means something
     deserialize_counter.count_only()
@@ -469,7 +469,7 @@ def test_tensorrt_plans_are_refused_cleanly(case: str, cache: Cache, host: LoraH
 def test_tensorrt_plan_replaced_between_verify_and_read_is_never_deserialized(
         cache: Cache, host: LoraHost, tmp_path: Path, fake_trt: Callable[[bool], FakeTrtCalls],
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """G7: the bytes TensorRT deserializes are the bytes whose sha256 matches the manifest. A writer that swaps the
+    """The bytes TensorRT deserializes are the bytes whose sha256 matches the manifest. A writer that swaps the
     plan (same size) right after the on-disk check is caught on the bytes in memory."""
     calls = fake_trt(False)
     good = FAKE_TRT_HEADER + bytes(range(256)) * 4
@@ -497,7 +497,7 @@ def test_tensorrt_plan_replaced_between_verify_and_read_is_never_deserialized(
     assert "changed after it was verified" in reason and "rebuild" in reason.lower()
 
 
-# ---- row 18: LoRA as .pt/.ckpt is refused, never unpickled ------------------------------------------------------
+# ---- LoRA as .pt/.ckpt is refused, never unpickled ------------------------------------------------------
 @pytest.fixture
 def no_unpickling(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Any unpickling (pickle, torch.load) during the test is recorded and refused."""
@@ -594,7 +594,7 @@ def test_nothing_in_the_extension_can_unpickle() -> None:
     assert found == []
 
 
-# ---- row 19: a LoRA with wrong names or shapes aborts the refit; the previous weights stay ----------------------
+# ---- a LoRA with wrong names or shapes aborts the refit; the previous weights stay ----------------------
 def test_lora_with_wrong_names_or_shapes_aborts_the_refit_and_previous_weights_stay(
         cache: Cache, host: LoraHost, svc: EngineService, lora_sets: dict[str, dict[str, torch.Tensor]]) -> None:
     refs = Refs(host)
@@ -627,7 +627,7 @@ def test_lora_with_wrong_names_or_shapes_aborts_the_refit_and_previous_weights_s
         assert_all_close(outs, refs("a"))
 
 
-# ---- row 20: a refit during inference from another thread is serialized: never mixed weights ---------------------
+# ---- a refit during inference from another thread is serialized: never mixed weights ---------------------
 def classify(out: torch.Tensor, valid: dict[str | None, torch.Tensor]) -> str:
     for name, want in valid.items():
         if torch.allclose(out, want, rtol=TOL, atol=TOL):
@@ -667,7 +667,7 @@ def test_refit_from_another_thread_never_mixes_weights(cache: Cache, host: LoraH
         worker.join(60)
     kinds = [classify(o, valid) for o in outputs]
     tally = {k: kinds.count(k) for k in sorted(set(kinds))}
-    report("row 20 refit during inference (onnxruntime)", refits=refits, calls=len(outputs), **tally)
+    report("refit during inference (onnxruntime)", refits=refits, calls=len(outputs), **tally)
     assert not errors and "mixed" not in tally and len(tally) >= 2
 
 
@@ -743,12 +743,12 @@ def test_toy_engine_detects_mixing_and_the_session_lock_prevents_it(
     with monkeypatch.context() as m:
         m.setattr(Session, "hold", lambda self, timeout=None: cl.nullcontext(self))
         unlocked = race()
-    report("row 20 toy engine (non-atomic refit)", with_lock=locked, without_lock=unlocked)
+    report("toy engine (non-atomic refit)", with_lock=locked, without_lock=unlocked)
     assert locked.get("mixed", 0) == 0 and sum(v for k, v in locked.items() if k != "refits") > 10
     assert unlocked.get("mixed", 0) > 0, "the detector saw no mix without the lock: the race was not exercised"
 
 
-# ---- G6 / row 21: injected failures in swap and refit leave the previous UNet serving -----------------------------
+# ---- injected failures in swap and refit leave the previous UNet serving -----------------------------------------
 def injection_points(host: LoraHost) -> dict[str, list[Point]]:
     import onnx
     import onnx.numpy_helper
@@ -791,7 +791,7 @@ def injection_points(host: LoraHost) -> dict[str, list[Point]]:
     return points
 
 
-class G6:
+class SwapFaults:
     """The randomized trials: state, ops, checks."""
 
     def __init__(self, cache: Cache, host: LoraHost, svc: EngineService, rng: random.Random) -> None:
@@ -913,7 +913,7 @@ def test_injected_swap_and_refit_failures_leave_the_previous_unet_serving(
             unique.setdefault((id(p.owner), p.attr), p)
     inj = Injector()
     inj.wrap(list(unique.values()))
-    g6 = G6(cache, host, svc, rng)
+    g6 = SwapFaults(cache, host, svc, rng)
     g6.inj = inj
     with inj.paused():
         for ref in host.refs:  # every reference computed up front, outside the faults
@@ -964,13 +964,13 @@ def test_injected_swap_and_refit_failures_leave_the_previous_unet_serving(
                          engine=True)
     finally:
         inj.restore()
-    report("G6 swap/refit/delete faults", trials=trials, faults_fired=fired, per_op=per_op,
+    report("swap/refit/delete faults", trials=trials, faults_fired=fired, per_op=per_op,
            outcomes=g6.outcomes, failures=len(g6.failures), seconds=round(time.perf_counter() - start, 1))
     assert not g6.failures, "\n".join(g6.failures[:20])
     assert fired >= trials * 0.8
 
 
-# ---- G6, builds: a failed build or export leaves the active engine serving ------------------------------------------
+# ---- builds: a failed build or export leaves the active engine serving ------------------------------------------
 def build_points() -> list[Point]:
     import sdtrt.fsutil
     import sdtrt.pipeline.build
@@ -1028,7 +1028,7 @@ def test_failed_builds_leave_the_active_engine_serving(cache: Cache, host: LoraH
                 failures.append(f"trial {trial} ({point}): after the build: {delta}")
     finally:
         inj.restore()
-    report("G6 build/export faults", trials=trials, failures=len(failures), engine_calls_during_builds=served,
+    report("build/export faults", trials=trials, failures=len(failures), engine_calls_during_builds=served,
            seconds=round(time.perf_counter() - start, 1))
     assert not failures, failures
 
@@ -1140,7 +1140,7 @@ def test_delete_on_a_read_only_cache_is_a_listed_error(cache: Cache, svc: Engine
     assert victim not in {r.id for r in svc.engine_rows()}
 
 
-# ---- row 22: call shapes outside every profile --------------------------------------------------------------------
+# ---- call shapes outside every profile --------------------------------------------------------------------
 def test_shapes_outside_every_profile_fall_back_or_fail_clearly(cache: Cache, host: LoraHost,
                                                                      svc: EngineService) -> None:
     from hypothesis import HealthCheck, example, given, settings
@@ -1194,11 +1194,11 @@ def test_shapes_outside_every_profile_fall_back_or_fail_clearly(cache: Cache, ho
             seen["fallback"] += 1
 
     one()
-    report("row 22 shapes", examples=sum(seen.values()), **seen)
+    report("shapes", examples=sum(seen.values()), **seen)
     assert seen["engine"] and seen["fallback"] and seen["error"]
 
 
-# ---- rows 32, 33: a build in progress; shutdown during a build ------------------------------------------------------
+# ---- a build in progress; shutdown during a build ------------------------------------------------------
 @pytest.fixture
 def gated_build(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[threading.Event, threading.Event]]:
     """A build (inside the registry's private folder, after the export, in the backend's build step) waits for
@@ -1260,7 +1260,7 @@ def test_shutdown_during_a_build_returns_in_bounded_time(
     t0 = time.perf_counter()
     left = svc.shutdown(timeout=1.0)
     took = time.perf_counter() - t0
-    report("row 33 shutdown during a build (in process)", seconds=round(took, 3), left=left)
+    report("shutdown during a build (in process)", seconds=round(took, 3), left=left)
     assert took < 2.0 and svc.active is None and not svc.sessions._sessions
     assert left["builds_left"] == [job.id] and svc.jobs.get(queued.id).state == "cancelled"
     assert torch.equal(server(X, T, C), Refs(host)(None)) and not svc.sessions._sessions  # PyTorch; nothing reloaded
@@ -1327,13 +1327,13 @@ def test_sigterm_during_a_build_exits_in_bounded_time(cache: Cache, tiny_checkpo
         if child.poll() is None:
             child.kill()
             child.wait()
-    report("row 33 SIGTERM during a build (child process)", exit_seconds=round(took, 3), child=out.strip())
+    report("SIGTERM during a build (child process)", exit_seconds=round(took, 3), child=out.strip())
     assert code == 0 and took < 5.0 and out.startswith("shutdown")
     assert not [p for p in (cache.cache).iterdir() if p.name.startswith(".tmp-") and str(child.pid) in p.name
                 and (p / "manifest.json").exists()]
 
 
-# ---- row 34: 16 threads x 500 mixed swap / unload / status / refit / call operations ----------------------------------
+# ---- 16 threads x 500 mixed swap / unload / status / refit / call operations ----------------------------------
 def network_set(host: LoraHost, lora: str | None) -> Any:
     """The NetworkSet A1111 would give for `lora` (computed from the base weights when the engine needs it)."""
     from sdtrt.pipeline.refit import merge
@@ -1441,7 +1441,7 @@ def test_16_threads_of_mixed_swaps_unloads_status_refits_and_calls(
         t.join(max(1.0, 800 - (time.perf_counter() - start)))
     hung = [t.name for t in pool if t.is_alive()]
     took = time.perf_counter() - start
-    report("row 34 stress", threads=threads, ops=done["ops"], calls=done["calls"], seconds=round(took, 1),
+    report("stress", threads=threads, ops=done["ops"], calls=done["calls"], seconds=round(took, 1),
            listed_errors=allowed, unexpected=len(unexpected), mixed=len(mixed), hung=len(hung))
     assert not hung, f"deadlock: {hung}"
     assert not unexpected, unexpected[:5]

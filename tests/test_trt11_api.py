@@ -14,7 +14,7 @@ from test_tensorrt_backend import REPO, write_fixed_stubs
 from trt_api import binding_names, defined, missing_names, own_names, stub_names, used_names
 
 BACKEND = REPO / "extension/sdtrt/backends/tensorrt"
-#: Names TensorRT 11 removed (its migration notes; issue 14): none may be used, and the 11.4 bindings must lack them
+#: Names TensorRT 11 removed (its migration notes): none may be used, and the 11.4 bindings must lack them
 #: (which also shows the reading of the wheel tells a defined name from a removed one).
 REMOVED_IN_11 = ("FP16", "EXPLICIT_BATCH", "EXPLICIT_PRECISION", "OBEY_PRECISION_CONSTRAINTS",
                  "PREFER_PRECISION_CONSTRAINTS", "device_memory_size", "get_device_memory_size_for_profile",

@@ -119,10 +119,12 @@ def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 def write_tiny_model(install: A1111Install, out_dir: Path, *, seed: int = 0, stem: str = CHECKPOINT_STEM,
                      unet: str = "sd1", timeout: float = 600) -> Path:
     """Write the tiny SD1 model (checkpoint, yaml, local CLIP folder) with the WebUI's Python; returns the
-    checkpoint path. `unet`: the UNet layout (tiny_webui_model.UNET_LAYOUTS)."""
+    checkpoint path. `unet`: the UNet layout (tiny_webui_model.UNET_LAYOUTS; "sdxl-base" and "sdxl-refiner" write
+    an SDXL model)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     pythonpath = os.pathsep.join([str(REPO_ROOT / "extension"),
-                                  str(install.root / "repositories" / "stable-diffusion-stability-ai")])
+                                  str(install.root / "repositories" / "stable-diffusion-stability-ai"),
+                                  str(install.root / "repositories" / "generative-models")])
     proc = subprocess.run(
         [str(install.python), str(MODEL_SCRIPT), str(out_dir), "--seed", str(seed), "--stem", stem, "--unet", unet],
         cwd=str(out_dir), env=clean_env({"PYTHONPATH": pythonpath}), capture_output=True, text=True,

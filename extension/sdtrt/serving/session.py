@@ -33,10 +33,8 @@ from sdtrt.errors import (
     UnknownWeights,
 )
 from sdtrt.storage.manifest import Manifest, stale_reason
-from sdtrt.models import ModelContract
-from sdtrt.profiles import Profile
 from sdtrt.pipeline.refit import BaseLoader, RefitPlan, WeightTracker
-from sdtrt.serving.spec import EngineSpec, refit_refusal
+from sdtrt.serving.spec import EngineSpec, OfSpec, refit_refusal
 from sdtrt.storage.registry import Registry
 
 
@@ -67,7 +65,7 @@ def _check_files(registry: Registry, engine_id: str, backend: Backend, quarantin
 
 
 @dataclass
-class EngineSession:
+class EngineSession(OfSpec):
     spec: EngineSpec
     runner: EngineRunner
     weights_from: str | None  # sha256 of the checkpoint whose weights are in the engine
@@ -98,18 +96,6 @@ class EngineSession:
         embedded = manifest.key.weights is WeightsMode.EMBEDDED and not runner.needs_weights
         return cls(spec, runner, manifest.source_checkpoint.get("sha256") if embedded else None,
                    cuda_graphs=cuda_graphs)
-
-    @property
-    def manifest(self) -> Manifest:
-        return self.spec.manifest
-
-    @property
-    def contract(self) -> ModelContract:
-        return self.spec.contract
-
-    @property
-    def profiles(self) -> tuple[Profile, ...]:
-        return self.spec.profiles
 
     @contextlib.contextmanager
     def hold(self, timeout: float | None = None) -> Iterator[EngineSession]:

@@ -12,12 +12,11 @@ from dataclasses import dataclass
 import torch
 
 from sdtrt.errors import EngineClosed, SdtrtError
-from sdtrt.models import ModelContract
 from sdtrt.pipeline.refit import BaseLoader
-from sdtrt.profiles import Dims, Profile
+from sdtrt.profiles import Dims
 from sdtrt.serving.counters import Counters
 from sdtrt.serving.session import EngineSession
-from sdtrt.serving.spec import EngineSpec, refit_refusal
+from sdtrt.serving.spec import EngineSpec, OfSpec, refit_refusal
 from sdtrt.storage.manifest import Manifest
 
 
@@ -54,7 +53,7 @@ class NetworksFailed(SdtrtError):
     """A LoRA set could not be put into an engine (the engine keeps its previous weights or is reloaded)."""
 
 
-class EngineSlot:
+class EngineSlot(OfSpec):
     """One engine a server may use. Its profile ranges come from the manifest, so choosing a profile never
     loads anything; the engine is opened (verified, loaded, refitted) the first time a call fits it.
 
@@ -63,24 +62,11 @@ class EngineSlot:
 
     def __init__(self, manifest: Manifest, opener: Callable[[str], EngineSession],
                  on_evict: Callable[[str, EngineSession], None] = lambda engine_id, session: session.close()):
-        self.manifest = manifest
         self._on_evict = on_evict
         self.spec = EngineSpec.of(manifest)
         self._opener = opener
         self.session: EngineSession | None = None
         self.broken: str | None = None
-
-    @property
-    def id(self) -> str:
-        return self.manifest.id
-
-    @property
-    def contract(self) -> ModelContract:
-        return self.spec.contract
-
-    @property
-    def profiles(self) -> tuple[Profile, ...]:
-        return self.spec.profiles
 
     def evict(self, session: EngineSession | None = None) -> None:
         """Forget the loaded engine (its weights are in an unknown state); the next use loads it afresh. With

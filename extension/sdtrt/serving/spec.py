@@ -60,3 +60,25 @@ class EngineSpec:
         """Why no profile of this engine takes a call of these shapes."""
         return (f"no profile of engine {self.id} covers this call ({self.contract.describe(dict(dims))}); its "
                 f"profiles are {', '.join(map(str, self.profiles))}")
+
+
+class OfSpec:
+    """What a holder of an EngineSpec (a slot, a session) tells of its engine."""
+
+    spec: EngineSpec
+
+    @property
+    def id(self) -> str:
+        return self.spec.manifest.id
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.spec.manifest
+
+    @property
+    def contract(self) -> ModelContract:
+        return self.spec.contract
+
+    @property
+    def profiles(self) -> tuple[Profile, ...]:
+        return self.spec.profiles

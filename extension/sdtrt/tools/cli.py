@@ -145,27 +145,29 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+def _bench_build(args: argparse.Namespace, device: str) -> None:
     import torch
 
+    from sdtrt.targets import parse_targets
+    from sdtrt.tools.bench_build import build_bench, format_build, to_dict
+
+    targets = parse_targets(args.target or "sm89")
+    with tempfile.TemporaryDirectory(prefix="sdtrt-bench-build-", dir=args.work) as tmp:
+        rows = [build_bench(m, Path(tmp), targets=targets, dtype=args.dtype) for m in (args.model or ["sd15", "sdxl"])]
+    _emit(args, {"build": [to_dict(r) for r in rows], "torch": torch.__version__}, format_build(rows))
+
+
+def _bench_refit(args: argparse.Namespace, device: str) -> None:
     from sdtrt.tools.bench import to_dicts
     from sdtrt.tools.bench_refit import format_refit, refit_bench
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.what == "build":
-        from sdtrt.tools.bench_build import build_bench, format_build, to_dict
-        from sdtrt.targets import parse_targets
+    rows = [refit_bench(f, rank=args.rank, device=device) for f in (args.family or ["sd15", "sdxl"])]
+    _emit(args, {"refit": to_dicts(rows)}, format_refit(rows))
 
-        targets = parse_targets(args.target or "sm89")
-        with tempfile.TemporaryDirectory(prefix="sdtrt-bench-build-", dir=args.work) as tmp:
-            rows = [build_bench(m, Path(tmp), targets=targets, dtype=args.dtype)
-                    for m in (args.model or ["sd15", "sdxl"])]
-        _emit(args, {"build": [to_dict(r) for r in rows], "torch": torch.__version__}, format_build(rows))
-        return 0
-    if args.what == "refit":
-        rows = [refit_bench(f, rank=args.rank, device=device) for f in (args.family or ["sd15", "sdxl"])]
-        _emit(args, {"refit": to_dicts(rows)}, format_refit(rows))
-        return 0
+
+def _bench_latency(args: argparse.Namespace, device: str) -> None:
+    import torch
+
     from sdtrt.tools.bench import (
         LATENCY_MODELS,
         controlnet_bench,
@@ -173,6 +175,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         format_latency,
         latency_bench,
         latency_chart,
+        to_dicts,
     )
 
     models = args.model or (["sd15", "sd21", "sdxl"] if device == "cuda" else ["tiny", "small"])
@@ -188,6 +191,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     chart = str(latency_chart(lat, args.chart)) if args.chart else None
     _emit(args, {"latency": to_dicts(lat), "controlnet": to_dicts(cn), "chart": chart, "torch": torch.__version__},
           format_latency(lat) + "\n" + format_controlnet(cn) + (f"\nchart: {chart}" if chart else ""))
+
+
+#: `bench WHAT`: latency (engine vs PyTorch per UNet call), refit (host-side cost of a LoRA), build (export and
+#: ahead-of-time build time and peak host memory)
+BENCHES = {"latency": _bench_latency, "refit": _bench_refit, "build": _bench_build}
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    BENCHES[args.what](args, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return 0
 
 
@@ -300,7 +314,7 @@ def parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_check)
 
     sp = sub.add_parser("bench", help="benchmarks (numbers measured in one run)")
-    sp.add_argument("what", choices=("latency", "refit", "build"),
+    sp.add_argument("what", choices=tuple(BENCHES),
                     help="latency: engine vs PyTorch per UNet call; refit: host-side cost of a LoRA; build: export "
                          "and TensorRT-RTX ahead-of-time build time and peak host memory (--model sd15 and sdxl)")
     sp.add_argument("--family", action="append", choices=("sd15", "sdxl"), default=None, help="refit: UNets")

@@ -51,20 +51,28 @@ class CoverageState(str, enum.Enum):
         return self.value
 
 
+def _doc(text: str) -> dict[str, str]:
+    return {"description": text}
+
+
 @dataclass
 class CallRoute:
+    """One UNet call of a pass and where it runs."""
+
     rows: int
     width: int
     height: int
-    chunks: int
+    chunks: int = field(metadata=_doc("77-row prompt chunks of the call's context"))
     engine_id: str | None
-    profile: int | None
-    reason: str | None
+    profile: int | None = field(metadata=_doc("1-based profile index in the engine"))
+    reason: str | None = field(metadata=_doc("why it runs on PyTorch"))
 
 
 @dataclass
 class PassRoute:
-    name: str
+    """One sampling pass (first, hires, refiner) and where its calls run."""
+
+    name: str = field(metadata=_doc("first pass, hires pass, ... (refiner)"))
     checkpoint: str | None
     width: int
     height: int
@@ -73,18 +81,22 @@ class PassRoute:
     engine_id: str | None
     profile: int | None
     reason: str | None
-    kind: RouteKind
+    kind: RouteKind = field(metadata=_doc(", ".join(k.value for k in RouteKind)))
     calls: list[CallRoute] = field(default_factory=list)
 
 
 @dataclass
 class Coverage:
-    engine: bool
-    state: CoverageState
-    message: str
+    """What a generation will run on (POST /sdtrt/v1/coverage)."""
+
+    engine: bool = field(metadata=_doc("every UNet call of the generation runs on an engine"))
+    state: CoverageState = field(metadata=_doc(", ".join(s.value for s in CoverageState) + " (fails: the fallback "
+                                                "policy is 'error' and a call has no profile)"))
+    message: str = field(metadata=_doc("the status line shown in the generation tabs"))
     reason: str | None
     passes: list[PassRoute]
-    build: dict[str, Any] | None
+    build: dict[str, Any] | None = field(metadata=_doc("a POST /sdtrt/v1/engines body whose engine would serve this "
+                                                        "generation, when building one would"))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -5,6 +5,7 @@ return, and those of the engine rows and /status are derived from the service's 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import types
 import typing
 from typing import Any, ClassVar
@@ -13,6 +14,7 @@ import pydantic
 from pydantic import BaseModel, Field
 
 from sdtrt.webui.jobs import JobState
+from sdtrt.webui.prediction import CallRoute, Coverage, PassRoute
 from sdtrt.webui.reports import EngineListing, StatusReport
 
 MAX_PROFILES = 32
@@ -90,12 +92,16 @@ def model_of(report: type, name: str) -> type[BaseModel]:
 
 
 _DERIVED: dict[type, type[BaseModel]] = {}
+#: answer model names the OpenAPI schema has always used
+_NAMES = {CallRoute: "CoverageCall", PassRoute: "CoveragePass"}
 
 
 def _model_type(hint: Any) -> Any:
     """`hint` with every report dataclass in it replaced by its answer model."""
     if dataclasses.is_dataclass(hint) and isinstance(hint, type):
-        return model_of(hint, hint.__name__ + "Body")
+        return model_of(hint, _NAMES.get(hint, hint.__name__ + "Body"))
+    if isinstance(hint, type) and issubclass(hint, str) and issubclass(hint, enum.Enum):
+        return str  # text, its values named in the description: the schema clients already know
     args = typing.get_args(hint)
     if not args:
         return hint
@@ -153,40 +159,7 @@ COVERAGE_HELP = ("the body of a /sdapi/v1/txt2img (or, with kind=img2img, /sdapi
                  "\"batch_size\": 2, \"enable_hr\": true, \"hr_scale\": 2}")
 
 
-class CoverageCall(BaseModel):
-    rows: int
-    width: int
-    height: int
-    chunks: int = Field(..., description="77-row prompt chunks of the call's context")
-    engine_id: str | None
-    profile: int | None = Field(..., description="1-based profile index in the engine")
-    reason: str | None = Field(..., description="why it runs on PyTorch")
-
-
-class CoveragePass(BaseModel):
-    name: str = Field(..., description="first pass, hires pass, ... (refiner)")
-    checkpoint: str | None
-    width: int
-    height: int
-    batch: int
-    engine: bool
-    engine_id: str | None
-    profile: int | None
-    reason: str | None
-    kind: str = Field(..., description="engine, off, no_engine, uncovered (no profile), no_control_inputs or "
-                                       "unservable")
-    calls: list[CoverageCall]
-
-
-class CoverageBody(BaseModel):
-    engine: bool = Field(..., description="every UNet call of the generation runs on an engine")
-    state: str = Field(..., description="engine, partial, pytorch, off, no_engine or fails (the fallback policy "
-                                        "is 'error' and a call has no profile)")
-    message: str = Field(..., description="the status line shown in the generation tabs")
-    reason: str | None
-    passes: list[CoveragePass]
-    build: dict[str, Any] | None = Field(..., description="a POST /sdtrt/v1/engines body whose engine would "
-                                         "serve this generation, when building one would")
+CoverageBody = model_of(Coverage, "CoverageBody")
 
 
 class EnabledRequest(BaseModel):
