@@ -27,6 +27,7 @@ atheris.enabled_hooks.add("str")
 
 with atheris.instrument_imports(include=["sdtrt"]):
     from sdtrt.errors import ProfileError
+    from sdtrt.models import SgmUNet, TensorIO
     from sdtrt.profiles import (
         MAX_BATCH,
         MAX_CHUNKS,
@@ -35,7 +36,6 @@ with atheris.instrument_imports(include=["sdtrt"]):
         Profile,
         Shape,
     )
-    from sdtrt.models import SgmUNet, TensorIO
 
 CONTRACT = SgmUNet(TensorIO(in_channels=4, context_dim=768, y_dim=2816))
 NOT_TEXT = [None, 0, -1, 10**9, 1e9, float("nan"), float("inf"), b"1x512x512x75", ["1x512x512x75"], {"a": 1}]

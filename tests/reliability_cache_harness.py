@@ -25,8 +25,8 @@ if str(EXT) not in sys.path:
     sys.path.insert(0, str(EXT))
 
 from sdtrt.backends.base import BuildResult
-from sdtrt.storage.key import EngineKey
 from sdtrt.fsutil import write_all
+from sdtrt.storage.key import EngineKey
 from sdtrt.storage.manifest import Manifest
 from sdtrt.storage.registry import Registry
 

@@ -20,8 +20,8 @@ from typing import Any, ClassVar
 import torch
 
 from sdtrt.backends.base import Backend, BackendInfo, BuildOptions, BuildResult, EngineProfile, EngineRunner
-from sdtrt.pipeline.checkpoint import build_unet, open_checkpoint
 from sdtrt.errors import RefitError, SdtrtError, StaleEngine
+from sdtrt.pipeline.checkpoint import build_unet, open_checkpoint
 from sdtrt.pipeline.refit import merge
 from webui_support import DictHost
 

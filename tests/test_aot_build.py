@@ -11,21 +11,21 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import FAMILIES, FP16_RUNS
 
+from conftest import FAMILIES, FP16_RUNS
 from sdtrt.backends import get_backend
 from sdtrt.backends.base import BuildOptions
-from sdtrt.serving.catalog import BackendProbe, engine_rows
-from sdtrt.tools.cli import main
-from sdtrt.storage.key import EngineKey
 from sdtrt.engine_types import BackendInfo
 from sdtrt.errors import BackendUnavailable, RefitRejected, StaleEngine, TargetError
-from sdtrt.storage.manifest import stale_reason
 from sdtrt.pipeline.build import build_engine
 from sdtrt.profiles import Profile
-from sdtrt.storage.registry import Registry
+from sdtrt.serving.catalog import BackendProbe, engine_rows
 from sdtrt.serving.session import EngineSession
+from sdtrt.storage.key import EngineKey
+from sdtrt.storage.manifest import stale_reason
+from sdtrt.storage.registry import Registry
 from sdtrt.targets import normalize_target, parse_targets, target_of
+from sdtrt.tools.cli import main
 
 try:
     import tensorrt_rtx
@@ -271,8 +271,8 @@ def test_refittable_or_stripped_plans_need_a_gpu(tiny_checkpoint, tmp_path: Path
     plan of full size). Built through the backend directly, bypassing build_options. If a TensorRT-RTX release
     starts building these on a CPU, this test fails: then build_options can stop embedding."""
     from sdtrt.backends.tensorrt import TensorRTRTXBackend
-    from sdtrt.pipeline.checkpoint import build_unet, open_checkpoint
     from sdtrt.errors import BuildError
+    from sdtrt.pipeline.checkpoint import build_unet, open_checkpoint
     from sdtrt.pipeline.export import ExportSettings, export_unet
 
     ckpt, sd = open_checkpoint(tiny_checkpoint("sd1"))

@@ -47,9 +47,9 @@ def test_attention_swap_reaches_the_unet_and_is_undone() -> None:
     numbers through a math attention, every attention layer called) and undone afterwards."""
     import torch
 
+    from sdtrt.models.torch_unet import UNetModel
     from sdtrt.tools.bench import LATENCY_MODELS, _with_attention
     from sdtrt.tools.tiny import randomize_
-    from sdtrt.models.torch_unet import UNetModel
 
     spec, _ = LATENCY_MODELS["tiny"]
     unet = UNetModel(spec).eval()

@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sdtrt.serving.catalog import BackendProbe, engine_rows
 from sdtrt.pipeline.build import build_engine
 from sdtrt.profiles import Profile
+from sdtrt.serving.catalog import BackendProbe, engine_rows
 from sdtrt.storage.registry import Registry
 
 

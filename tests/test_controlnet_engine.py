@@ -8,9 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdtrt.pipeline.checkpoint import build_unet, open_checkpoint
 from sdtrt.errors import SdtrtError
-from sdtrt.storage.manifest import Manifest
 from sdtrt.models import (
     CallSize,
     ControlFeeds,
@@ -21,11 +19,13 @@ from sdtrt.models import (
     TensorIO,
     bind_record,
 )
-from sdtrt.pipeline.build import build_engine
-from sdtrt.profiles import Profile
-from sdtrt.storage.registry import Registry
-from sdtrt.serving.session import EngineSession
 from sdtrt.models.torch_unet import UNetModel, skip_cat, timestep_embedding
+from sdtrt.pipeline.build import build_engine
+from sdtrt.pipeline.checkpoint import build_unet, open_checkpoint
+from sdtrt.profiles import Profile
+from sdtrt.serving.session import EngineSession
+from sdtrt.storage.manifest import Manifest
+from sdtrt.storage.registry import Registry
 
 PROFILE = "1x64x64x75:1x96x96x75:2x128x128x150"
 #: (rows, height px, width px, tokens): sizes in steps of 8 px (latents not divisible by the UNet's downsampling)

@@ -11,8 +11,8 @@ import pytest
 
 import sdtrt.webui.service as service_module
 from fakehost import FakeHost
-from sdtrt.serving.passes import CallShape, CfgOptions, GenerationSpec, HiresSpec, cfg_calls, hires_size, plan_passes
 from sdtrt.profiles import Profile, Shape
+from sdtrt.serving.passes import CallShape, CfgOptions, GenerationSpec, HiresSpec, cfg_calls, hires_size, plan_passes
 from test_webui_a1111 import boot as boot  # noqa: PLC0414 (the `boot` fixture, used by name)
 
 pytest.importorskip("fastapi")

@@ -8,10 +8,10 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import FAMILIES, FP16_RUNS, needs_fp16
 
-from sdtrt.pipeline.checkpoint import build_unet, open_checkpoint
+from conftest import FAMILIES, FP16_RUNS, needs_fp16
 from sdtrt.errors import ExportError
+from sdtrt.pipeline.checkpoint import build_unet, open_checkpoint
 from sdtrt.pipeline.export import ExportSettings, export_unet
 
 SHAPES = [  # (batch rows, latent h, latent w, chunks): batches differ, sizes not multiples of 64 px, 75 and 150 tokens

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAMILIES
 
-from sdtrt.pipeline.checkpoint import build_unet, check_safetensors, open_checkpoint
+from conftest import FAMILIES
 from sdtrt.errors import CheckpointError, UnknownArchitecture
+from sdtrt.pipeline.checkpoint import build_unet, check_safetensors, open_checkpoint
 from sdtrt.pipeline.families import ConfigHints, detect
 from sdtrt.tools.tiny import TINY, tiny_unet
 

@@ -10,12 +10,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sdtrt.tools.check import check_engine
-from sdtrt.pipeline.checkpoint import build_unet, open_checkpoint
-from sdtrt.tools.cli import main
-from sdtrt.pipeline.lora import LoraError, LoraSpec, diffusers_to_compvis, lora_weights, read_lora
 from sdtrt.pipeline.build import build_engine
+from sdtrt.pipeline.checkpoint import build_unet, open_checkpoint
+from sdtrt.pipeline.lora import LoraError, LoraSpec, diffusers_to_compvis, lora_weights, read_lora
 from sdtrt.profiles import Profile, Shape
+from sdtrt.tools.check import check_engine
+from sdtrt.tools.cli import main
 
 
 def write_kohya(path: Path, sd: dict[str, torch.Tensor], layers: list[str], *, rank: int = 4, seed: int = 0,

@@ -85,9 +85,9 @@ def test_an_unknown_contract_or_version_is_refused_naming_it() -> None:
 
 def test_a_built_engine_records_its_contract_and_serves_through_it(tiny_checkpoint, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from sdtrt.pipeline.build import build_engine
-    from sdtrt.storage.registry import Registry
     from sdtrt.serving.session import EngineSession
     from sdtrt.serving.spec import engine_contract
+    from sdtrt.storage.registry import Registry
 
     out = build_engine(tiny_checkpoint("sdxl-base"), [Profile.parse("1x64x64x75")], tmp_path, backend="onnxruntime")
     io = out.manifest.key.io

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdtrt.pipeline.checkpoint import build_unet, open_checkpoint, read_unet_state_dict
 from sdtrt.errors import RefitError
 from sdtrt.pipeline.build import build_engine
-from sdtrt.profiles import Profile
+from sdtrt.pipeline.checkpoint import build_unet, open_checkpoint, read_unet_state_dict
 from sdtrt.pipeline.refit import WeightTracker, merge
-from sdtrt.storage.registry import Registry
+from sdtrt.profiles import Profile
 from sdtrt.serving.session import EngineSession
+from sdtrt.storage.registry import Registry
 
 
 @pytest.fixture(scope="module")

@@ -24,10 +24,7 @@ EXT = Path(__file__).resolve().parents[1] / "extension"
 if str(EXT) not in sys.path:
     sys.path.insert(0, str(EXT))
 
-from sdtrt.storage import inspection as inspection_mod
-from sdtrt.storage import publish as publish_mod
 from sdtrt.backends.base import BackendInfo, BuildResult
-from sdtrt.storage.key import EngineKey, validate_engine_id
 from sdtrt.errors import (
     BuildError,
     EngineNotFound,
@@ -38,6 +35,9 @@ from sdtrt.errors import (
     StaleEngine,
 )
 from sdtrt.fsutil import FileLock, LockTimeout, atomic_write_bytes, read_regular_file, sha256_and_size, sha256_file
+from sdtrt.storage import inspection as inspection_mod
+from sdtrt.storage import publish as publish_mod
+from sdtrt.storage.key import EngineKey, validate_engine_id
 from sdtrt.storage.lease import host_name
 from sdtrt.storage.manifest import MANIFEST_NAME, Manifest
 from sdtrt.storage.registry import Registry

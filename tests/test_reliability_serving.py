@@ -53,14 +53,14 @@ from reliability_serving_support import (
     write_pickle_bomb,
 )
 from sdtrt.backends.base import BuildResult
-from sdtrt.pipeline.checkpoint import read_unet_state_dict
-from sdtrt.storage.key import EngineKey
 from sdtrt.errors import EngineNotFound, NoMatchingProfile, SdtrtError
 from sdtrt.pipeline.build import build_engine
+from sdtrt.pipeline.checkpoint import read_unet_state_dict
 from sdtrt.profiles import Profile
-from sdtrt.storage.registry import Registry
-from sdtrt.serving.session import CorruptEngine, EngineSession
 from sdtrt.serving.server import UnetServer
+from sdtrt.serving.session import CorruptEngine, EngineSession
+from sdtrt.storage.key import EngineKey
+from sdtrt.storage.registry import Registry
 from sdtrt.webui.jobs import DONE, FAILED
 from sdtrt.webui.service import EngineService, OptionSpec, SwapFailed
 
@@ -524,10 +524,10 @@ def test_pickle_bomb_fixture_really_goes_off(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", ["bomb.pt", "bomb.ckpt", "bomb.pth", "bomb.bin", "bomb-renamed.safetensors"])
 def test_headless_lora_pickles_are_refused_never_unpickled(name: str, cache: Cache, tiny_checkpoint,
                                                                  tmp_path: Path, no_unpickling: list[str]) -> None:
-    from sdtrt.tools.check import check_engine
-    from sdtrt.tools.cli import main
     from sdtrt.pipeline.lora import LoraError, LoraSpec, read_lora
     from sdtrt.profiles import Shape
+    from sdtrt.tools.check import check_engine
+    from sdtrt.tools.cli import main
 
     canary = tmp_path / "canary"
     bomb = write_pickle_bomb(tmp_path / name, canary)
@@ -1038,8 +1038,8 @@ def test_failed_builds_leave_the_active_engine_serving(cache: Cache, host: LoraH
 def test_no_unet_call_waits_on_a_lock_while_a_build_refit_load_or_delete_runs(
         cache: Cache, host: LoraHost, svc: EngineService, monkeypatch: pytest.MonkeyPatch) -> None:
     from sdtrt.backends.ort import OrtRunner
-    from sdtrt.storage.registry import Registry as Reg
     from sdtrt.serving.slot import NetworkSet
+    from sdtrt.storage.registry import Registry as Reg
 
     log = WaitLog()
     instrument_locks(svc, monkeypatch, log)

@@ -11,8 +11,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import FP16_RUNS
 
+from conftest import FP16_RUNS
 from sdtrt.tools.runbook import join_parts, run
 
 REPO = Path(__file__).resolve().parents[1]

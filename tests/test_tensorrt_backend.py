@@ -100,7 +100,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::t
 import torch
 
 from conftest import FP16_RUNS
-
 from sdtrt.backends import AUTO_ORDER, BACKENDS, CHOICES, backend_class, get_backend
 from sdtrt.backends.base import Backend, BuildOptions
 from sdtrt.backends.tensorrt import PLAN_FILE, TORCH_DTYPES, TensorRTBackend, TensorRTRTXBackend, parse_onnx

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from test_tensorrt_backend import REPO, write_fixed_stubs
 from trt_api import binding_names, defined, missing_names, own_names, stub_names, used_names
 

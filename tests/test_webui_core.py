@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import FP16_RUNS
 
+from conftest import FP16_RUNS
 from sdtrt.errors import NoMatchingProfile, ProfileError, SdtrtError
 from sdtrt.pipeline.build import build_engine
 from sdtrt.profiles import Profile
@@ -445,9 +445,9 @@ def test_rebuild_of_an_ahead_of_time_engine(svc: EngineService, tiny_checkpoint,
     """Rebuild keeps an ahead-of-time engine's backend; one stale here because of its targets is rebuilt for this
     GPU (the same targets again would make the same, still stale, engine)."""
     from sdtrt.backends.base import BuildResult
+    from sdtrt.engine_types import BackendInfo
     from sdtrt.pipeline.checkpoint import file_sha256
     from sdtrt.storage.key import EngineKey
-    from sdtrt.engine_types import BackendInfo
     from sdtrt.storage.registry import Registry
 
     ckpt = tiny_checkpoint("sd1", 1)

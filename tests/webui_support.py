@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from sdtrt.pipeline.checkpoint import build_unet, open_checkpoint
 from sdtrt.errors import SdtrtError
+from sdtrt.pipeline.checkpoint import build_unet, open_checkpoint
 from sdtrt.webui.host import CheckpointRef, HostDefaults, Settings
 
 

@@ -27,6 +27,7 @@ from sdtrt.backends.base import (
     check_weight_names,
     no_progress,
 )
+from sdtrt.engine_types import RefitMode, WeightsMode
 from sdtrt.errors import BuildError, RefitError, StaleEngine
 
 
@@ -166,7 +167,8 @@ class OrtBackend(Backend):
         except StaleEngine as e:
             raise BuildError(str(e)) from e
         progress("build", 1.0)
-        return BuildResult(files=files, weights="embedded", refit_mode="refit" if options.refit else "none")
+        return BuildResult(files=files, weights=WeightsMode.EMBEDDED,
+                           refit_mode=RefitMode.REFIT if options.refit else RefitMode.NONE)
 
     def load(self, engine_dir: Path, files: Sequence[str], profiles: Sequence[EngineProfile], *,
              digests: Mapping[str, str] | None = None) -> EngineRunner:

@@ -12,13 +12,13 @@ from pathlib import Path
 
 from sdtrt.backends import get_backend
 from sdtrt.backends.base import Backend, BackendInfo, BuildOptions, BuildResult, ProgressCallback, no_progress
-from sdtrt.pipeline.checkpoint import build_unet, file_sha256, open_checkpoint
-from sdtrt.storage.key import EngineKey
 from sdtrt.engine_types import RefitMode, WeightsMode
+from sdtrt.pipeline.checkpoint import build_unet, file_sha256, open_checkpoint
 from sdtrt.pipeline.export import DTYPES, ExportSettings, export_unet, trace_device
 from sdtrt.pipeline.families import ModelInfo
-from sdtrt.storage.manifest import Manifest
 from sdtrt.profiles import Profile
+from sdtrt.storage.key import EngineKey
+from sdtrt.storage.manifest import Manifest
 from sdtrt.storage.registry import Registry
 
 

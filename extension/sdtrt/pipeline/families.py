@@ -23,7 +23,6 @@ from sdtrt.models import FAMILIES as MODEL_FAMILIES
 from sdtrt.models import FamilyDef, ModelContract, TensorIO
 from sdtrt.models.torch_unet import UNetSpec
 
-
 #: The supported families, keyed by what the state dict shows: (context width, y width). Each architecture module
 #: of sdtrt.models declares its own.
 FAMILIES: dict[tuple[int, int | None], FamilyDef] = {(f.context_dim, f.y_dim): f for f in MODEL_FAMILIES}

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from sdtrt.backends import backend_class
 from sdtrt.engine_types import BackendInfo
 from sdtrt.errors import SdtrtError
-from sdtrt.storage.manifest import Manifest, stale_reason
 from sdtrt.models import record_takes_control
+from sdtrt.storage.manifest import Manifest, stale_reason
 from sdtrt.storage.registry import Registry
 
 

@@ -32,9 +32,9 @@ from sdtrt.errors import (
     StaleEngine,
     UnknownWeights,
 )
-from sdtrt.storage.manifest import Manifest, stale_reason
 from sdtrt.pipeline.refit import BaseLoader, RefitPlan, WeightTracker
 from sdtrt.serving.spec import EngineSpec, OfSpec, refit_refusal
+from sdtrt.storage.manifest import Manifest, stale_reason
 from sdtrt.storage.registry import Registry
 
 

@@ -7,10 +7,11 @@ import re
 import shutil
 import stat
 import time
-from sdtrt.storage.key import ENGINE_DIR_RE
+
 from sdtrt.errors import EngineNotFound, InvalidEngineId
 from sdtrt.fsutil import FileLock, fsync_dir
 from sdtrt.storage.inspection import inspect
+from sdtrt.storage.key import ENGINE_DIR_RE
 from sdtrt.storage.layout import CacheLayout, SideKind
 from sdtrt.storage.lease import host_name, pid_alive
 

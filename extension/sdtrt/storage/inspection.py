@@ -14,6 +14,7 @@ from sdtrt.storage.key import ENGINE_DIR_RE
 from sdtrt.storage.layout import CacheLayout
 from sdtrt.storage.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest
 
+
 @dataclass
 class Inspection:
     manifest: Manifest | None

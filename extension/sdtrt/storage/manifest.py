@@ -9,9 +9,9 @@ from datetime import datetime
 from typing import Any
 
 from sdtrt.constants import MANIFEST_SCHEMA
-from sdtrt.storage.key import EngineKey, check_str, json_copy, require_dict, validate_engine_id
 from sdtrt.engine_types import BackendInfo
 from sdtrt.errors import ManifestError, TargetError
+from sdtrt.storage.key import EngineKey, check_str, json_copy, require_dict, validate_engine_id
 from sdtrt.targets import describe, target_of
 
 MANIFEST_NAME = "manifest.json"

@@ -16,11 +16,10 @@ from types import SimpleNamespace
 
 import torch
 
+from sdtrt.models.torch_unet import UNetSpec
+from sdtrt.tools.bench_refit import FULL_SPECS
 from sdtrt.tools.check import timed_samples
 from sdtrt.tools.tiny import standard_spec, write_checkpoint
-from sdtrt.models.torch_unet import UNetSpec
-
-from sdtrt.tools.bench_refit import FULL_SPECS  # noqa: E402 - the full-size UNets, one place
 
 
 def to_dicts(rows: Sequence[object]) -> list[dict[str, object]]:
@@ -135,15 +134,15 @@ def _interleaved(fns: Mapping[str, Callable[[], object]], repeats: int, device: 
 def latency_bench(model: str, batch: int, work: Path, *, backend: str = "auto", repeats: int = 10
                   ) -> LatencyRow:
     from sdtrt.backends import backend_class
-    from sdtrt.pipeline.checkpoint import build_unet, open_checkpoint
     from sdtrt.pipeline.build import build_engine
+    from sdtrt.pipeline.checkpoint import build_unet, open_checkpoint
     from sdtrt.profiles import Profile, Shape
-    from sdtrt.storage.registry import Registry
     from sdtrt.serving.counters import Counters
     from sdtrt.serving.server import FixedPolicy, UnetServer
     from sdtrt.serving.session import EngineSession
     from sdtrt.serving.slot import EngineSlot
     from sdtrt.serving.spec import engine_contract
+    from sdtrt.storage.registry import Registry
 
     spec, pixels = LATENCY_MODELS[model]
     ckpt = write_checkpoint(spec, work / model, "bench-0")
@@ -238,12 +237,12 @@ class ControlNetRow:
 
 def controlnet_bench(model: str, batch: int, work: Path, *, backend: str = "auto", repeats: int = 10
                      ) -> ControlNetRow:
-    from sdtrt.pipeline.checkpoint import build_unet, open_checkpoint
     from sdtrt.pipeline.build import build_engine
+    from sdtrt.pipeline.checkpoint import build_unet, open_checkpoint
     from sdtrt.profiles import Profile, Shape
-    from sdtrt.storage.registry import Registry
     from sdtrt.serving.session import EngineSession
     from sdtrt.serving.spec import engine_contract
+    from sdtrt.storage.registry import Registry
 
     spec, pixels = LATENCY_MODELS[model]
     ckpt = write_checkpoint(spec, work / f"{model}-cn", "bench-0")

@@ -158,8 +158,8 @@ def _numel(shape: Sequence[int]) -> int:
 
 def _export(ckpt: Path, out: Path, dtype: str) -> dict[str, Any]:
     """What a build's export does (pipeline.build_engine's first half)."""
-    from sdtrt.pipeline.checkpoint import build_unet, open_checkpoint
     from sdtrt.fsutil import onnx_files
+    from sdtrt.pipeline.checkpoint import build_unet, open_checkpoint
     from sdtrt.pipeline.export import ExportSettings, export_unet
 
     checkpoint, sd = open_checkpoint(ckpt)

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import torch
 
-from sdtrt.pipeline.checkpoint import build_unet, file_sha256, open_checkpoint
 from sdtrt.errors import NoMatchingProfile, SdtrtError
+from sdtrt.pipeline.checkpoint import build_unet, file_sha256, open_checkpoint
 from sdtrt.pipeline.export import DTYPES
 from sdtrt.pipeline.lora import LoraSpec
 from sdtrt.profiles import Shape
-from sdtrt.storage.registry import Registry
 from sdtrt.serving.session import EngineSession
+from sdtrt.storage.registry import Registry
 
 
 @dataclass(frozen=True)

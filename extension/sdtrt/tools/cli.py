@@ -66,7 +66,6 @@ def _parse_profiles(specs: Sequence[str]) -> list[Any]:
 def cmd_build(args: argparse.Namespace) -> int:
     from sdtrt.backends.base import BuildOptions
     from sdtrt.pipeline.build import build_engine
-
     from sdtrt.targets import parse_targets
 
     options = BuildOptions(refit=not args.no_refit, strip_weights=not (args.no_strip or args.no_refit),
@@ -135,9 +134,9 @@ def _check_text(rows: Sequence[Any]) -> str:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from sdtrt.tools.check import check_engine
     from sdtrt.pipeline.lora import LoraSpec
     from sdtrt.profiles import Shape
+    from sdtrt.tools.check import check_engine
 
     rows = check_engine(args.cache, args.id, args.checkpoint, [Shape.parse(s) for s in args.shape],
                         config=args.config, loras=[LoraSpec.parse(x) for x in args.lora])
@@ -221,9 +220,9 @@ def cmd_runbook(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from sdtrt.tools.check import check_engine
     from sdtrt.pipeline.build import build_engine
     from sdtrt.profiles import Profile, Shape
+    from sdtrt.tools.check import check_engine
     from sdtrt.tools.tiny import write_tiny_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="sdtrt-demo-") as tmp:

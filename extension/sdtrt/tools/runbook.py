@@ -86,11 +86,11 @@ def baseline(model: str, device: str, repeats: int, warmup: int = 3) -> dict[str
     """Median ms per UNet call of a random-weight UNet (CFG batch 2, SDPA, fp16 on a GPU) and peak memory."""
     import torch
 
-    from sdtrt.tools.bench import LATENCY_MODELS
     from sdtrt.models import LdmUNet, SgmUNet, TensorIO, bind
-    from sdtrt.profiles import Shape
-    from sdtrt.tools.tiny import randomize_
     from sdtrt.models.torch_unet import UNetModel
+    from sdtrt.profiles import Shape
+    from sdtrt.tools.bench import LATENCY_MODELS
+    from sdtrt.tools.tiny import randomize_
 
     spec, pixels = LATENCY_MODELS[model]
     dtype = torch.float16 if device == "cuda" else torch.float32
@@ -156,9 +156,9 @@ def _attempt(work: Path, out: dict[str, Any]) -> None:
         return
     if out["unavailable"] is not None:
         return
-    from sdtrt.tools.check import check_engine
     from sdtrt.pipeline.build import build_engine
     from sdtrt.profiles import Profile, Shape
+    from sdtrt.tools.check import check_engine
     from sdtrt.tools.tiny import write_tiny_checkpoint
 
     ckpt = write_tiny_checkpoint("sd1", work)

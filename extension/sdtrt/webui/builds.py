@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from sdtrt.backends.base import BuildOptions
-from sdtrt.storage.key import validate_engine_id
-from sdtrt.errors import BackendUnavailable, CacheNotWritable, EngineNotFound, ProfileError, SdtrtError
 from sdtrt.engine_types import BackendInfo
-from sdtrt.storage.manifest import Manifest, stale_reason
+from sdtrt.errors import BackendUnavailable, CacheNotWritable, EngineNotFound, ProfileError, SdtrtError
 from sdtrt.models import record_takes_control
 from sdtrt.profiles import Profile
+from sdtrt.storage.key import validate_engine_id
+from sdtrt.storage.manifest import Manifest, stale_reason
 from sdtrt.targets import parse_targets
 from sdtrt.webui.host import BACKEND_CHOICES
 from sdtrt.webui.jobs import Job

@@ -21,17 +21,17 @@ from typing import TYPE_CHECKING, Any
 from sdtrt.constants import LATENT_FACTOR, TOKENS_PER_CHUNK
 from sdtrt.engine_types import RefitMode
 from sdtrt.errors import SdtrtError
-from sdtrt.serving.passes import CallShape, CfgOptions, GenerationSpec, HiresSpec, PassSpec, hires_size, plan_passes
-from sdtrt.profiles import MAX_PIXELS, MIN_PIXELS, Shape, token_chunks
-from sdtrt.serving.spec import refit_refusal
 from sdtrt.models import NotServable
+from sdtrt.profiles import MAX_PIXELS, MIN_PIXELS, Shape, token_chunks
 from sdtrt.serving.counters import Counters
+from sdtrt.serving.passes import CallShape, CfgOptions, GenerationSpec, HiresSpec, PassSpec, hires_size, plan_passes
 from sdtrt.serving.server import SWITCHED_OFF, FallbackPolicy, UnetServer
 from sdtrt.serving.slot import WeightSource
+from sdtrt.serving.spec import refit_refusal
 from sdtrt.webui import controlnet, foreign
 from sdtrt.webui.host import LABEL_PREFIX, CheckpointRef
-from sdtrt.webui.request_fields import CoverageError, float_field, int_field, text_field
 from sdtrt.webui.prediction import CallRoute, Coverage, PassRoute, RouteKind, suggest_profile, summarize
+from sdtrt.webui.request_fields import CoverageError, float_field, int_field, text_field
 
 if TYPE_CHECKING:
     from sdtrt.webui.options import LoadedArch, OptionSpec

@@ -13,10 +13,10 @@ from collections.abc import Callable, Sequence
 import torch
 
 from sdtrt.errors import EngineNotFound, SdtrtError
+from sdtrt.serving.server import BUSY_WAIT_S
+from sdtrt.serving.session import CorruptEngine, EngineBusy, EngineSession
 from sdtrt.storage.manifest import Manifest
 from sdtrt.storage.registry import Registry
-from sdtrt.serving.session import CorruptEngine, EngineBusy, EngineSession
-from sdtrt.serving.server import BUSY_WAIT_S
 
 log = logging.getLogger("sdtrt")
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from sdtrt.backends.base import BuildOptions, BuildResult, EngineProfile, ProgressCallback
 from sdtrt.backends.tensorrt.library import LibraryHandle, library_of_module, open_library
 from sdtrt.backends.tensorrt.messages import QUOTED_MESSAGES, Messages, make_logger
+from sdtrt.engine_types import RefitMode, WeightsMode
 from sdtrt.errors import BuildError, TargetError
 from sdtrt.fsutil import atomic_write_bytes
 from sdtrt.targets import describe, enum_name
@@ -188,8 +189,8 @@ def build(
     )
     return BuildResult(
         files=[PLAN_FILE],
-        weights="stripped" if options.strip_weights else "embedded",
-        refit_mode="refit" if options.refit else "none",
+        weights=WeightsMode.STRIPPED if options.strip_weights else WeightsMode.EMBEDDED,
+        refit_mode=RefitMode.REFIT if options.refit else RefitMode.NONE,
         extra=extra,
     )
 
