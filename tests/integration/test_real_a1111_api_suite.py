@@ -1,6 +1,5 @@
 """A1111's own API tests (test/test_txt2img.py and test/test_img2img.py of the WebUI's source) against a WebUI with
-this extension installed and an engine active (issue 11: "A1111's own API tests pass with the extension installed
-and an engine active").
+this extension installed and an engine active: they pass as they do without it.
 
 The WebUI gets `sd_unet: Automatic` in config.json and an engine for its checkpoint built over the REST API, so every
 request of A1111's tests (which send no override_settings for the UNet) runs on the engine where a profile covers it.

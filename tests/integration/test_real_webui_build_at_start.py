@@ -1,4 +1,4 @@
-"""A build requested the moment the WebUI's API answers (issue 11 item 3).
+"""A build requested the moment the WebUI's API answers.
 
 A1111 1.10.1 loads the start-up checkpoint in a background thread and answers the API meanwhile; while it loads it
 changes torch globally (meta-device initialisation, patched layer constructors), so an ONNX export that runs then

@@ -1,4 +1,4 @@
-"""sd-webui-controlnet v1.1.455 beside sd-webui-trt in the real A1111 1.10.1 (issue 11 items 4 and 5, issue 13).
+"""sd-webui-controlnet v1.1.455 beside sd-webui-trt in the real A1111 1.10.1.
 
 First with a plain engine (no ControlNet inputs): units run on PyTorch with the notice. Then an engine with
 ControlNet inputs is built through the API, and T2I-Adapter units (weights, the three control modes, a guidance
@@ -252,7 +252,7 @@ def test_after_a_reference_only_generation_the_next_one_runs_on_the_engine(host:
     assert host.extension_errors() == [], host.log_tail(150)
 
 
-# ---- issue 13: an engine with ControlNet inputs -------------------------------------------------------------------
+# ---- an engine with ControlNet inputs -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def control_engine(host: WebUIHost) -> str:
     job = build_through_api(host, controlnet=True)

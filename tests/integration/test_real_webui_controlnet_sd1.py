@@ -1,5 +1,4 @@
-"""A ControlNet proper through the engine in the real A1111 1.10.1 with the real sd-webui-controlnet 1.1.455
-(issue 13).
+"""A ControlNet proper through the engine in the real A1111 1.10.1 with the real sd-webui-controlnet 1.1.455.
 
 sd-webui-controlnet builds every SD1 ControlNet at SD1's full width (320 channels, 13 residuals of 320 to 1280
 channels), so the UNet must have that width too: the "sd1-width" model of tiny_webui_model.py (SD1's block layout

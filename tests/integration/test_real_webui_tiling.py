@@ -2,7 +2,7 @@
 
 A1111 implements tiling by switching every Conv2d of the model to circular padding for the generation
 (`model_hijack.apply_circular`). An engine is the UNet as exported, with zero padding, so an engine serving a
-tiling generation computes another image (26-31/255 mean difference, issue 11 item 2). A tiling generation must give
+tiling generation computes another image (26-31/255 mean difference). A tiling generation must give
 PyTorch's tiling image: here the extension runs it on PyTorch and says so in the response; the next generation
 without tiling (A1111 switches the padding back) runs on the engine again. Tolerance and counters as in
 test_real_webui_sdtrt.
