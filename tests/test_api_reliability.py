@@ -73,7 +73,8 @@ SYMLINK_ID = "sd1-onnxruntime-00000000000000aa"
 DAMAGED_ID = "sd1-onnxruntime-00000000000000bb"
 OPS = [("GET", "/engines"), ("POST", "/engines"), ("DELETE", "/engines/{engine_id}"),
        ("POST", "/engines/{engine_id}/rebuild"), ("GET", "/jobs"), ("GET", "/jobs/{job_id}"),
-       ("DELETE", "/jobs/{job_id}"), ("GET", "/status"), ("POST", "/coverage"), ("POST", "/enabled")]
+       ("DELETE", "/jobs/{job_id}"), ("GET", "/status"), ("POST", "/coverage"), ("POST", "/enabled"),
+       ("POST", "/rescan")]
 
 
 # ---- environment: a cache with a real engine, a damaged one and a symlink out; canaries outside ------------------

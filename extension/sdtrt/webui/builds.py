@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +24,8 @@ from sdtrt.webui.host import BACKEND_CHOICES
 from sdtrt.webui.jobs import Job
 from sdtrt.webui.sessions import close_all
 from sdtrt.webui.state import ServiceState
+
+log = logging.getLogger("sdtrt")
 
 
 class EngineInUse(SdtrtError):
@@ -44,6 +47,7 @@ class Builds:
                targets: str | Sequence[str] | None = None) -> Job:
         """Validate now (unknown checkpoint, bad profile, unknown backend or target raise), build later on the job
         thread. `targets`: GPU compute capabilities to build for ahead of time ("sm86,sm89"); none: this GPU."""
+        self.state.fleet.require_builds("build")
         host = self.state.require_host()
         if not isinstance(checkpoint, str) or not checkpoint:
             raise SdtrtError("give the checkpoint to build for (its title or name as the WebUI lists it)")
@@ -108,6 +112,7 @@ class Builds:
 
     def rebuild(self, engine_id: str) -> Job:
         """Rebuild a (stale) engine for this machine from its source checkpoint with the same profiles."""
+        self.state.fleet.require_builds("rebuild")
         m = self.manifest_even_if_stale(engine_id)
         name = m.source_checkpoint.get("name")
         sha = m.source_checkpoint.get("sha256")
@@ -138,6 +143,7 @@ class Builds:
     def delete(self, engine_id: str) -> None:
         """Unload and delete an engine no active server uses. The slow part (closing, removing files) runs
         outside the service lock, with the id marked so nothing loads it meanwhile."""
+        self.state.fleet.require_builds("delete")
         validate_engine_id(engine_id)
         registry = self.state.registry()
         with self.state.lock:
@@ -164,3 +170,18 @@ class Builds:
         finally:
             self.state.sessions.finish_delete(engine_id)
         self.state.refresh_list()
+
+    def collect_garbage(self, max_age_s: float = 3600.0) -> list[str]:
+        """One cleanup pass over the cache (what dead builds left behind; see Registry.cleanup). Never raises:
+        called at startup, where a read-only or missing cache must not stop the WebUI. Fleet replicas that do not
+        build (SDTRT_BUILDS=off) write nothing to the cache: they skip it."""
+        if not self.state.fleet.builds:
+            return []
+        try:
+            removed = self.state.registry().cleanup(max_age_s=max_age_s)
+        except Exception:  # housekeeping only: logged, never raised
+            log.exception("sdtrt: cleaning the engine cache failed")
+            return []
+        if removed:
+            log.info("sdtrt: removed %d leftovers of dead builds from the engine cache", len(removed))
+        return removed

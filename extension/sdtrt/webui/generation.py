@@ -28,6 +28,7 @@ class GenerationScope:
 
     def begin(self, p: object) -> None:
         settings = self.state.require_host().settings()
+        self.rescan()
         self.state.generation = Generation(p, settings, set(), self.state.counters.snapshot())
         if self.state.active is not None:
             self.state.active.problem = self.state.active.bypass = None
@@ -36,6 +37,19 @@ class GenerationScope:
             for slot in self.state.active.slots if self.state.active is not None else ():
                 slot.evict()
             self.state.sessions.close()
+
+    def rescan(self, *, now: bool = False) -> bool:
+        """When engines were published into (or removed from) the cache since the SD Unet list was built, rebuild
+        it: the host applies it before this generation's first UNet call (see webui/fleet.py). Looks at most every
+        SDTRT_RESCAN_S seconds unless `now`; never fails a generation. Returns whether the list was rebuilt."""
+        try:
+            if not self.state.watcher.changed(self.state.registry().root, now=now):
+                return False
+            self.state.require_host().refresh_unet_list()
+            return True
+        except Exception:  # noqa: BLE001 - housekeeping: the generation goes on with the list it has
+            log.exception("sdtrt: looking for new engines in the cache failed")
+            return False
 
     def apply_networks(self) -> None:
         """After the host activated this pass's extra networks: put its LoRA set into the engine before the first

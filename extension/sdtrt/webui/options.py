@@ -95,6 +95,7 @@ class UnetOptions:
         """Per checkpoint with engines built from it: `[TRT] <model_name>` (what "Automatic" picks). For the loaded
         checkpoint without one of its own: `[TRT] <model_name>` over same-architecture engines, refitted with its
         weights. Per usable engine: `[TRT] <engine id>`, picked by name only."""
+        self.state.watcher.listed(self.state.registry().root)  # before listing: a publish meanwhile is a change
         return self.options_with(self.state.require_host().loaded_checkpoint(), self.loaded_arch)
 
     def options_with(self, loaded: CheckpointRef | None, arch_of: Callable[[], LoadedArch | None]

@@ -65,16 +65,7 @@ class EngineService:
         return self.state.registry()
 
     def collect_garbage(self, max_age_s: float = 3600.0) -> list[str]:
-        """One cleanup pass over the cache (what dead builds left behind; see Registry.cleanup). Never raises:
-        called at startup, where a read-only or missing cache must not stop the WebUI."""
-        try:
-            removed = self.registry().cleanup(max_age_s=max_age_s)
-        except Exception:  # housekeeping only: logged, never raised
-            log.exception("sdtrt: cleaning the engine cache failed")
-            return []
-        if removed:
-            log.info("sdtrt: removed %d leftovers of dead builds from the engine cache", len(removed))
-        return removed
+        return self.builds.collect_garbage(max_age_s)
 
     # ---- engines and SD Unet options (UnetOptions) --------------------------------------------------------
     def engine_rows(self) -> list[EngineListing]:
@@ -133,6 +124,11 @@ class EngineService:
 
     def refresh_list(self) -> None:
         self.state.refresh_list()
+
+    def rescan(self) -> dict[str, Any]:
+        """POST /sdtrt/v1/rescan: look at the cache now; what another process published or removed is listed."""
+        changed = self.scope.rescan(now=True)
+        return {"changed": changed, "engines": [row.id for row in self.engine_rows() if row.ok]}
 
     def status(self) -> StatusReport:
         return status.snapshot(self.state, self.scope)

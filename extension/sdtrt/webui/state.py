@@ -17,6 +17,7 @@ from sdtrt.serving.counters import Counters
 from sdtrt.serving.server import UnetServer
 from sdtrt.serving.session import EngineSession
 from sdtrt.storage.registry import Registry
+from sdtrt.webui.fleet import CacheWatcher, FleetSettings
 from sdtrt.webui.host import Host, Settings
 from sdtrt.webui.jobs import JobQueue
 from sdtrt.webui.sessions import SessionPool, close_all
@@ -44,6 +45,9 @@ class ServiceState:
         self.generation: Generation | None = None
         self.active: UnetServer | None = None
         self.active_label: str | None = None
+        #: fleet mode (SDTRT_BUILDS, SDTRT_RESCAN_S) and the watcher that notices engines other processes publish
+        self.fleet = FleetSettings.from_env()
+        self.watcher = CacheWatcher(self.fleet.rescan_s)
 
     def require_host(self) -> Host:
         if self.host is None:

@@ -8,7 +8,7 @@ before FastAPI reads the body or resolves anything, and the mapping of errors to
 - A request body larger than MAX_BODY_BYTES is refused with 413 before it is read further.
 
 Errors are always JSON {"error": <kind>, "detail": <message>}: 400 (bad input), 401, 403, 404 (unknown id),
-409 (in use), 413, 422 (malformed body), 429, 503 (cache folder not writable) or, for a bug, 500.
+409 (in use, or builds off in this replica), 413, 422 (malformed body), 429, 503 (cache folder not writable) or, for a bug, 500.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from starlette.responses import Response
 
 from sdtrt.errors import CacheNotWritable, EngineNotFound, InvalidEngineId, SdtrtError
 from sdtrt.webui.builds import EngineInUse
+from sdtrt.webui.fleet import BuildsOff
 from sdtrt.webui.jobs import JobNotFound, QueueFull
 
 #: Largest request body the routes accept. A build request is a few hundred bytes.
@@ -118,7 +119,7 @@ def status_for(e: Exception) -> int:
         return 400
     if isinstance(e, (EngineNotFound, JobNotFound)):
         return 404
-    if isinstance(e, EngineInUse):
+    if isinstance(e, (EngineInUse, BuildsOff)):
         return 409
     if isinstance(e, QueueFull):
         return 429

@@ -174,3 +174,9 @@ class EnabledRequest(BaseModel):
 
 class EnabledBody(BaseModel):
     enabled: bool
+
+
+class RescanBody(BaseModel):
+    changed: bool = Field(..., description="engines were published into or removed from the cache since the SD Unet "
+                                           "list was built; the next generation uses the new list")
+    engines: list[str] = Field(..., description="the engines that can serve here now")

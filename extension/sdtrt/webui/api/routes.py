@@ -35,6 +35,7 @@ from sdtrt.webui.api.models import (
     JobAccepted,
     JobBody,
     JobList,
+    RescanBody,
     StatusBody,
 )
 from sdtrt.webui.coverage import predict
@@ -129,10 +130,13 @@ def mount(app: Any, svc: EngineService, credentials: dict[str, str] | None = Non
     def set_enabled(req: EnabledRequest) -> Response:
         return answer(lambda: svc.set_enabled(req.enabled))
 
+    def rescan() -> Response:
+        return answer(svc.rescan)
+
     route("/engines", "GET", list_engines, 200, EngineList, (), "engines in the cache")
-    route("/engines", "POST", build, 202, JobAccepted, (400, 422, 429, 503), "build an engine (a job)")
+    route("/engines", "POST", build, 202, JobAccepted, (400, 409, 422, 429, 503), "build an engine (a job)")
     route("/engines/{engine_id}", "DELETE", delete_engine, 200, Deleted, (400, 404, 409), "delete an engine")
-    route("/engines/{engine_id}/rebuild", "POST", rebuild, 202, JobAccepted, (400, 404, 429, 503),
+    route("/engines/{engine_id}/rebuild", "POST", rebuild, 202, JobAccepted, (400, 404, 409, 429, 503),
           "rebuild a stale engine for this machine (a job)")
     route("/jobs", "GET", list_jobs, 200, JobList, (), "build jobs")
     route("/jobs/{job_id}", "GET", get_job, 200, JobBody, (400, 404), "one build job")
@@ -141,5 +145,7 @@ def mount(app: Any, svc: EngineService, credentials: dict[str, str] | None = Non
     route("/coverage", "POST", coverage, 200, CoverageBody, (400, 422),
           "will a generation with this /sdapi/v1/txt2img or /img2img body run on an engine? (changes nothing)",
           asks=True)
+    route("/rescan", "POST", rescan, 200, RescanBody, (),
+          "look for engines other processes published into (or removed from) the cache now")
     route("/enabled", "POST", set_enabled, 200, EnabledBody, (400, 422),
           "switch sd-webui-trt on or off (the sdtrt_enabled setting; from the next generation)")
