@@ -161,3 +161,52 @@ def test_rescan_picks_up_a_new_engine_at_once_between_the_periodic_looks(boot, t
     latents, calls = generate(host)
     assert calls == STEPS
     assert_pytorch_image(host, latents)
+
+
+def ready(host: FakeHost) -> tuple[int, dict[str, Any]]:
+    r = host.client().get("/sdtrt/v1/ready")
+    return r.status_code, r.json()
+
+
+def test_without_require_engine_a_replica_is_ready_on_pytorch_and_says_so(boot, tiny_checkpoint, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    host = boot(tiny_checkpoint("sd1"), tmp_path / "empty-cache")
+    code, body = ready(host)
+    assert code == 200 and body["ready"] and body["reasons"] == []
+    assert body["serving"] == "pytorch" and body["engine"] is None and body["checkpoint"].startswith("sd1-s0")
+
+
+def test_with_require_engine_ready_waits_for_the_engine_and_loads_it_itself(boot, tiny_checkpoint, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    cache = tmp_path / "shared-cache"
+    cache.mkdir()
+    ckpt = tiny_checkpoint("sd1")
+    host = boot(ckpt, cache, SDTRT_BUILDS="off", SDTRT_RESCAN_S="0", SDTRT_REQUIRE_ENGINE="1")
+    code, body = ready(host)
+    assert code == 503 and not body["ready"] and "no engine for sd1-s0" in body["reasons"][0]
+    engine_id = publish(ckpt, cache)  # the pre-build Job
+    deadline = time.monotonic() + 120
+    while (answer := ready(host))[0] != 200 and time.monotonic() < deadline:
+        assert answer[0] == 503 and answer[1]["engine"] == engine_id, answer  # found, loading
+        time.sleep(0.2)
+    code, body = answer
+    assert code == 200 and body["loaded"] and body["serving"] == "engine" and body["engine"] == engine_id
+    latents, calls = generate(host)  # no rescan call, no restart: the first generation is on the engine
+    assert calls == STEPS
+    assert_pytorch_image(host, latents)
+
+
+def test_an_engine_for_another_backend_version_is_never_loaded_and_ready_says_why(boot, tiny_checkpoint,  # type: ignore[no-untyped-def]
+                                                                                  tmp_path, monkeypatch) -> None:
+    from sdtrt.engine_types import BackendInfo
+
+    cache = tmp_path / "shared-cache"
+    ckpt = tiny_checkpoint("sd1")
+    engine_id = publish(ckpt, cache)
+    host = boot(ckpt, cache, SDTRT_BUILDS="off", SDTRT_REQUIRE_ENGINE="1")
+    svc = service_module.service()
+    monkeypatch.setattr(svc.probe, "info", lambda name: BackendInfo(name, "0.0.0-another", "cpu"))
+    svc.refresh_list()
+    code, body = ready(host)
+    assert code == 503 and engine_id in body["reasons"][0] and "0.0.0-another" in body["reasons"][0]
+    latents, calls = generate(host)
+    assert calls == 0 and svc.status().active is None  # listed nowhere, never loaded: PyTorch
+    assert_pytorch_image(host, latents)

@@ -92,6 +92,9 @@ class A1111Host(H.HostDefaults):
     def refresh_unet_list(self) -> None:
         sd_unet.list_unets()
 
+    def apply_unet(self) -> None:
+        sd_unet.apply_unet()
+
     @contextlib.contextmanager
     def quiet_torch(self, waiting: Any) -> Any:
         """A1111's queue lock (generations, checkpoint switches) and its model-load lock (the first load, which

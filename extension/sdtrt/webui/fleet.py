@@ -11,6 +11,8 @@ Set by the deployment through environment variables (read when the service start
   one directory listing and one stat per engine (nothing read or hashed); when something changed, the host's SD Unet
   list is rebuilt, and A1111 applies it in that same generation (its `apply_unet` runs after the scripts' `process`),
   so "Automatic" serves a new engine from that generation on and drops a removed one, never mid-generation.
+- `SDTRT_REQUIRE_ENGINE=1`: GET /sdtrt/v1/ready answers 200 only with an engine for the loaded checkpoint loaded
+  (see readiness.py).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ log = logging.getLogger("sdtrt")
 
 BUILDS_ENV = "SDTRT_BUILDS"
 RESCAN_ENV = "SDTRT_RESCAN_S"
+REQUIRE_ENGINE_ENV = "SDTRT_REQUIRE_ENGINE"
 DEFAULT_RESCAN_S = 10.0
 _ON = ("on", "1", "true", "yes")
 _OFF = ("off", "0", "false", "no")
@@ -44,6 +47,8 @@ class BuildsOff(SdtrtError):
 class FleetSettings:
     builds: bool = True
     rescan_s: float = DEFAULT_RESCAN_S
+    #: GET /sdtrt/v1/ready answers 200 only with an engine for the loaded checkpoint loaded
+    require_engine: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> FleetSettings:
@@ -67,7 +72,8 @@ class FleetSettings:
                 log.warning("sdtrt: %s=%r is not a number of seconds >= 0; using %g", RESCAN_ENV, rescan_text,
                             DEFAULT_RESCAN_S)
                 rescan_s = DEFAULT_RESCAN_S
-        return cls(builds, rescan_s)
+        require_engine = env.get(REQUIRE_ENGINE_ENV, "").strip().lower() in _ON
+        return cls(builds, rescan_s, require_engine)
 
     def require_builds(self, what: str) -> None:
         """BuildsOff naming the pre-build Job, when this replica does not build."""

@@ -149,6 +149,10 @@ class Host(Protocol):
     def network_files(self) -> list[str]:
         """The files the active networks came from (the engine takes safetensors LoRAs only)."""
 
+    def apply_unet(self) -> None:
+        """Apply the SD Unet the WebUI's setting picks for the loaded model now, as a generation's start would
+        (readiness loads the engine this way); called holding `quiet_torch`."""
+
 
 class HostDefaults:
     """The optional Host operations for a host that lacks them: options read as their defaults and cannot be saved,
@@ -172,3 +176,6 @@ class HostDefaults:
 
     def network_files(self) -> list[str]:
         return []
+
+    def apply_unet(self) -> None:
+        raise SdtrtError("this WebUI host applies the SD Unet only when a generation starts")

@@ -19,6 +19,7 @@ from sdtrt.webui.generation import GenerationScope
 from sdtrt.webui.host import OPT_ENABLED, Host, Settings
 from sdtrt.webui.jobs import Job
 from sdtrt.webui.options import LoadedArch, OptionSpec, UnetOptions
+from sdtrt.webui.readiness import Readiness
 from sdtrt.webui.reports import EngineListing, StatusReport
 from sdtrt.webui.state import Generation, ServiceState
 
@@ -34,6 +35,7 @@ class EngineService:
         self.activation = Activation(self.state, self.options)
         self.scope = GenerationScope(self.state, self.activation)
         self.builds = Builds(self.state)
+        self.readiness = Readiness(self.state, self.options, self.scope)
         # the shared parts the glue, the API and the tests read
         self.counters, self.jobs, self.sessions, self.probe = (self.state.counters, self.state.jobs,
                                                                self.state.sessions, self.state.probe)

@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field
 
 from sdtrt.webui.jobs import JobState
 from sdtrt.webui.prediction import CallRoute, Coverage, PassRoute
+from sdtrt.webui.readiness import ReadyReport
 from sdtrt.webui.reports import EngineListing, StatusReport
 
 MAX_PROFILES = 32
@@ -152,6 +153,7 @@ class Deleted(BaseModel):
 
 
 StatusBody = model_of(StatusReport, "StatusBody")
+ReadyBody = model_of(ReadyReport, "ReadyBody")
 
 
 COVERAGE_HELP = ("the body of a /sdapi/v1/txt2img (or, with kind=img2img, /sdapi/v1/img2img) request, "

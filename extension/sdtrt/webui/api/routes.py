@@ -22,6 +22,7 @@ from sdtrt.webui.api.guard import (
     answer,
     error_answer,
     guarded_route_class,
+    status_for,
 )
 from sdtrt.webui.api.models import (
     COVERAGE_HELP,
@@ -35,6 +36,7 @@ from sdtrt.webui.api.models import (
     JobAccepted,
     JobBody,
     JobList,
+    ReadyBody,
     RescanBody,
     StatusBody,
 )
@@ -63,7 +65,8 @@ def mount(app: Any, svc: EngineService, credentials: dict[str, str] | None = Non
     asking_class = guarded_route_class(credentials, exposed, max_generation_body_bytes, read_only=True)
 
     def route(path: str, method: str, endpoint: Any, ok: int, model: Any, errors: tuple[int, ...],
-              summary: str, *, asks: bool = False) -> None:
+              summary: str, *, asks: bool = False, same_body: tuple[int, ...] = ()) -> None:
+        """`same_body`: error codes answered with `model` (not ErrorBody), as /ready's 503."""
         codes = set(errors) | {500}
         if "{" in path:  # FastAPI documents its own 422 shape for routes with parameters unless we document ours
             codes.add(422)
@@ -75,7 +78,8 @@ def mount(app: Any, svc: EngineService, credentials: dict[str, str] | None = Non
                 codes.add(403)
         responses: dict[int | str, dict[str, Any]] = {ok: {"model": model, "description": "success"}}
         for code in sorted(codes):
-            responses[code] = {"model": ErrorBody, "description": HTTP_KINDS.get(code, "error")}
+            body = model if code in same_body else ErrorBody
+            responses[code] = {"model": body, "description": HTTP_KINDS.get(code, "error")}
         # straight onto the app's router (not include_router, which newer FastAPI keeps as one opaque entry):
         # each route is then an SdtrtRoute in app.routes, where the tests enumerate them
         app.router.add_api_route(PREFIX + path, endpoint, methods=[method], dependencies=dependencies,
@@ -133,6 +137,13 @@ def mount(app: Any, svc: EngineService, credentials: dict[str, str] | None = Non
     def rescan() -> Response:
         return answer(svc.rescan)
 
+    def ready() -> Response:
+        try:
+            report = svc.readiness.check()
+        except Exception as e:  # noqa: BLE001 - every error becomes a JSON answer
+            return error_answer(status_for(e), type(e).__name__, str(e))
+        return JSONAnswer(report.to_dict(), status_code=200 if report.ready else 503)
+
     route("/engines", "GET", list_engines, 200, EngineList, (), "engines in the cache")
     route("/engines", "POST", build, 202, JobAccepted, (400, 409, 422, 429, 503), "build an engine (a job)")
     route("/engines/{engine_id}", "DELETE", delete_engine, 200, Deleted, (400, 404, 409), "delete an engine")
@@ -145,6 +156,9 @@ def mount(app: Any, svc: EngineService, credentials: dict[str, str] | None = Non
     route("/coverage", "POST", coverage, 200, CoverageBody, (400, 422),
           "will a generation with this /sdapi/v1/txt2img or /img2img body run on an engine? (changes nothing)",
           asks=True)
+    route("/ready", "GET", ready, 200, ReadyBody, (503,),
+          "can this replica take generations (for a readiness probe; 503 with the reasons when not)",
+          same_body=(503,))
     route("/rescan", "POST", rescan, 200, RescanBody, (),
           "look for engines other processes published into (or removed from) the cache now")
     route("/enabled", "POST", set_enabled, 200, EnabledBody, (400, 422),
