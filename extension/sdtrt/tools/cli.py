@@ -1,4 +1,4 @@
-"""`python -m sdtrt`: export, build, list, delete, check, demo. Also the headless path for servers: a job can
+"""`python -m sdtrt`: export, build, prebuild, list, delete, check, demo. Also the headless path for servers: a job can
 pre-build engines into a shared cache before WebUI replicas start.
 
 With --json, stdout carries exactly one JSON document; errors go to stderr with exit code 1 (2 for bad usage)."""
@@ -79,6 +79,17 @@ def cmd_build(args: argparse.Namespace) -> int:
     data = {"id": m.id, "built": outcome.built, "manifest": m.to_dict(), "notes": list(outcome.notes)}
     _emit(args, data, m.id)
     return 0
+
+
+def cmd_prebuild(args: argparse.Namespace) -> int:
+    from sdtrt.backends import NAMES
+    from sdtrt.tools.prebuild import load_plan, run_plan, summary
+
+    plan = load_plan(args.plan, NAMES)
+    reports = run_plan(plan, args.models, args.cache, log=lambda m: print(f"[sdtrt] {m}", file=sys.stderr, flush=True))
+    data = summary(reports)
+    _emit(args, data, f"{data['built']} built, {data['present']} already present, {data['failed']} failed")
+    return 1 if data["failed"] else 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -286,6 +297,15 @@ def parser() -> argparse.ArgumentParser:
                          "the GPU of this machine")
     common(sp)
     sp.set_defaults(func=cmd_build)
+
+    sp = sub.add_parser("prebuild", help="build every engine a JSON plan names, skipping those already in the cache "
+                                         "(a fleet's pre-build Job: re-running it is a no-op)")
+    sp.add_argument("plan", type=Path, help='JSON {"builds": [{"checkpoint", "profiles", "backend", "targets", '
+                                            '"controlnet", "refit", "dtype", "config"}]}')
+    sp.add_argument("--models", type=Path, default=Path("."),
+                    help="folder the plan's relative checkpoint paths start from (default: the current folder)")
+    common(sp)
+    sp.set_defaults(func=cmd_prebuild)
 
     sp = sub.add_parser("list", help="list engines with ok/stale and the reason")
     common(sp)
