@@ -265,6 +265,8 @@ def test_rest_api_build_then_generate_then_delete(boot, tiny_checkpoint, tmp_pat
     assert host.sd_unet.unet_options == []
     anon = host.client()
     assert anon.get("/sdtrt/v1/engines").status_code == 401
+    probe = anon.get("/sdtrt/v1/ready")  # a readiness probe has no credentials: the one open route
+    assert probe.status_code == 200 and probe.json()["ready"] is True and probe.json()["serving"] == "pytorch"
     client = host.client(auth=("ops", "pw"))
     r = client.post("/sdtrt/v1/engines", json={"checkpoint": "sd1-s0", "profiles": [WEBUI_PROFILE],
                                                "backend": "onnxruntime"})

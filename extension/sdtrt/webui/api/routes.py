@@ -63,14 +63,18 @@ def mount(app: Any, svc: EngineService, credentials: dict[str, str] | None = Non
     route_class = guarded_route_class(credentials, exposed, max_body_bytes)
     # the coverage question takes a generation's body (img2img's carries images) and changes nothing
     asking_class = guarded_route_class(credentials, exposed, max_generation_body_bytes, read_only=True)
+    # a readiness probe (kubelet, a load balancer) sends no credentials: /ready answers everyone (it changes nothing
+    # and tells no secret: ready or not, why, which checkpoint and engine)
+    probe_class = guarded_route_class({}, exposed, max_body_bytes)
 
     def route(path: str, method: str, endpoint: Any, ok: int, model: Any, errors: tuple[int, ...],
-              summary: str, *, asks: bool = False, same_body: tuple[int, ...] = ()) -> None:
-        """`same_body`: error codes answered with `model` (not ErrorBody), as /ready's 503."""
+              summary: str, *, asks: bool = False, same_body: tuple[int, ...] = (), probe: bool = False) -> None:
+        """`same_body`: error codes answered with `model` (not ErrorBody), as /ready's 503. `probe`: open to
+        callers without credentials."""
         codes = set(errors) | {500}
         if "{" in path:  # FastAPI documents its own 422 shape for routes with parameters unless we document ours
             codes.add(422)
-        if credentials:
+        if credentials and not probe:
             codes.add(401)
         if method in MUTATING:
             codes.add(413)
@@ -82,10 +86,10 @@ def mount(app: Any, svc: EngineService, credentials: dict[str, str] | None = Non
             responses[code] = {"model": body, "description": HTTP_KINDS.get(code, "error")}
         # straight onto the app's router (not include_router, which newer FastAPI keeps as one opaque entry):
         # each route is then an SdtrtRoute in app.routes, where the tests enumerate them
-        app.router.add_api_route(PREFIX + path, endpoint, methods=[method], dependencies=dependencies,
-                                 status_code=ok, response_model=None, responses=responses, summary=summary,
-                                 tags=["sdtrt"], response_class=JSONAnswer,
-                                 route_class_override=asking_class if asks else route_class)
+        app.router.add_api_route(PREFIX + path, endpoint, methods=[method],
+                                 dependencies=[] if probe else dependencies, status_code=ok, response_model=None,
+                                 responses=responses, summary=summary, tags=["sdtrt"], response_class=JSONAnswer,
+                                 route_class_override=probe_class if probe else asking_class if asks else route_class)
 
     engine_id_param = _id_param(ENGINE_ID_PATTERN, 128, "engine id, e.g. sd1-tensorrt-0123456789abcdef")
     job_id_param = _id_param(JOB_ID_PATTERN, 32, "job id: 32 hexadecimal digits")
@@ -157,8 +161,8 @@ def mount(app: Any, svc: EngineService, credentials: dict[str, str] | None = Non
           "will a generation with this /sdapi/v1/txt2img or /img2img body run on an engine? (changes nothing)",
           asks=True)
     route("/ready", "GET", ready, 200, ReadyBody, (503,),
-          "can this replica take generations (for a readiness probe; 503 with the reasons when not)",
-          same_body=(503,))
+          "can this replica take generations (for a readiness probe, so it needs no credentials; 503 with the reasons "
+          "when not)", same_body=(503,), probe=True)
     route("/rescan", "POST", rescan, 200, RescanBody, (),
           "look for engines other processes published into (or removed from) the cache now")
     route("/enabled", "POST", set_enabled, 200, EnabledBody, (400, 422),
