@@ -709,6 +709,17 @@ def test_atomic_write_replaces_or_keeps_old(tmp_path: Path, monkeypatch: pytest.
         atomic_write_bytes(path, b"three")
     assert path.read_bytes() == b"two" and os.listdir(tmp_path) == ["m.json"]
 
+    monkeypatch.undo()
+    real_replace = os.replace
+
+    def lie(src: Any, dst: Any) -> None:  # NFS: the rename happened, the answer says it did not
+        real_replace(src, dst)
+        raise OSError(5, "I/O error")
+
+    monkeypatch.setattr(os, "replace", lie)
+    atomic_write_bytes(path, b"four")  # its content is there: the error is not believed
+    assert path.read_bytes() == b"four" and os.listdir(tmp_path) == ["m.json"]
+
 
 def test_write_all_continues_short_writes_and_refuses_zero(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real_write = os.write

@@ -699,7 +699,8 @@ def test_no_manifest_before_the_plan_is_durable(tmp_path: Path) -> None:
     def first(pred: Any) -> int:
         return next(i for i, call in enumerate(calls) if pred(call))
 
-    [publish] = [i for i, call in enumerate(calls) if call.op == "rename" and call.path.startswith(str(root / ".tmp-"))]
+    [publish] = [i for i, call in enumerate(calls) if call.op == "rename" and call.path.startswith(str(root / ".tmp-"))
+                 and not call.path.startswith(str(root / ".tmp-probe-"))]  # (the writability probe renames too)
     tmp = calls[publish].path
     manifest_created = first(lambda call: call.op == "open" and "/.manifest.json." in call.path)
     for entry in m.files:

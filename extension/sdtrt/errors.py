@@ -65,6 +65,11 @@ class CacheNotWritable(BuildError):
     BuildError keep working; an API maps it to 503."""
 
 
+class CacheCannotRename(CacheNotWritable):
+    """The engine cache is on a file system that cannot rename (an S3 mount such as Mountpoint for S3): an engine
+    cannot be published there atomically, so nothing is built into it. Engines already there are still served."""
+
+
 class ManifestError(StaleEngine):
     """manifest.json is unreadable, fails the schema, or was edited: the engine must not be loaded."""
 

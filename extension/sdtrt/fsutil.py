@@ -3,7 +3,9 @@
 Why these exist: a rename is atomic but not durable until the directory is fsynced; a file is not durable until it
 is fsynced; a lock file made with O_CREAT|O_EXCL survives a SIGKILL and hangs every later waiter, while a kernel
 `flock` is released when its holder dies. On some network file systems `flock` is unsupported or silently succeeds
-for everyone, so `FileLock` is best effort: callers use it to avoid duplicate work, never for correctness.
+for everyone, so `FileLock` is best effort: callers use it to avoid duplicate work, never for correctness. And on
+NFS a `rename` can report failure after it happened (a retransmitted request finds the source gone), so every rename
+of the cache goes through `rename_checked`, which looks at the result before believing an error.
 """
 
 from __future__ import annotations
@@ -75,6 +77,45 @@ def write_all(fd: int, data: Data) -> None:
         view = view[n:]
 
 
+def rename_checked(src: str | os.PathLike[str], dst: str | os.PathLike[str], landed: Callable[[], bool], *,
+                   replace: bool = False) -> bool:
+    """os.rename(src, dst) (os.replace with `replace`: a file over an existing one), believing an error only once `landed()` (called after the error) says the result is not
+    there. Returns False when the rename went through cleanly, True when it reported an error but had happened
+    (counted by callers that report storage health). `landed` checks the destination's content (or a unique name),
+    never that `src` is gone: a client's cached attributes may still show it."""
+    try:
+        (os.replace if replace else os.rename)(src, dst)
+        return False
+    except OSError:
+        try:
+            happened = landed()
+        except OSError:
+            happened = False
+        if happened:
+            return True
+        raise
+
+
+def _holds(path: Path, data: memoryview) -> bool:
+    """`path` is a regular file with exactly these bytes."""
+    try:
+        fd = _open_regular(path)
+    except OSError:
+        return False
+    try:
+        if os.fstat(fd).st_size != len(data):
+            return False
+        offset = 0
+        while offset < len(data):
+            chunk = os.read(fd, min(CHUNK_BYTES, len(data) - offset))
+            if not chunk or chunk != data[offset:offset + len(chunk)]:
+                return False
+            offset += len(chunk)
+        return True
+    finally:
+        os.close(fd)
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: Data, *, make_parents: bool = False) -> None:
     """Write `data` so readers see either the old file or the complete new one, never a torn one: temp file in
     the same directory, fsync, os.replace, fsync of the directory. The temp file is removed on any error, a
@@ -90,7 +131,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: Data, *, make_parents
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, target)
+        rename_checked(tmp, target, lambda: _holds(target, memoryview(data).cast("B")), replace=True)
     except BaseException:
         try:
             os.unlink(tmp)

@@ -9,7 +9,7 @@ import stat
 import time
 
 from sdtrt.errors import EngineNotFound, InvalidEngineId
-from sdtrt.fsutil import FileLock, fsync_dir
+from sdtrt.fsutil import FileLock, fsync_dir, rename_checked
 from sdtrt.storage.inspection import inspect
 from sdtrt.storage.key import ENGINE_DIR_RE
 from sdtrt.storage.layout import CacheLayout, SideKind
@@ -101,7 +101,8 @@ def _remove_orphan(layout: CacheLayout, engine_id: str, now: float, grace_s: flo
     try:
         if os.lstat(d).st_ino != r.inode:
             return False
-        os.rename(d, gone)  # out of the engine namespace in one step; a crash leaves a `.tmp-` for next time
+        # out of the engine namespace in one step; a crash leaves a `.tmp-` for next time
+        rename_checked(d, gone, lambda: os.path.lexists(gone))
     except OSError:
         return False
     try:
@@ -110,7 +111,7 @@ def _remove_orphan(layout: CacheLayout, engine_id: str, now: float, grace_s: flo
         moved = r.inode
     if moved != r.inode:  # a fresh publish slipped in between the check and the rename: put it back
         try:
-            os.rename(gone, d)
+            rename_checked(gone, d, lambda: not os.path.lexists(gone) and os.path.lexists(d))
             return False
         except OSError:
             pass  # the name was taken again meanwhile; what we moved is garbage now either way

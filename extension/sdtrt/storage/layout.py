@@ -13,14 +13,18 @@ from enum import Enum
 from pathlib import Path
 
 from sdtrt.constants import CACHE_ENV
-from sdtrt.errors import CacheNotWritable, EngineNotFound
-from sdtrt.fsutil import fsync_dir
+from sdtrt.errors import CacheCannotRename, CacheNotWritable, EngineNotFound
+from sdtrt.fsutil import fsync_dir, rename_checked
 from sdtrt.storage.key import ENGINE_DIR_RE, validate_engine_id
 from sdtrt.storage.lease import DEFAULT_LEASE_S, host_name
 from sdtrt.storage.manifest import MANIFEST_NAME
 
 #: errno values that mean "this cache is read-only for us" (CacheNotWritable).
 NOT_WRITABLE = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+class CannotRename(OSError):
+    """The probe's rename failed: this file system cannot publish by rename."""
 
 
 class SideKind(Enum):
@@ -85,7 +89,7 @@ class CacheLayout:
             if inode and os.lstat(d).st_ino != inode:
                 return None
             target = self.side_dir(SideKind.QUARANTINE, engine_id)
-            os.rename(d, target)
+            rename_checked(d, target, lambda: os.path.lexists(target))
         except FileNotFoundError:
             return None
         fsync_dir(self.root)
@@ -93,17 +97,26 @@ class CacheLayout:
 
     # ---- writability and the file system's clock ----------------------------------------------------------
     def probe(self) -> tuple[OSError | None, float | None]:
-        """mkdir + rmdir of a fresh `.tmp-probe-...` folder in the cache. Returns the error (None: writable) and the
+        """mkdir of a fresh `.tmp-probe-...` folder in the cache, a rename of it to another fresh name, rmdir.
+        Returns the error (None: builds can publish here; a failed rename comes back as CannotRename) and the
         folder's mtime: the file system's clock ("now" as the heartbeats of other hosts' builds are stamped)."""
         probe = self.side_dir(SideKind.TMP, "probe")
         try:
             os.mkdir(probe)
         except OSError as e:
             return e, None
+        moved = self.side_dir(SideKind.TMP, "probe")
         try:
-            return None, os.lstat(probe).st_mtime
-        except OSError:
-            return None, None
+            try:
+                mtime = os.lstat(probe).st_mtime
+            except OSError:
+                mtime = None
+            try:
+                rename_checked(probe, moved, lambda: os.path.lexists(moved))
+            except OSError as e:
+                return CannotRename(e.errno, e.strerror or str(e), str(probe)), mtime
+            probe = moved
+            return None, mtime
         finally:
             try:
                 os.rmdir(probe)
@@ -111,9 +124,9 @@ class CacheLayout:
                 pass  # a `.tmp-` name: the next cleanup removes it
 
     def writable(self) -> bool:
-        """Whether this process can build into the cache: a cheap probe (make and remove one empty folder; for a
-        cache folder that does not exist yet, whether its nearest existing parent is writable). Creates nothing
-        that outlives the call."""
+        """Whether this process can build into the cache: a cheap probe (make, rename and remove one empty folder;
+        for a cache folder that does not exist yet, whether its nearest existing parent is writable). Creates
+        nothing that outlives the call."""
         if not os.path.isdir(self.root):
             parent = self.root.parent
             while not os.path.isdir(parent) and parent != parent.parent:
@@ -122,7 +135,8 @@ class CacheLayout:
         return self.probe()[0] is None
 
     def require_writable(self) -> None:
-        """Refuse a build up front (before waiting for a lock or running the backend) if nothing can be written."""
+        """Refuse a build up front (before waiting for a lock or running the backend) if nothing can be written,
+        or if the file system cannot rename (publishing is one rename)."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -130,6 +144,13 @@ class CacheLayout:
                 raise self.not_writable(e) from e
             raise
         error, _ = self.probe()
+        if isinstance(error, CannotRename):
+            raise CacheCannotRename(
+                f"the engine cache {self.root} is on a file system that cannot rename ({error.strerror}; an S3 mount "
+                f"such as Mountpoint for S3 cannot): an engine cannot be published there without readers seeing "
+                f"half of it, so nothing is built into it. Engines already there are still served. Put the cache "
+                f"on a file system that renames (a local disk, NFS, EFS, Filestore, CFS) ({CACHE_ENV} or the "
+                f"extension's setting)") from error
         if error is not None:
             if error.errno in NOT_WRITABLE:
                 raise self.not_writable(error) from error

@@ -16,7 +16,7 @@ from typing import Any
 
 from sdtrt.engine_types import BuildResult, ProgressCallback
 from sdtrt.errors import BuildError, EngineNotFound, ManifestError, SdtrtError
-from sdtrt.fsutil import FileLock, atomic_write_bytes, fsync_dir, sha256_and_size
+from sdtrt.fsutil import FileLock, atomic_write_bytes, fsync_dir, read_regular_file, rename_checked, sha256_and_size
 from sdtrt.storage.inspection import inspect
 from sdtrt.storage.key import EngineKey, check_str, json_copy, require_dict
 from sdtrt.storage.layout import NOT_WRITABLE, CacheLayout, SideKind
@@ -50,6 +50,8 @@ class Publisher:
 
     def __init__(self, layout: CacheLayout) -> None:
         self.layout = layout
+        #: renames that reported an error although they had happened (NFS-like storage), recognised and used
+        self.renames_lied = 0
 
     def _existing(self, engine_id: str) -> Manifest | None:
         """A published engine that passes the full check, else None. A corrupt one is quarantined, so build()
@@ -240,13 +242,22 @@ class Publisher:
         return entries
 
     def _publish(self, tmp: Path, engine_id: str, manifest: Manifest) -> Manifest:
-        """rename(tmp, final). A non-empty final folder makes rename fail: then another process won, and its
-        engine is used if intact; a corrupt one is quarantined and the rename retried. An existing engine is
-        never overwritten."""
+        """rename(tmp, final), then verify: the final folder must hold our manifest. A non-empty final folder makes
+        rename fail: then another process won, and its engine is used if intact; a corrupt one is quarantined and
+        the rename retried. An error from a rename that did happen (NFS) is recognised by our manifest under the
+        final name. An existing engine is never overwritten."""
         final = self.layout.engine_dir(engine_id)
+        ours = manifest.to_json().encode()
+
+        def landed() -> bool:
+            try:
+                return read_regular_file(final / MANIFEST_NAME, len(ours) + 1) == ours
+            except OSError:
+                return False
+
         for _ in range(3):
             try:
-                os.rename(tmp, final)
+                self.renames_lied += rename_checked(tmp, final, landed)
             except OSError as e:
                 if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
                     raise
@@ -254,6 +265,12 @@ class Publisher:
                 if winner is not None:
                     return winner
                 continue
+            if not landed():  # renamed, yet the final name does not show our engine: trust what is there, if sound
+                winner = self._existing(engine_id)
+                if winner is not None:
+                    return winner
+                raise BuildError(f"{engine_id} was renamed into place but {final} does not hold it afterwards: the "
+                                 f"storage under {self.layout.root} does not keep renames; nothing was published")
             try:
                 fsync_dir(self.layout.root)
             except OSError as e:

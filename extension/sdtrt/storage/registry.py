@@ -34,7 +34,7 @@ from typing import Any
 
 from sdtrt.engine_types import BackendInfo, BuildResult, ProgressCallback
 from sdtrt.errors import EngineNotFound, StaleEngine
-from sdtrt.fsutil import fsync_dir
+from sdtrt.fsutil import fsync_dir, rename_checked
 from sdtrt.storage import cleanup as cache_cleanup
 from sdtrt.storage.inspection import inspect
 from sdtrt.storage.key import ENGINE_DIR_RE, EngineKey
@@ -82,6 +82,11 @@ class Registry:
         """Whether this process can build into the cache (see CacheLayout.writable); builds check the same before
         waiting on a lock or running the backend."""
         return self.layout.writable()
+
+    def require_writable(self) -> None:
+        """Raise CacheNotWritable (read-only, no permission) or CacheCannotRename (a file system that cannot publish
+        by rename) unless builds can publish into the cache; creates the cache folder when missing."""
+        self.layout.require_writable()
 
     # ---- checks ------------------------------------------------------------------------------------------
     def get(self, engine_id: str) -> Manifest:
@@ -157,7 +162,7 @@ class Registry:
             raise self.layout.not_found(engine_id)
         gone = self.layout.side_dir(SideKind.TMP, engine_id)
         try:
-            os.rename(d, gone)
+            rename_checked(d, gone, lambda: os.path.lexists(gone))  # a unique name: there means it happened
         except FileNotFoundError:
             raise self.layout.not_found(engine_id) from None
         if gone.is_symlink() or not gone.is_dir():

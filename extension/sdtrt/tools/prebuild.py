@@ -131,6 +131,10 @@ def run_plan(plan: Sequence[PlannedBuild], models: Path, cache: Path, build: Bui
     from sdtrt.backends.base import BuildOptions
     from sdtrt.pipeline.build import build_engine
 
+    from sdtrt.storage.registry import Registry
+
+    # refused before any export: a read-only cache, or one on a file system that cannot rename (an S3 mount)
+    Registry(cache).require_writable()
     build = build or build_engine
     reports = []
     for entry in plan:

@@ -14,7 +14,14 @@ from typing import Any
 
 from sdtrt.backends.base import BuildOptions
 from sdtrt.engine_types import BackendInfo
-from sdtrt.errors import BackendUnavailable, CacheNotWritable, EngineNotFound, ProfileError, SdtrtError
+from sdtrt.errors import (
+    BackendUnavailable,
+    CacheCannotRename,
+    CacheNotWritable,
+    EngineNotFound,
+    ProfileError,
+    SdtrtError,
+)
 from sdtrt.models import record_takes_control
 from sdtrt.profiles import Profile
 from sdtrt.storage.key import validate_engine_id
@@ -61,12 +68,16 @@ class Builds:
         if dtype not in (None, "float16", "float32"):
             raise SdtrtError(f"dtype must be float16 or float32, not {dtype!r}")
         registry = self.state.registry()
-        if not registry.writable():  # refused now (API 503), not as a job that fails later
+        try:  # refused now (API 503), not as a job that fails later
+            registry.require_writable()
+        except CacheCannotRename:
+            raise
+        except (CacheNotWritable, OSError) as e:
             raise CacheNotWritable(
                 f"the engine cache {registry.root} is not writable by this WebUI (read-only mount or no permission); "
                 "engines already there are still served. Build on a machine that can write it, or change the "
                 "cache folder in Settings > TensorRT"
-            )
+            ) from e
         cache = registry.root
         if not isinstance(controlnet, bool):
             raise SdtrtError(f"controlnet must be true or false, not {controlnet!r}")
@@ -173,12 +184,21 @@ class Builds:
 
     def collect_garbage(self, max_age_s: float = 3600.0) -> list[str]:
         """One cleanup pass over the cache (what dead builds left behind; see Registry.cleanup). Never raises:
-        called at startup, where a read-only or missing cache must not stop the WebUI. Fleet replicas that do not
+        called at startup, where a read-only or missing cache must not stop the WebUI; a cache on a file system
+        that cannot rename is reported there (a warning in the log) and left alone. Fleet replicas that do not
         build (SDTRT_BUILDS=off) write nothing to the cache: they skip it."""
         if not self.state.fleet.builds:
             return []
         try:
-            removed = self.state.registry().cleanup(max_age_s=max_age_s)
+            registry = self.state.registry()
+            if os.path.isdir(registry.root):
+                registry.require_writable()
+            removed = registry.cleanup(max_age_s=max_age_s)
+        except CacheCannotRename as e:  # said at start, not first when a build is asked for
+            log.warning("sdtrt: %s", e)
+            return []
+        except CacheNotWritable:  # a read-only cache is served as it is
+            return []
         except Exception:  # housekeeping only: logged, never raised
             log.exception("sdtrt: cleaning the engine cache failed")
             return []
