@@ -4,7 +4,7 @@ What a fleet's pre-build Job runs (the only writer of the shared engine cache): 
 builds nothing. The plan is JSON, written by the Helm chart into a ConfigMap:
 
     {"builds": [{"checkpoint": "Stable-diffusion/sd15.safetensors",   # relative to --models, or absolute
-                 "profiles": ["1x512x512x75", "1:1:4x512:512:768x512:512:768x75:75:150"],
+                 "profiles": ["1x512x512x75", "1x512x512x75:1x512x512x75:4x768x768x150"],  # BxHxWxT, min:opt:max
                  "backend": "tensorrt-rtx",       # auto | tensorrt | tensorrt-rtx | onnxruntime (default auto)
                  "targets": ["sm89", "sm90"],     # TensorRT-RTX ahead of time; empty: this machine's GPU
                  "controlnet": false, "refit": true, "dtype": null, "config": null}]}
