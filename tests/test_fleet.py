@@ -20,6 +20,7 @@ from fakehost import FakeHost
 from sdtrt.pipeline.build import build_engine
 from sdtrt.profiles import Profile
 from sdtrt.storage.registry import Registry
+from sdtrt.webui import tab
 from sdtrt.webui.fleet import CacheWatcher, FleetSettings, fingerprint
 
 pytest.importorskip("fastapi")
@@ -74,6 +75,11 @@ def publish(checkpoint: Path, cache: Path) -> str:
     return build_engine(checkpoint, [Profile.parse(WEBUI_PROFILE)], cache, backend="onnxruntime").manifest.id
 
 
+def test_the_tab_says_nothing_about_fleets_where_the_replica_builds() -> None:
+    assert tab.fleet_notice(FleetSettings(builds=True)) is None
+    assert "every 3 s" in str(tab.fleet_notice(FleetSettings(builds=False, rescan_s=3.0)))
+
+
 def test_settings_are_read_from_the_environment_and_typos_never_start_writes(caplog: Any) -> None:
     assert FleetSettings.from_env({}) == FleetSettings(True, 10.0)
     assert FleetSettings.from_env({"SDTRT_BUILDS": "off", "SDTRT_RESCAN_S": "2.5"}) == FleetSettings(False, 2.5)
@@ -120,6 +126,11 @@ def test_a_replica_that_does_not_build_refuses_builds_and_writes_nothing(boot, t
     assert client.delete(f"/sdtrt/v1/engines/{engine_id}").status_code == 409
     assert client.post(f"/sdtrt/v1/engines/{engine_id}/rebuild").status_code == 409
     assert service_module.service().collect_garbage(max_age_s=0) == []
+    svc = service_module.service()
+    notice = tab.fleet_notice(svc.state.fleet)  # the tab says so above its (disabled) Build button
+    assert notice is not None and "SDTRT_BUILDS=off" in notice and "pre-build Job" in notice
+    refused = tab.run_build(svc, "sd1-s0", "1x64x64x75", "onnxruntime", lambda f, d: None)
+    assert refused.startswith("Not started: this WebUI does not build engines (SDTRT_BUILDS=off)")
     latents, calls = generate(host)  # it serves the engine the Job built
     assert calls == STEPS
     assert_pytorch_image(host, latents)

@@ -13,6 +13,7 @@ from typing import Any
 
 from sdtrt.errors import ProfileError, SdtrtError
 from sdtrt.profiles import Profile, Shape
+from sdtrt.webui.fleet import BUILDS_ENV, FleetSettings
 from sdtrt.webui.host import BACKEND_CHOICES
 from sdtrt.webui.jobs import DONE, QUEUED, RUNNING, Job
 from sdtrt.webui.reports import EngineListing
@@ -149,6 +150,16 @@ def delete_engine(svc: EngineService, engine_id: str) -> str:
     return f"Deleted {engine_id}."
 
 
+def fleet_notice(fleet: FleetSettings) -> str | None:
+    """What the tab says above everything in a replica that does not build (SDTRT_BUILDS=off), else None."""
+    if fleet.builds:
+        return None
+    return (f"**This WebUI does not build or delete engines ({BUILDS_ENV}=off).** Engines are built into the shared "
+            "cache by the pre-build Job (or `python -m sdtrt build` where the cache is writable); this replica picks "
+            f"new ones up by itself (every {fleet.rescan_s:g} s at the start of a generation) or at once with "
+            "POST /sdtrt/v1/rescan.")
+
+
 def create_tab(svc: EngineService, checkpoint_titles: Callable[[], list[str]],
                current_checkpoint: Callable[[], str | None]) -> Any:
     """Lay the tab out; returns the gr.Blocks for on_ui_tabs."""
@@ -161,7 +172,11 @@ def create_tab(svc: EngineService, checkpoint_titles: Callable[[], list[str]],
         # with headers: gradio 3.41 drops them for an empty list (and shows 1..9 instead)
         return {"headers": HEADERS, "data": table(svc.engine_rows())}
 
+    notice = fleet_notice(svc.state.fleet)
+    builds = notice is None
     with gr.Blocks(analytics_enabled=False) as ui:
+        if notice is not None:
+            gr.Markdown(notice, elem_id="sdtrt_fleet_notice")
         with gr.Row():
             with gr.Column(scale=3):
                 gr.Markdown("### Build an engine\nProfiles are in WebUI units: images per batch x height x width "
@@ -191,7 +206,7 @@ def create_tab(svc: EngineService, checkpoint_titles: Callable[[], list[str]],
                     label="GPU targets (TensorRT-RTX, ahead of time): e.g. sm86, sm89, sm120 to build for GPUs "
                           "this machine does not have (no GPU needed; the engine then embeds this checkpoint's "
                           "weights); empty: this GPU", value="", elem_id="sdtrt_targets")
-                build = gr.Button("Build", variant="primary", elem_id="sdtrt_build")
+                build = gr.Button("Build", variant="primary", elem_id="sdtrt_build", interactive=builds)
                 message = gr.Textbox(label="Result", interactive=False, elem_id="sdtrt_message")
             with gr.Column(scale=4):
                 gr.Markdown("### Engines")
@@ -199,10 +214,10 @@ def create_tab(svc: EngineService, checkpoint_titles: Callable[[], list[str]],
                                        wrap=True, elem_id="sdtrt_engines")
                 with gr.Row():
                     to_delete = gr.Dropdown(label="Engine", choices=engine_ids(), elem_id="sdtrt_delete_id")
-                    delete = gr.Button("Delete", variant="stop", elem_id="sdtrt_delete")
+                    delete = gr.Button("Delete", variant="stop", elem_id="sdtrt_delete", interactive=builds)
                 with gr.Row():
                     refresh = gr.Button("Refresh", elem_id="sdtrt_refresh")
-                    rebuild = gr.Button("Rebuild stale engines", elem_id="sdtrt_rebuild")
+                    rebuild = gr.Button("Rebuild stale engines", elem_id="sdtrt_rebuild", interactive=builds)
 
         def refreshed() -> tuple[Any, Any]:
             return gr.update(value=table_value()), gr.update(choices=engine_ids())
