@@ -39,6 +39,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+#: A name under the mount whose lookup writes the counts out (it never exists).
+STATS_PATH = "/.faultfs-stats"
 DEFAULTS: dict[str, Any] = {"flock": "real", "rename": "ok", "enospc_after": None, "read_delay_s": 0.0,
                             "read_only": False}
 
@@ -127,6 +129,9 @@ def _serve(backing: str, mount: str, control: str) -> None:
         # -- metadata --
         def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
             self._reload()
+            if path == STATS_PATH:  # Mounted.stats() asks for fresh counts through the mount itself
+                self._dump()
+                raise fuse.FuseOSError(errno.ENOENT)
             try:
                 return self._attrs(os.fstat(fh) if fh is not None and fh > 0 else os.lstat(self._p(path)))
             except OSError as e:
@@ -301,6 +306,8 @@ class Mounted:
         time.sleep(0.01)  # mtime granularity: the next change is seen as one
 
     def stats(self) -> dict[str, int]:
+        """Every count so far (reads and writes included: looking up STATS_PATH makes the file system write them)."""
+        os.path.lexists(str(self.mount) + STATS_PATH)
         return dict(json.loads(Path(f"{self.control}.stats").read_text()))
 
 

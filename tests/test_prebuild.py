@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -49,12 +50,22 @@ def test_prebuild_builds_then_reuses_and_reports_each_failure(tmp_path: Path) ->
     before = _listing(cache)
 
     plan.write_text(json.dumps({"builds": [json.loads(plan.read_text())["builds"][0]]}))
+    # what a Job killed an hour ago on another node left (the Job is the only writer: it cleans up); a fresh one
+    # may be a live build elsewhere and stays
+    dead, fresh = cache / f".tmp-{ok['id']}-deadnode-7-0a1b2c3d", cache / f".tmp-{ok['id']}-livenode-8-4e5f6a7b"
+    for d in (dead, fresh):
+        d.mkdir()
+        (d / "unet.onnx").write_bytes(b"x" * 1000)
+    os.utime(dead / "unet.onnx", (time.time() - 7200,) * 2)
+    os.utime(dead, (time.time() - 7200,) * 2)
+    before = _listing(cache)
     again = _prebuild(plan, models, cache)
     assert again.returncode == 0, again.stderr
     data = json.loads(again.stdout)
     assert data["builds"][0]["id"] == ok["id"] and data["builds"][0]["built"] is False
     assert (data["built"], data["present"], data["failed"]) == (0, 1, 0)
-    assert _listing(cache) == before  # a re-run writes nothing: not a lock, not a timestamp
+    assert "removed 1 leftovers of dead builds" in again.stderr
+    assert _listing(cache) == [e for e in before if not e[0].startswith(dead.name)]  # nothing else written
 
 
 @pytest.mark.parametrize(("plan", "message"), [

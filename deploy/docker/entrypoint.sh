@@ -14,7 +14,8 @@
 #                             its preload.py, i.e. sd-webui-controlnet: A1111 refuses flags nobody declares)
 #   WEBUI_CKPT                checkpoint to load at start, relative to $MODELS_DIR/Stable-diffusion (must exist)
 #   WEBUI_UI (0)              0: API only (--nowebui); 1: the browser UI too
-#   SDTRT_API_AUTH_FILE       file with user:password[,user:password...] (or one per line) -> --api-auth
+#   SDTRT_API_AUTH_FILE       file with user:password[,user:password...] (or one per line): checked here, then read
+#                             by the extension's preload.py as the default of --api-auth (never on the command line)
 #   WEBUI_EXTRA_ARGS          more launch.py flags, split on whitespace
 #   SDTRT_CACHE (/engines)    engine cache folder; must exist (mount the shared engine volume there)
 # prebuild:
@@ -166,7 +167,10 @@ if [ -n "${SDTRT_API_AUTH_FILE:-}" ]; then
     [ -n "$auth" ] || die "SDTRT_API_AUTH_FILE=$f is empty: it must hold user:password[,user:password...]"
     bad=$(printf '%s\n' "$auth" | tr ',' '\n' | awk -F: 'NF != 2 || $1 == "" || $2 == "" { print NR; exit }')
     [ -z "$bad" ] || die "SDTRT_API_AUTH_FILE=$f: entry $bad is not user:password (exactly one ':' and no ',' in a user name or password; A1111 splits on both)"
-    set -- "$@" --api-auth "$auth"
+    # not passed as --api-auth (A1111 prints its arguments, and /proc shows them): the extension's preload.py reads
+    # the file and makes it --api-auth's default
+    SDTRT_API_AUTH_FILE=$(abspath "$f")
+    export SDTRT_API_AUTH_FILE
 fi
 
 if [ -n "${WEBUI_EXTRA_ARGS:-}" ]; then

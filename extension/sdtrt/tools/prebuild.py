@@ -9,7 +9,8 @@ builds nothing. The plan is JSON, written by the Helm chart into a ConfigMap:
                  "targets": ["sm89", "sm90"],     # TensorRT-RTX ahead of time; empty: this machine's GPU
                  "controlnet": false, "refit": true, "dtype": null, "config": null}]}
 
-Every entry is tried even after one fails (a Job's log then shows all that is wrong at once); the exit code is 1
+Before building, the cache is checked (writable, renames work) and what killed builds left behind is removed (the
+Job is the only writer; serving replicas never clean up). Every entry is tried even after one fails (a Job's log then shows all that is wrong at once); the exit code is 1
 when any failed."""
 
 from __future__ import annotations
@@ -134,7 +135,13 @@ def run_plan(plan: Sequence[PlannedBuild], models: Path, cache: Path, build: Bui
     from sdtrt.storage.registry import Registry
 
     # refused before any export: a read-only cache, or one on a file system that cannot rename (an S3 mount)
-    Registry(cache).require_writable()
+    registry = Registry(cache)
+    registry.require_writable()
+    # the Job is the cache's only writer, so it also removes what killed builds left behind (serving replicas
+    # with SDTRT_BUILDS=off never do): temp folders nothing has touched for an hour, orphans
+    removed = registry.cleanup()
+    if removed:
+        log(f"removed {len(removed)} leftovers of dead builds: {', '.join(removed[:5])}")
     build = build or build_engine
     reports = []
     for entry in plan:
