@@ -121,6 +121,12 @@ class CacheWatcher:
         self._seen = (root, fingerprint(root))
         self._checked = self._clock()
 
+    @property
+    def seen(self) -> tuple[Path, Fingerprint] | None:
+        """The cache as the SD Unet list was last built from it (None: not built yet): what anything derived from
+        the list (readiness) is keyed on, so it is redone when the list is, and not at every probe."""
+        return self._seen
+
     def changed(self, root: Path, *, now: bool = False) -> bool:
         """Whether `root` differs from what the list was built from; looks at most every `every_s` seconds unless
         `now`. Never raises (an unreadable cache is an empty one)."""

@@ -5,8 +5,9 @@ checkpoint is present, valid for this GPU and backend version, and loaded. A rep
 not loaded yet (the WebUI applies the SD Unet at a generation, and a replica that is not ready gets none) loads it
 itself: once, in the background, when the WebUI is idle (the host's queue lock), as the next generation would.
 Without `SDTRT_REQUIRE_ENGINE` a replica is ready on PyTorch and says so. Cheap enough for a probe every few
-seconds: the cache's cheap checks (manifests, sizes; nothing hashed) and, at most every SDTRT_RESCAN_S, one look
-for engines other processes published.
+seconds: at most every SDTRT_RESCAN_S one look for engines other processes published (a directory listing and one
+stat per engine, nothing hashed); the engines' manifests are read again only when that look found a change (the
+SD Unet list is then rebuilt) or a setting changed.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import threading
 from dataclasses import dataclass, field
 
 from sdtrt.webui.generation import GenerationScope
+from sdtrt.webui.host import CheckpointRef
 from sdtrt.webui.options import OptionSpec, UnetOptions
 from sdtrt.webui.reports import Report
 from sdtrt.webui.state import ServiceState
@@ -46,6 +48,9 @@ class Readiness:
         self.state, self.options, self.scope = state, options, scope
         self._lock = threading.Lock()
         self._warming: threading.Thread | None = None
+        #: the option of the loaded checkpoint, keyed on what it is derived from: a probe lists and reads nothing
+        #: of the cache unless the SD Unet list was rebuilt (a publish seen by the throttled rescan, a setting)
+        self._option: tuple[object, OptionSpec | None] | None = None
 
     def check(self) -> ReadyReport:
         fleet = self.state.fleet
@@ -60,14 +65,24 @@ class Readiness:
         loaded = False
         if host is not None and ckpt is not None:
             self.scope.rescan()  # engines published since the list was built (at most every SDTRT_RESCAN_S)
-            option = next((o for o in self.options.options_with(ckpt, self.options.loaded_arch)
-                           if o.model_name == ckpt.model_name), None)
+            option = self._option_of(ckpt)
             loaded = option is not None and self._loaded(option)
             if fleet.require_engine:
                 reasons += self._engine_reasons(ckpt.title, option, loaded)
         serving = "engine" if loaded and self.state.settings().enabled else "pytorch"
         return ReadyReport(not reasons, reasons, ckpt.title if ckpt else None, serving,
                            option.engine_ids[0] if option else None, loaded, fleet.require_engine, fleet.builds)
+
+    def _option_of(self, ckpt: CheckpointRef) -> OptionSpec | None:
+        settings = self.state.settings()
+        key = (ckpt.title, self.state.watcher.seen, settings.backend, settings.enabled)
+        cached = self._option
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        option = next((o for o in self.options.options_with(ckpt, self.options.loaded_arch)
+                       if o.model_name == ckpt.model_name), None)
+        self._option = (key, option)
+        return option
 
     def _loaded(self, option: OptionSpec) -> bool:
         with self.state.lock:
@@ -104,3 +119,5 @@ class Readiness:
                 host.apply_unet()
         except Exception:  # noqa: BLE001 - a probe's side job: logged; the next probe tries again
             log.exception("sdtrt: loading the engine for readiness failed")
+        finally:
+            self._option = None  # a refused load changes what can serve: the next probe looks again
