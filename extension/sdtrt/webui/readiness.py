@@ -117,7 +117,7 @@ class Readiness:
             with host.quiet_torch(lambda why: None):
                 host.refresh_unet_list()
                 host.apply_unet()
-        except Exception:  # noqa: BLE001 - a probe's side job: logged; the next probe tries again
+        except Exception:
             log.exception("sdtrt: loading the engine for readiness failed")
         finally:
             self._option = None  # a refused load changes what can serve: the next probe looks again
