@@ -1,6 +1,7 @@
-"""A1111 glue for sd-webui-trt: SD Unet options, the always-on script that brackets each generation, settings, the
-TensorRT tab and the /sdtrt/v1 routes. The Host adapter over `modules.*` is sdtrt.hosts.a1111; the logic lives in
-sdtrt.webui."""
+"""WebUI glue for sd-webui-trt: SD Unet options, the always-on script that brackets each generation, settings, the
+TensorRT tab and the /sdtrt/v1 routes. The Host adapter over the host's modules is sdtrt.hosts.a1111 in A1111 and
+sdtrt.hosts.forge in Forge (which never calls an SdUnet: the adapter patches the UNet for each sampling pass); the
+logic lives in sdtrt.webui."""
 
 from __future__ import annotations
 
@@ -17,11 +18,20 @@ if str(_ROOT / "extension") not in sys.path:
 from modules import script_callbacks, scripts, sd_unet, shared
 
 from sdtrt.errors import SdtrtError
+from sdtrt.hosts import FORGE, running_host
 from sdtrt.hosts.a1111 import A1111Host, loaded_model
 from sdtrt.webui import host as H
 from sdtrt.webui.service import OptionSpec, service
 
 log = logging.getLogger("sdtrt")
+
+ON_FORGE = running_host() == FORGE
+if ON_FORGE:
+    from sdtrt.hosts.forge import ForgeHost
+
+    HOST: A1111Host = ForgeHost()
+else:
+    HOST = A1111Host()
 
 
 class TrtUnet(sd_unet.SdUnet):
@@ -64,7 +74,7 @@ class TrtUnet(sd_unet.SdUnet):
             return self.server(*args, **kwargs)
         if current is not None:
             return current.forward(*args, **kwargs)
-        host = A1111Host()
+        host = HOST
         unet = host.torch_unet()
         if unet is None:
             raise SdtrtError("no model is loaded to run the UNet call")
@@ -99,6 +109,8 @@ class TrtScript(scripts.Script):
         return []
 
     def process(self, p: Any, *args: Any) -> None:
+        if ON_FORGE:  # a generation that failed before its postprocess may have left its patch in
+            HOST.stop_serving()  # type: ignore[attr-defined]
         service().begin(p)
 
     def after_extra_networks_activate(self, p: Any, *args: Any, **kwargs: Any) -> None:
@@ -107,9 +119,15 @@ class TrtScript(scripts.Script):
 
     def process_before_every_sampling(self, p: Any, *args: Any, **kwargs: Any) -> None:
         service().before_sampling()
+        if ON_FORGE and isinstance(sd_unet.current_unet, TrtUnet):
+            HOST.serve_with(p, sd_unet.current_unet)  # type: ignore[attr-defined]
 
     def postprocess(self, p: Any, processed: Any, *args: Any) -> None:
-        service().end(p)
+        try:
+            service().end(p)
+        finally:
+            if ON_FORGE:
+                HOST.stop_serving()  # type: ignore[attr-defined]
 
 
 # ---- callbacks ----------------------------------------------------------------------------------------------
@@ -183,7 +201,7 @@ def on_ui_tabs() -> list[Any]:
 
     def current() -> str | None:
         """The loaded checkpoint, or the one the WebUI is about to load (the UI is built before the model)."""
-        ref = A1111Host().loaded_checkpoint()
+        ref = HOST.loaded_checkpoint()
         if ref is not None:
             return ref.title
         info = sd_models.checkpoint_aliases.get(shared.opts.data.get("sd_model_checkpoint", ""))
@@ -211,7 +229,7 @@ def on_script_unloaded() -> None:
             log.exception("sdtrt: deactivating before reload failed")
 
 
-service().attach(A1111Host())
+service().attach(HOST)
 if getattr(shared, "options_templates", None) is not None and hasattr(shared, "options_section"):
     shared.options_templates.update(shared.options_section(SECTION, setting_infos()))
 script_callbacks.on_list_unets(on_list_unets)

@@ -127,6 +127,8 @@ class EngineSlot(OfSpec):
                 start = time.perf_counter()
                 try:
                     plan = session.apply_deltas(nets.key, nets.deltas(weights.load), weights.load)
+                except NetworksFailed:  # the host's own refusal says why already
+                    raise
                 except Exception as e:
                     raise NetworksFailed(f"the LoRA weights could not be put into the engine: {type(e).__name__}: "
                                          f"{e}") from e

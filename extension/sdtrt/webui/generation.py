@@ -66,9 +66,12 @@ class GenerationScope:
                 return server.set_networks(server.networks)  # engines loaded since keep it too (no-op otherwise)
             server.set_networks(NetworkSet(key, host.network_weights))
         except Exception as e:
-            reason = str(e) if isinstance(e, NetworksFailed) else \
-                f"the LoRA weights could not be put into the engine: {type(e).__name__}: {e}"
-            log.exception("sdtrt: %s", reason)
+            if isinstance(e, NetworksFailed):  # a refusal with its reason: no traceback to show
+                reason = str(e)
+                log.warning("sdtrt: %s", reason)
+            else:
+                reason = f"the LoRA weights could not be put into the engine: {type(e).__name__}: {e}"
+                log.exception("sdtrt: %s", reason)
             self.state.counters.error(reason)
             server.problem = reason
 

@@ -1,10 +1,10 @@
 """Write a tiny, Forge-loadable SD1 checkpoint with random weights (run with Forge's venv python, cwd = Forge root).
 
-    cd $FORGE_DIR && venv/bin/python docs/forge/make_tiny_forge_model.py OUT.safetensors [--seed N]
+    cd $FORGE_DIR && venv/bin/python $REPO/tests/integration/tiny_forge_model.py OUT.safetensors [--seed N]
 
 - UNet: SD1's block layout (2 res blocks/level, transformers at levels 0-2, 8 heads, context 768) at SD1's width
   320 (huggingface_guess recognises SD1 only with model_channels 320) narrowed with channel_mult [1,1,1,1]
-  (~112 M parameters); built with sdtrt's LDM UNet ($REPO/extension, read only) and checked to load strictly
+  (~112 M parameters); built with sdtrt's LDM UNet (this repository's extension/, read only) and checked to load strictly
   into Forge's own IntegratedUNet2DConditionModel with the config huggingface_guess derives from the file.
 - Text encoder: full-size CLIP-L (Forge's own config backend/huggingface/runwayml/stable-diffusion-v1-5/text_encoder),
   stored float16.  VAE: full-size SD VAE (Forge's IntegratedAutoencoderKL from that repo's vae config), posterior
@@ -20,8 +20,10 @@ import sys
 import torch
 
 FORGE = os.getcwd()
-sys.path[:0] = [FORGE, os.path.join(FORGE, "packages_3rdparty"), os.path.join(FORGE, "repositories", "huggingface_guess"), "$REPO/extension"]
-REPO = os.path.join(FORGE, "backend", "huggingface", "runwayml", "stable-diffusion-v1-5")
+EXTENSION = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "extension")
+sys.path[:0] = [FORGE, os.path.join(FORGE, "packages_3rdparty"), os.path.join(FORGE, "repositories", "huggingface_guess"),
+                EXTENSION]
+SD15 = os.path.join(FORGE, "backend", "huggingface", "runwayml", "stable-diffusion-v1-5")
 
 
 def randomize_modules_(module, seed):
@@ -62,13 +64,13 @@ def main():
     sd.update({"model.diffusion_model." + k: v.contiguous() for k, v in unet.state_dict().items()})
     del unet
 
-    clip = CLIPTextModel(CLIPTextConfig.from_pretrained(os.path.join(REPO, "text_encoder"))).eval()
+    clip = CLIPTextModel(CLIPTextConfig.from_pretrained(os.path.join(SD15, "text_encoder"))).eval()
     randomize_modules_(clip, a.seed + 2)
     sd.update({"cond_stage_model.transformer." + k: v.half().contiguous()
                for k, v in clip.state_dict().items() if not k.endswith("position_ids")})
     del clip
 
-    vae = IntegratedAutoencoderKL.from_config(IntegratedAutoencoderKL.load_config(os.path.join(REPO, "vae"))).eval()
+    vae = IntegratedAutoencoderKL.from_config(IntegratedAutoencoderKL.load_config(os.path.join(SD15, "vae"))).eval()
     randomize_modules_(vae, a.seed + 1)
     half = vae.quant_conv.weight.shape[0] // 2
     with torch.no_grad():  # posterior = its mean (as tests/integration/tiny_webui_model.py does for A1111)
@@ -82,8 +84,7 @@ def main():
     assert type(guess).__name__ == "SD15", type(guess)
     fu = IntegratedUNet2DConditionModel.from_config(guess.unet_config)
     prefix = "model.diffusion_model."
-    missing, unexpected = fu.load_state_dict({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)},
-                                             strict=True)
+    fu.load_state_dict({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}, strict=True)
     assert all(torch.isfinite(v.float()).all() for v in sd.values())
     save_file(sd, a.out, metadata={"format": "pt"})
     print({"out": a.out, "tensors": len(sd), "bytes": os.path.getsize(a.out), "guess": type(guess).__name__,
