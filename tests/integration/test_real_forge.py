@@ -221,6 +221,22 @@ def test_a_lora_runs_on_pytorch_with_the_notice_and_later_generations_are_not_af
     assert np.array_equal(again, reference)
 
 
+def test_the_coverage_prediction_says_what_forge_generations_run_on(forge: Forge) -> None:
+    """POST /sdtrt/v1/coverage (the status line) predicts the engine, Forge's size refusal and its LoRA refusal,
+    and each generation then does what was predicted."""
+    base = {"prompt": "a photo of a cat", "steps": STEPS, "width": 64, "height": 64, "sampler_name": "Euler",
+            "override_settings": {"sd_unet": "Automatic"}}
+    for fields, engine in (({}, True), ({"width": 72}, False), ({"prompt": "a cat <lora:tinylora:1>"}, False)):
+        status, answer = forge.call("POST", "/sdtrt/v1/coverage?kind=txt2img", {**base, **fields})
+        assert status == 200, answer
+        assert answer["engine"] is engine, (fields, answer)
+        if not engine:
+            reason = answer["reason"] or ""
+            assert ("multiples of 64 px" in reason) if "width" in fields else ("LoRA" in reason), answer
+        _, calls, _, _ = forge.generate("Automatic", **fields)
+        assert (calls == STEPS) is engine, (fields, calls)
+
+
 def test_forge_logged_no_error_of_the_extension(forge: Forge) -> None:
     assert _sdtrt_errors(forge.log_text()) == []
 

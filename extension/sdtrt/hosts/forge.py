@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from sdtrt.constants import LATENT_FACTOR
 from sdtrt.hosts.a1111 import A1111Host, loaded_model
 from sdtrt.serving.slot import NetworksFailed
 from sdtrt.webui import host as H
@@ -80,7 +81,7 @@ class EngineModule(torch.nn.Module):
         server = sd_unet.server
         call, kw = (x, timesteps, context), ({"y": y} if y is not None else {})
         reason = unservable_call(x, control, options, kwargs)
-        if reason is not None:
+        if reason is not None and server.gate() is None:  # (switched off: serving says so, or nothing)
             return server.to_pytorch(reason, call, kw, fallback=pytorch)
         return server.serve(call, kw, pytorch)
 
@@ -114,6 +115,16 @@ class ForgeHost(A1111Host):
             return None
         unet = objects.unet.model.diffusion_model
         return unet.__dict__.get("sdtrt_torch_unet", unet)  # ours while patched: the PyTorch UNet it holds
+
+    def size_refusal(self, width: int, height: int) -> str | None:
+        factor = LATENT_MULTIPLE * LATENT_FACTOR
+        return UNCOVERED_SIZE if width % factor or height % factor else None
+
+    def lora_refusal(self) -> str | None:
+        return NO_LORA
+
+    def controlnet_refusal(self) -> str | None:
+        return NO_CONTROL
 
     def torch_forward(self, unet: Any) -> Any:
         return unet.forward  # Forge leaves its UNet's forward alone (no hijack)

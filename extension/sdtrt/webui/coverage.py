@@ -278,7 +278,8 @@ class Predictor:
         bypass = self.unservable(server)
         if bypass is not None:
             server.bypass = bypass
-        calls = [self.route_call(server, c, bool(self.units)) for c in p.calls]
+        calls = [self.route_call(server, c, bool(self.units), self.host.size_refusal(c.width, c.height))
+                 for c in p.calls]
         route.calls = calls
         missing = next((c for c in calls if c.engine_id is None), None)
         if missing is None and calls:
@@ -300,9 +301,12 @@ class Predictor:
         return route
 
     @staticmethod
-    def route_call(server: UnetServer, call: CallShape, control: bool) -> CallRoute:
+    def route_call(server: UnetServer, call: CallShape, control: bool, refusal: str | None = None) -> CallRoute:
         """Where one call runs. With ControlNet units every call carries their inputs, which only the engines
-        with ControlNet inputs take (serving skips the others the same way)."""
+        with ControlNet inputs take (serving skips the others the same way). `refusal`: the host's reason this
+        call's size runs on PyTorch (checked after the gate, as the host's serving does)."""
+        if refusal is not None and server.gate() is None:
+            return CallRoute(call.rows, call.width, call.height, call.chunks, None, None, refusal)
         shape = Shape(max(1, call.rows), call.height, call.width, call.chunks * TOKENS_PER_CHUNK)
 
         def dims(slot: Any) -> Mapping[str, Any]:
@@ -322,10 +326,13 @@ class Predictor:
         if tiling:
             return foreign.TILING
         if self.units:
-            why = controlnet.request_problem(self.units, server.takes_control)
+            why = self.host.controlnet_refusal() or controlnet.request_problem(self.units, server.takes_control)
             if why is not None:
                 return why
         if lora_names(*self.prompts):
+            refusal = self.host.lora_refusal()
+            if refusal is not None:
+                return refusal
             for slot in server.slots:
                 refusal = refit_refusal(slot.manifest, "LoRA weights")
                 if refusal is not None:

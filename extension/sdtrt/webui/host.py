@@ -153,6 +153,16 @@ class Host(Protocol):
         """Apply the SD Unet the WebUI's setting picks for the loaded model now, as a generation's start would
         (readiness loads the engine this way); called holding `quiet_torch`."""
 
+    def size_refusal(self, width: int, height: int) -> str | None:
+        """Why a UNet call at this pixel size runs on PyTorch in this host whatever the engine's profiles (Forge:
+        sizes its UNet upsamples differently), or None; the prediction asks it as serving decides."""
+
+    def lora_refusal(self) -> str | None:
+        """Why generations with LoRAs run on PyTorch in this host, or None (their weights go into the engine)."""
+
+    def controlnet_refusal(self) -> str | None:
+        """Why ControlNet units run on PyTorch in this host, or None (the engine's ControlNet inputs serve them)."""
+
 
 class HostDefaults:
     """The optional Host operations for a host that lacks them: options read as their defaults and cannot be saved,
@@ -179,3 +189,12 @@ class HostDefaults:
 
     def apply_unet(self) -> None:
         raise SdtrtError("this WebUI host applies the SD Unet only when a generation starts")
+
+    def size_refusal(self, width: int, height: int) -> str | None:
+        return None
+
+    def lora_refusal(self) -> str | None:
+        return None
+
+    def controlnet_refusal(self) -> str | None:
+        return None
