@@ -11,9 +11,11 @@ holds. What differs (source-cited design: docs/forge/DESIGN.md):
   Forge's memory manager never moves it to the GPU, and passes attribute lookups through to it (Forge resolves LoRA
   weight names through the patched module);
 - there is no config yaml beside checkpoints (the architecture comes from the weights) and no model-load lock.
-Not yet on the engine in Forge (each runs on PyTorch with the notice): LoRA (Forge's own patcher), Forge's
-ControlNet, other extensions' UNet patches, and latent sizes that are not multiples of 8 (Forge's upsampling
-follows the skip connection's size where A1111's engines resize inside the concatenation)."""
+- LoRA: Forge's patcher merges LoRAs into the PyTorch UNet (still right for calls that fall back); the engine gets
+  the same weights by refit, computed by Forge's own merge from the checkpoint's weights.
+Not yet on the engine in Forge (each runs on PyTorch with the notice): Forge's ControlNet, other extensions' UNet
+patches, and latent sizes that are not multiples of 8 (Forge's upsampling follows the skip connection's size where
+A1111's engines resize inside the concatenation)."""
 
 from __future__ import annotations
 
@@ -32,8 +34,8 @@ UNET_PATCH_KEYS = ("patches", "patches_replace", "block_modifiers", "group_norm_
 #: latent sizes the engines (A1111's resize-in-concatenation) compute as Forge's UNet does
 LATENT_MULTIPLE = 8
 
-NO_LORA = ("LoRA on the engine is not available in Forge yet: this generation runs on PyTorch (Forge applies "
-           "LoRAs through its own patcher)")
+#: the prefix of UNet weights in Forge's patcher (KModel.diffusion_model), not in the engine's names
+UNET_PREFIX = "diffusion_model."
 NO_CONTROL = "Forge's ControlNet is not served by the engine yet: these calls run on PyTorch"
 UNET_PATCHED = "another extension patches the UNet's inside ({keys}): these calls run on PyTorch"
 UNCOVERED_SIZE = ("Forge upsamples to the skip connection's size where the engine resizes inside the "
@@ -120,9 +122,6 @@ class ForgeHost(A1111Host):
         factor = LATENT_MULTIPLE * LATENT_FACTOR
         return UNCOVERED_SIZE if width % factor or height % factor else None
 
-    def lora_refusal(self) -> str | None:
-        return NO_LORA
-
     def controlnet_refusal(self) -> str | None:
         return NO_CONTROL
 
@@ -189,9 +188,28 @@ class ForgeHost(A1111Host):
         return tuple(sorted(self._lora_patches(), key=repr))
 
     def network_weights(self, base: Any) -> dict[str, Any]:
-        if self._lora_patches():
-            raise NetworksFailed(NO_LORA)
-        return {}
+        """The UNet weights Forge's LoRA loader would make, by Forge's own `merge_lora_to_weight`, from the
+        checkpoint's weights `base(names)`: every LoRA's patches of a weight merged in the order Forge merges
+        them (its LoraLoader.refresh), online-mode ones included (the engine holds them merged)."""
+        from backend.patcher.lora import merge_lora_to_weight
+
+        merged: dict[str, list[Any]] = {}
+        for patches in self._lora_patches().values():
+            for key, current in patches.items():
+                merged[key] = merged.get(key, []) + list(current)
+        names = {key: key[len(UNET_PREFIX):] for key in merged if key.startswith(UNET_PREFIX)}
+        if len(names) != len(merged):
+            stray = sorted(set(merged) - set(names))
+            raise NetworksFailed(f"a LoRA patches {stray[0]}, which is not a UNet weight of the engine")
+        bases = base(list(names.values()))
+        out: dict[str, Any] = {}
+        for key, name in names.items():
+            weight = bases.get(name)
+            if weight is None:
+                raise NetworksFailed(f"a LoRA patches {name}, which the engine does not have")
+            new = merge_lora_to_weight(merged[key], weight.clone(), key, computation_dtype=torch.float32)
+            out[name] = new.to(device=weight.device, dtype=weight.dtype)
+        return out
 
     def network_files(self) -> list[str]:
         return [str(key[0]) for key in self._lora_patches() if isinstance(key, tuple) and key]
