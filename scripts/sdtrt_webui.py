@@ -119,8 +119,9 @@ class TrtScript(scripts.Script):
 
     def process_before_every_sampling(self, p: Any, *args: Any, **kwargs: Any) -> None:
         service().before_sampling()
-        if ON_FORGE and isinstance(sd_unet.current_unet, TrtUnet):
-            HOST.serve_with(p, sd_unet.current_unet)  # type: ignore[attr-defined]
+        current = sd_unet.current_unet
+        if ON_FORGE and isinstance(current, TrtUnet) and current.server is not None and current.server.enabled():
+            HOST.serve_with(p, current)  # type: ignore[attr-defined]
 
     def postprocess(self, p: Any, processed: Any, *args: Any) -> None:
         try:

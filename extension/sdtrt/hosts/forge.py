@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-from sdtrt.constants import LATENT_FACTOR
+from sdtrt.constants import LATENT_FACTOR, TOKENS_PER_CHUNK
+from sdtrt.errors import SdtrtError
 from sdtrt.hosts.a1111 import A1111Host, loaded_model
 from sdtrt.serving.slot import NetworksFailed
 from sdtrt.webui import host as H
@@ -152,8 +153,6 @@ class ForgeHost(A1111Host):
             info = next((i for i in sd_models.checkpoints_list.values() if name in (i.model_name, i.name_for_extra)),
                         None)
         if info is None:
-            from sdtrt.errors import SdtrtError
-
             known = ", ".join(sorted(i.title for i in sd_models.checkpoints_list.values())) or "none"
             raise SdtrtError(f"unknown checkpoint {name!r}; the WebUI lists: {known}")
         return _ref(info)
@@ -163,6 +162,25 @@ class ForgeHost(A1111Host):
 
         info = sd_models.get_closet_checkpoint_match(name)
         return None if info is None else _ref(info)
+
+    def prompt_chunks(self, text: str, negative: bool, steps: int = 20) -> int:
+        """77-row chunks as Forge's token counter counts them (the loaded model's own text processing; extra
+        networks removed, AND parts and schedules each counted). Raises before Forge loaded a model (the caller
+        then counts words)."""
+        from modules import extra_networks, prompt_parser
+
+        count = getattr(loaded_model(), "get_prompt_lengths_on_ui", None)
+        if count is None:
+            raise SdtrtError("Forge has not loaded a model to count tokens with yet")
+        text, _ = extra_networks.parse_prompt(text)
+        flat = [text]
+        if not negative and hasattr(prompt_parser, "get_multicond_prompt_list"):
+            _, flat, _ = prompt_parser.get_multicond_prompt_list([text])
+        prompts = list(flat)
+        if hasattr(prompt_parser, "get_learned_conditioning_prompt_schedules"):
+            schedules = prompt_parser.get_learned_conditioning_prompt_schedules(prompts, steps)
+            prompts = [t for schedule in schedules for _, t in schedule]
+        return max(int(count(t)[1]) for t in prompts) // TOKENS_PER_CHUNK
 
     @contextlib.contextmanager
     def quiet_torch(self, waiting: Any) -> Any:
@@ -229,9 +247,22 @@ class ForgeHost(A1111Host):
 
     def stop_serving(self) -> None:
         """At the end of the generation: the PyTorch UNet back in place (a patch left in the model would outlive
-        the generation and make Forge drop the next LoRA it merges)."""
+        the generation and make Forge drop the next LoRA it merges). Also where an extension whose hook ran after
+        ours cloned our patched clone: Forge then loaded that clone, which holds the PyTorch UNet as its backup."""
         patched, self._patched = self._patched, []
+        kmodels = {id(clone.model): clone.model for clone in patched}
         for clone in reversed(patched):
-            current = getattr(clone.model, "diffusion_model", None)
-            if isinstance(current, EngineModule) or clone.object_patches_backup:
+            if clone.object_patches_backup:
                 clone.forge_unpatch_model()
+        from backend import memory_management
+
+        for loaded in list(memory_management.current_loaded_models):
+            clone = loaded.model
+            if isinstance(getattr(clone, "object_patches", {}).get("diffusion_model"), EngineModule):
+                kmodels[id(clone.model)] = clone.model
+                if clone.object_patches_backup:
+                    clone.forge_unpatch_model()
+        for kmodel in kmodels.values():
+            current = getattr(kmodel, "diffusion_model", None)
+            if isinstance(current, EngineModule):  # whatever held it: the UNet it wraps goes back
+                kmodel._modules["diffusion_model"] = current.__dict__["sdtrt_torch_unet"]

@@ -1,0 +1,44 @@
+"""Fake `backend/sampling/condition.py`: conditions as Forge batches them. `ConditionCrossAttn` concatenates with
+another of the same token length only (Forge also repeats chunks to a common multiple; the fake's tests keep
+prompts of one chunk); `compile_conditions(cond)` turns a (B, T, C) tensor into Forge's list of condition dicts."""
+
+from __future__ import annotations
+
+import torch
+
+
+class Condition:
+    def __init__(self, cond):  # type: ignore[no-untyped-def]
+        self.cond = cond
+
+    def _copy_with(self, cond):  # type: ignore[no-untyped-def]
+        return self.__class__(cond)
+
+    def process_cond(self, batch_size, device, **kwargs):  # type: ignore[no-untyped-def]
+        cond = self.cond
+        if cond.shape[0] != batch_size:
+            cond = cond.repeat([batch_size // cond.shape[0]] + [1] * (cond.ndim - 1))
+        return self._copy_with(cond.to(device))
+
+    def can_concat(self, other):  # type: ignore[no-untyped-def]
+        return self.cond.shape == other.cond.shape
+
+    def concat(self, others):  # type: ignore[no-untyped-def]
+        return torch.cat([self.cond] + [o.cond for o in others])
+
+
+class ConditionCrossAttn(Condition):
+    pass
+
+
+def compile_conditions(cond):  # type: ignore[no-untyped-def]
+    if cond is None:
+        return None
+    if isinstance(cond, dict):
+        raise NotImplementedError("the fake Forge has SD1 conditions only (no SDXL vector)")
+    return [{"model_conds": {"c_crossattn": ConditionCrossAttn(cond)}, "cross_attn": cond}]
+
+
+def compile_weighted_conditions(cond, weights):  # type: ignore[no-untyped-def]
+    """`weights`: [[(index, weight)]] per image; the fake has one condition per image, weight 1."""
+    return compile_conditions(cond)
