@@ -27,6 +27,7 @@ import torch
 from sdtrt.constants import LATENT_FACTOR, TOKENS_PER_CHUNK
 from sdtrt.errors import SdtrtError
 from sdtrt.hosts.a1111 import A1111Host, loaded_model
+from sdtrt.models.unet import unet_host_call
 from sdtrt.serving.slot import NetworksFailed
 from sdtrt.webui import host as H
 
@@ -82,7 +83,7 @@ class EngineModule(torch.nn.Module):
         if sd_unet.server is None:
             sd_unet.activate()
         server = sd_unet.server
-        call, kw = (x, timesteps, context), ({"y": y} if y is not None else {})
+        call, kw = unet_host_call(x, timesteps, context, y)
         reason = unservable_call(x, control, options, kwargs)
         if reason is not None and server.gate() is None:  # (switched off: serving says so, or nothing)
             return server.to_pytorch(reason, call, kw, fallback=pytorch)
