@@ -11,161 +11,34 @@ from __future__ import annotations
 
 import base64
 import io
-import json
-import os
-import shutil
-import socket
-import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
+from .forge_host import CHECKPOINT, STEPS, Forge, needs_forge, prepare_data, running_forge, sdtrt_errors
+
 np = pytest.importorskip("numpy")
 Image = pytest.importorskip("PIL.Image")
 
-ROOT = Path(__file__).resolve().parents[2]
-FORGE_DIR = os.environ.get("SDTRT_FORGE_DIR", "")
-STEPS = 4
 PROFILE = "1x64x64x75:1x64x64x75:1x128x128x75"
 #: the issue's bar for "PyTorch's image": mean absolute difference in 8-bit values
 MEAN_LIMIT = 2.0
 
-pytestmark = pytest.mark.skipif(not FORGE_DIR, reason="SDTRT_FORGE_DIR is not set (a Forge dfdcbab checkout with "
-                                "its venv, see docs/forge/SETUP.md)")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Forge:
-    def __init__(self, data: Path, port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
-        self.data, self.port, self.proc, self.log = data, port, proc, log
-
-    def call(self, method: str, path: str, body: Any = None, timeout: float = 600) -> tuple[int, Any]:
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", method=method,
-                                     data=None if body is None else json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
-                return r.status, json.load(r)
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read() or b"null")
-
-    def get(self, path: str) -> Any:
-        status, body = self.call("GET", path)
-        assert status == 200, (path, status, body)
-        return body
-
-    def counters(self) -> dict[str, Any]:
-        return dict(self.get("/sdtrt/v1/status")["counters"])
-
-    def generate(self, unet: str, route: str = "txt2img", **fields: Any) -> tuple[Any, int, int, dict[str, Any]]:
-        """(image as int array, engine calls, fallback calls, extra_generation_params) of one generation."""
-        body = {"prompt": "a photo of a cat", "negative_prompt": "blurry", "steps": STEPS, "width": 64, "height": 64,
-                "seed": 1, "sampler_name": "Euler", "cfg_scale": 7, "override_settings": {"sd_unet": unet}, **fields}
-        before = self.counters()
-        status, answer = self.call("POST", f"/sdapi/v1/{route}", body)
-        assert status == 200, answer
-        after = self.counters()
-        image = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["images"][0]))).convert("RGB")).astype(int)
-        info = json.loads(answer["info"])
-        return (image, after["engine_calls"] - before["engine_calls"],
-                after["fallback_calls"] - before["fallback_calls"], dict(info.get("extra_generation_params") or {}))
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-def _forge_python() -> str:
-    return os.environ.get("SDTRT_FORGE_PYTHON") or str(Path(FORGE_DIR) / "venv" / "bin" / "python")
-
-
-def _write_lora(model: Path, out: Path) -> None:
-    """A kohya LoRA for the model's UNet (tests/lora_files.py), written with Forge's Python (it has safetensors)."""
-    code = ("import sys; from safetensors.torch import load_file; sys.path.insert(0, sys.argv[3]); "
-            "from lora_files import write_lora; "
-            "sd = {k: v for k, v in load_file(sys.argv[1]).items() if k.startswith('model.diffusion_model.')}; "
-            "write_lora(sys.argv[2], sd, 'lora', layers='attn')")
-    subprocess.run([_forge_python(), "-c", code, str(model), str(out), str(ROOT / "tests")], check=True,
-                   timeout=600, capture_output=True)
+pytestmark = needs_forge
 
 
 @pytest.fixture(scope="module")
 def forge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Forge]:
     data = tmp_path_factory.mktemp("forge-data")
-    (data / "extensions").mkdir()
-    (data / "extensions" / "sd-webui-trt").symlink_to(ROOT)
-    ckpts = data / "models" / "Stable-diffusion"
-    ckpts.mkdir(parents=True)
-    model = ckpts / "tiny-forge-sd1.safetensors"
-    given = os.environ.get("SDTRT_FORGE_MODEL")
-    if given:
-        model.symlink_to(Path(given).resolve())
-    else:
-        subprocess.run([_forge_python(), str(ROOT / "tests" / "integration" / "tiny_forge_model.py"), str(model)],
-                       cwd=FORGE_DIR, check=True, timeout=1200, capture_output=True)
-    _write_lora(model, data / "models" / "Lora" / "tinylora.safetensors")
-    port = _free_port()
-    log = data / "forge.log"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", SDTRT_CACHE=str(data / "engines"))
-    cmd = [_forge_python(), "launch.py", "--skip-prepare-environment", "--skip-install", "--skip-torch-cuda-test",
-           "--skip-python-version-check", "--skip-version-check", "--always-cpu", "--nowebui", "--api",
-           "--port", str(port), "--server-name", "127.0.0.1", "--data-dir", str(data), "--ckpt-dir", str(ckpts),
-           "--ckpt", str(model)]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=FORGE_DIR, env=env, stdout=out, stderr=subprocess.STDOUT)
-    host = Forge(data, port, proc, log)
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"Forge exited with {proc.returncode}: {host.log_text()[-3000:]}")
-            try:
-                if host.call("GET", "/sdtrt/v1/status", timeout=5)[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"Forge did not answer within 300 s: {host.log_text()[-3000:]}")
-            time.sleep(1)
+    with running_forge(data, prepare_data(data)) as host:
         yield host
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        shutil.rmtree(data / "engines", ignore_errors=True)
-
-
-def _sdtrt_errors(log: str) -> list[str]:
-    """Tracebacks and error lines of our extension in Forge's log (not Forge's note that this checkout has no git
-    remote to read the extension's version from)."""
-    lines = log.splitlines()
-    return [line for i, line in enumerate(lines) if ("sdtrt" in line or "sd-webui-trt" in line) and (
-        "Error" in line or "Traceback" in line or (i + 1 < len(lines) and "Traceback" in lines[i + 1]))
-        and "Failed reading extension data from Git repository" not in line]
 
 
 def test_an_engine_builds_over_the_api_in_forge(forge: Forge) -> None:
     assert forge.get("/sdtrt/v1/engines") == {"engines": []}
-    status, job = forge.call("POST", "/sdtrt/v1/engines", {"checkpoint": "tiny-forge-sd1", "profiles": [PROFILE],
-                                                          "backend": "onnxruntime"})
-    assert status == 202, job
-    deadline = time.monotonic() + 900
-    while (state := forge.get(f"/sdtrt/v1/jobs/{job['job_id']}"))["state"] not in ("done", "failed"):
-        assert time.monotonic() < deadline, state
-        time.sleep(2)
-    assert state["state"] == "done", state
+    state = forge.build({"checkpoint": CHECKPOINT, "profiles": [PROFILE], "backend": "onnxruntime"})
     (row,) = forge.get("/sdtrt/v1/engines")["engines"]
     assert row["id"] == state["engine_id"] and row["ok"] is True, row
 
@@ -245,7 +118,7 @@ def test_the_coverage_prediction_says_what_forge_generations_run_on(forge: Forge
 
 
 def test_forge_logged_no_error_of_the_extension(forge: Forge) -> None:
-    assert _sdtrt_errors(forge.log_text()) == []
+    assert sdtrt_errors(forge.log_text()) == []
 
 
 def _png(image: Any) -> bytes:
