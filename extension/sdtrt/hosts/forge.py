@@ -13,9 +13,11 @@ holds. What differs (source-cited design: docs/forge/DESIGN.md):
 - there is no config yaml beside checkpoints (the architecture comes from the weights) and no model-load lock.
 - LoRA: Forge's patcher merges LoRAs into the PyTorch UNet (still right for calls that fall back); the engine gets
   the same weights by refit, computed by Forge's own merge from the checkpoint's weights.
-Not yet on the engine in Forge (each runs on PyTorch with the notice): Forge's ControlNet, other extensions' UNet
-patches, and latent sizes that are not multiples of 8 (Forge's upsampling follows the skip connection's size where
-A1111's engines resize inside the concatenation)."""
+- ControlNet: Forge's built-in ControlNet and T2I-Adapter residuals go to an engine's ControlNet inputs
+  (hosts/forge_control.py).
+Not on the engine in Forge (each runs on PyTorch with the notice): other extensions' UNet patches (reference-only,
+IP-Adapter, FreeU, ... patch the UNet's inside), and latent sizes that are not multiples of 8 (Forge's upsampling
+follows the skip connection's size where A1111's engines resize inside the concatenation)."""
 
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ import torch
 from sdtrt.constants import LATENT_FACTOR, TOKENS_PER_CHUNK
 from sdtrt.errors import SdtrtError
 from sdtrt.hosts.a1111 import A1111Host, loaded_model
+from sdtrt.hosts.forge_control import CONTROL_MODEL, feeds_for
+from sdtrt.models import NotServable
 from sdtrt.models.unet import unet_host_call
 from sdtrt.serving.slot import NetworksFailed
 from sdtrt.webui import host as H
@@ -38,7 +42,6 @@ LATENT_MULTIPLE = 8
 
 #: the prefix of UNet weights in Forge's patcher (KModel.diffusion_model), not in the engine's names
 UNET_PREFIX = "diffusion_model."
-NO_CONTROL = "Forge's ControlNet is not served by the engine yet: these calls run on PyTorch"
 UNET_PATCHED = "another extension patches the UNet's inside ({keys}): these calls run on PyTorch"
 UNCOVERED_SIZE = ("Forge upsamples to the skip connection's size where the engine resizes inside the "
                   "concatenation: sizes that are not multiples of 64 px run on PyTorch")
@@ -84,16 +87,20 @@ class EngineModule(torch.nn.Module):
             sd_unet.activate()
         server = sd_unet.server
         call, kw = unet_host_call(x, timesteps, context, y)
-        reason = unservable_call(x, control, options, kwargs)
+        reason = unservable_call(x, options, {k: v for k, v in kwargs.items() if k != CONTROL_MODEL})
+        feeds = None
+        if reason is None and control is not None:
+            try:
+                feeds = feeds_for(server.slots, control)
+            except NotServable as e:
+                reason = str(e)
         if reason is not None and server.gate() is None:  # (switched off: serving says so, or nothing)
             return server.to_pytorch(reason, call, kw, fallback=pytorch)
-        return server.serve(call, kw, pytorch)
+        return server.serve(call, kw, pytorch, control=feeds)
 
 
-def unservable_call(x: torch.Tensor, control: Any, options: dict[str, Any], extra: dict[str, Any]) -> str | None:
-    """Why this Forge UNet call must run on PyTorch, or None."""
-    if control is not None:
-        return NO_CONTROL
+def unservable_call(x: torch.Tensor, options: dict[str, Any], extra: dict[str, Any]) -> str | None:
+    """Why this Forge UNet call must run on PyTorch whatever its ControlNet residuals, or None."""
     patched = sorted(k for k in UNET_PATCH_KEYS if options.get(k))
     if patched or extra:
         return UNET_PATCHED.format(keys=", ".join(patched + sorted(extra)))
@@ -123,9 +130,6 @@ class ForgeHost(A1111Host):
     def size_refusal(self, width: int, height: int) -> str | None:
         factor = LATENT_MULTIPLE * LATENT_FACTOR
         return UNCOVERED_SIZE if width % factor or height % factor else None
-
-    def controlnet_refusal(self) -> str | None:
-        return NO_CONTROL
 
     def torch_forward(self, unet: Any) -> Any:
         return unet.forward  # Forge leaves its UNet's forward alone (no hijack)

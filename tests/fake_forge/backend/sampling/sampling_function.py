@@ -9,8 +9,9 @@
   rows first (`cond_or_uncond == [1, 0]`); `transformer_options` = a copy of model_options'
   with "cond_or_uncond", "sigmas", "cond_mark", "cond_indices", "uncond_indices"; the call is
   `model_options["model_function_wrapper"](model.apply_model, {input, timestep, c, cond_or_uncond})` when set,
-  else `model.apply_model(input_x, timestep, **c)`; then uncond + (cond - uncond) * cond_scale and the post-CFG
-  functions. Area/mask conditions and memory-driven batch splitting are not modelled."""
+  else `model.apply_model(input_x, timestep, **c)`, with `c["control"]` (the ControlNet units' residual lists, from
+  the linked list's `get_control`) and `c["control_model"]` when the patcher has ControlNets; then
+  uncond + (cond - uncond) * cond_scale and the post-CFG functions. Area/mask conditions and memory-driven batch splitting are not modelled."""
 
 from __future__ import annotations
 
@@ -52,8 +53,13 @@ def _run(model, batch, x_in, timestep, model_options):  # type: ignore[no-untype
     options["cond_indices"], options["uncond_indices"] = compute_cond_indices(cond_or_uncond, timestep)
     c["transformer_options"] = options
     control = batch[0][0].get("control")
-    if control is not None:
-        raise NotImplementedError("the fake Forge has no ControlNet")
+    if control is not None:  # every unit sees this call's options; the UNet gets the merged residual lists
+        unit = control
+        while unit is not None:
+            unit.transformer_options = options
+            unit = unit.previous_controlnet
+        c["control"] = control.get_control(input_x, timestep_, c.copy(), len(cond_or_uncond))
+        c["control_model"] = control
     if "model_function_wrapper" in model_options:
         out = model_options["model_function_wrapper"](model.apply_model, {"input": input_x, "timestep": timestep_,
                                                                           "c": c, "cond_or_uncond": cond_or_uncond})
