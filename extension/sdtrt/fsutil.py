@@ -79,9 +79,9 @@ def write_all(fd: int, data: Data) -> None:
 
 def rename_checked(src: str | os.PathLike[str], dst: str | os.PathLike[str], landed: Callable[[], bool], *,
                    replace: bool = False) -> bool:
-    """os.rename(src, dst) (os.replace with `replace`: a file over an existing one), believing an error only once `landed()` (called after the error) says the result is not
-    there. Returns False when the rename went through cleanly, True when it reported an error but had happened
-    (counted by callers that report storage health). `landed` checks the destination's content (or a unique name),
+    """os.rename(src, dst) (os.replace with `replace`: a file over an existing one), believing an error only once
+    `landed()` (called after the error) says the result is not there. Returns False when the rename went through
+    cleanly, True when it reported an error but had happened (callers say so in the log). `landed` checks the destination's content (or a unique name),
     never that `src` is gone: a client's cached attributes may still show it."""
     try:
         (os.replace if replace else os.rename)(src, dst)

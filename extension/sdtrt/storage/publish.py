@@ -5,6 +5,7 @@ Why it is shaped this way: see sdtrt.storage.registry."""
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import shutil
 import stat
@@ -22,6 +23,8 @@ from sdtrt.storage.key import EngineKey, check_str, json_copy, require_dict
 from sdtrt.storage.layout import NOT_WRITABLE, CacheLayout, SideKind
 from sdtrt.storage.lease import DEFAULT_LOCK_TIMEOUT_S, Heartbeat, Liveness
 from sdtrt.storage.manifest import MANIFEST_NAME, FileEntry, Manifest, check_file_name
+
+log = logging.getLogger(__name__)
 
 #: errno values that mean the disk is full.
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
@@ -50,8 +53,6 @@ class Publisher:
 
     def __init__(self, layout: CacheLayout) -> None:
         self.layout = layout
-        #: renames that reported an error although they had happened (NFS-like storage), recognised and used
-        self.renames_lied = 0
 
     def _existing(self, engine_id: str) -> Manifest | None:
         """A published engine that passes the full check, else None. A corrupt one is quarantined, so build()
@@ -257,7 +258,10 @@ class Publisher:
 
         for _ in range(3):
             try:
-                self.renames_lied += rename_checked(tmp, final, landed)
+                if rename_checked(tmp, final, landed):
+                    log.warning("sdtrt: the engine cache's file system reported the rename of engine %s as failed "
+                                "although it happened (NFS-like client caching); the engine was checked and is "
+                                "used", engine_id)
             except OSError as e:
                 if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
                     raise
