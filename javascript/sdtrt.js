@@ -10,9 +10,19 @@
         module.exports = api;
     } else {
         root.sdtrtStatus = api;
+        var started = false, tries = 0;
+        // once the page has its Generate rows: A1111 and Forge call onUiLoaded when they exist; without that hook
+        // (or before gradio 4 rendered the page after DOMContentLoaded) it looks again, for a while
         var begin = function () {
+            if (started) return;
             try {
-                api.start(typeof root.gradioApp === "function" ? root.gradioApp() : root.document, root);
+                var app = typeof root.gradioApp === "function" ? root.gradioApp() : root.document;
+                if (!api.ready(app)) {
+                    if (++tries < 600) root.setTimeout(begin, 500);
+                    return;
+                }
+                started = true;
+                api.start(app, root);
             } catch (e) {
                 if (root.console) root.console.warn("sd-webui-trt status line disabled:", e);
             }
@@ -214,10 +224,19 @@
         });
     }
 
+    // under the prompts and Generate, the whole width (the actions column is too narrow for a sentence)
+    function anchorOf(app, tab) {
+        return q(app, "#" + tab + "_toprow") || q(app, "#" + tab + "_generate_box") || q(app, "#" + tab + "_generate");
+    }
+
+    // whether the page has rendered a tab the line goes into
+    function ready(app) {
+        return TABS.some(function (tab) { return !!anchorOf(app, tab); });
+    }
+
     function Line(app, win, tab) {
         var doc = win.document;
-        // under the prompts and Generate, the whole width (the actions column is too narrow for a sentence)
-        var anchor = q(app, "#" + tab + "_toprow") || q(app, "#" + tab + "_generate_box") || q(app, "#" + tab + "_generate");
+        var anchor = anchorOf(app, tab);
         if (!anchor || !anchor.parentNode) return null;
         var box = doc.createElement("div");
         box.id = "sdtrt_status_" + tab;
@@ -349,7 +368,8 @@
                     line.check();
                 }), true);
             });
-            var model = q(app, "#setting_sd_model_checkpoint");
+            // the checkpoint picker: A1111's quicksetting, or Forge's (a dropdown with the class model_selection)
+            var model = q(app, "#setting_sd_model_checkpoint") || q(app, ".model_selection");
             if (model) {
                 // the WebUI loads the checkpoint after the change: ask again once it likely has
                 model.addEventListener("change", safely(function () {
@@ -363,5 +383,5 @@
     }
 
     return {debounce: debounce, buildRequest: buildRequest, scaledSize: scaledSize, render: render, renderJob: renderJob,
-            renderOutcome: renderOutcome, readFields: readFields, start: start, PREFIX: PREFIX};
+            renderOutcome: renderOutcome, readFields: readFields, ready: ready, start: start, PREFIX: PREFIX};
 });

@@ -162,3 +162,12 @@ test("a failed coverage request leaves the line empty", async () => {
     assert.equal(line.text.textContent, "");
     assert.equal(line.button.style.display, "none");
 });
+
+test("the page is ready for the line once a tab's Generate row exists (gradio 4 renders after the page loads)", () => {
+    assert.equal(status.ready(new El("div", "app")), false);
+    assert.equal(status.ready(page()), true);  // A1111 and Forge: #txt2img_toprow
+    const forgeLike = new El("div", "app");
+    forgeLike.appendChild(new El("div", "img2img_generate_box"));
+    assert.equal(status.ready(forgeLike), true);
+    assert.deepEqual(status.start(new El("div", "app"), {document: {createElement: (tag) => new El(tag)}}), []);
+});
