@@ -15,6 +15,7 @@ _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT / "extension") not in sys.path:
     sys.path.insert(0, str(_ROOT / "extension"))
 
+import torch
 from modules import script_callbacks, scripts, sd_unet, shared
 
 from sdtrt.errors import SdtrtError
@@ -34,7 +35,17 @@ else:
     HOST = A1111Host()
 
 
-class TrtUnet(sd_unet.SdUnet):
+class _SdUnetModule(torch.nn.Module):
+    """A1111's `sd_unet.SdUnet` for hosts that dropped it (Forge Neo keeps the SD Unet options but never calls one)."""
+
+    def activate(self) -> None:
+        pass
+
+    def deactivate(self) -> None:
+        pass
+
+
+class TrtUnet(getattr(sd_unet, "SdUnet", None) or _SdUnetModule):  # type: ignore[misc]
     """What A1111 routes every UNet forward to while one of our options is selected."""
 
     def __init__(self, spec: OptionSpec):
@@ -121,7 +132,9 @@ class TrtScript(scripts.Script):
         service().before_sampling()
         current = sd_unet.current_unet
         if ON_FORGE and isinstance(current, TrtUnet) and current.server is not None and current.server.enabled():
-            HOST.serve_with(p, current)  # type: ignore[attr-defined]
+            unserved = HOST.serve_with(p, current)  # type: ignore[attr-defined]
+            if unserved is not None:
+                service().activation.notify(unserved)
 
     def postprocess(self, p: Any, processed: Any, *args: Any) -> None:
         try:

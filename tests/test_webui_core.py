@@ -309,6 +309,7 @@ def test_api_build_job_then_engine_listed_then_deleted(api: Any, host: DictHost,
     engines = {e["id"]: e for e in api.get("/sdtrt/v1/engines").json()["engines"]}
     new = job["engine_id"]
     assert new in engines and new not in before and engines[new]["ok"] and engines[new]["family"] == "sd1"
+    assert engines[new]["convention"] == "a1111" and job["request"]["convention"] == "a1111"  # the host's default
     assert (svc.registry().engine_dir(new) / "manifest.json").is_file()
     assert host.refreshes >= 1  # the SD Unet list was refreshed for the new engine
     assert api.delete(f"/sdtrt/v1/engines/{new}").json() == {"deleted": new}
@@ -356,6 +357,8 @@ def test_startup_garbage_collection_removes_dead_builds_only(svc: EngineService)
     ({"checkpoint": "sd1-s0", "profiles": ["1x65x64x75"]}, "not a multiple of 8"),
     ({"checkpoint": "sd1-s0", "profiles": []}, "at least one profile"),
     ({"checkpoint": "sd1-s0", "profiles": ["1x64x64x75"], "backend": "cuda"}, "unknown backend"),
+    ({"checkpoint": "sd1-s0", "profiles": ["1x64x64x75"], "convention": "comfy"},
+     "convention must be 'a1111' or 'forge'"),
 ])
 def test_api_rejects_bad_build_requests(api: Any, body: dict[str, Any], needle: str) -> None:
     r = api.post("/sdtrt/v1/engines", json=body)
@@ -416,8 +419,11 @@ def test_tab_build_reports_progress_until_done(svc: EngineService) -> None:
     assert msg.startswith(("Built engine", "Already in the cache")), msg
     assert seen == sorted(seen) and seen and seen[-1] <= 1.0
     rows = tab.table(svc.engine_rows())
-    assert any("1x128x128x75" in r[3] and r[1].startswith("ok") for r in rows)
+    assert any("1x128x128x75" in r[3] and r[1].startswith("ok") and r[-1] == "a1111" for r in rows)
+    assert tab.HEADERS[-1] == "convention"
     assert tab.run_build(svc, "sd1-s1", "1x64x64", "onnxruntime", lambda f, d: None).startswith("Not started")
+    assert tab.run_build(svc, "sd1-s1", "1x64x64x75", "onnxruntime", lambda f, d: None, convention="comfy"
+                         ).startswith("Not started: convention must be 'a1111' or 'forge'")
     engine_id = msg.split("engine ")[1].split(" ")[0]
     assert tab.delete_engine(svc, engine_id) == f"Deleted {engine_id}."
     assert tab.delete_engine(svc, "../x").startswith("Not deleted: invalid engine id")
@@ -465,9 +471,11 @@ def test_rebuild_of_an_ahead_of_time_engine(svc: EngineService, tiny_checkpoint,
     monkeypatch.setattr(svc.probe, "info", lambda name: BackendInfo("tensorrt-rtx", "1.7.1", "GPU", gpu))
     asked: dict[str, Any] = {}
     monkeypatch.setattr(svc.builds, "submit", lambda checkpoint, profiles, backend, dtype, replaces=None,
-                        controlnet=False, targets=None: asked.update(backend=backend, targets=targets, replaces=replaces))
+                        controlnet=False, targets=None, convention=None: asked.update(
+                            backend=backend, targets=targets, replaces=replaces, convention=convention))
     svc.builds.rebuild(m.id)
-    assert asked == {"backend": "tensorrt-rtx", "targets": ("sm86", "sm89") if kept else (), "replaces": m.id}
+    assert asked == {"backend": "tensorrt-rtx", "targets": ("sm86", "sm89") if kept else (), "replaces": m.id,
+                     "convention": "a1111"}  # a rebuild keeps the engine's convention
 
 
 def test_instance_forward_override_gets_the_pytorch_unet_on_the_device(host: DictHost, svc: EngineService) -> None:

@@ -2,8 +2,9 @@
 scripts/sdtrt_webui.py as the fake A1111 loads it, and driven through the txt2img API path: Forge detection and the
 REST API, engine generations (the object patch of `diffusion_model`, taken out again after the generation: Forge's
 loader never moves the PyTorch UNet meanwhile, and no stale patch makes Forge drop a later LoRA), hires fix, LoRA
-merged the way Forge merges it, and the latent sizes and other extensions' UNet patches that must run on PyTorch
-with their notice.
+merged the way Forge merges it, the engine convention (an engine following Forge's upsampling serves sizes that are
+not multiples of 64 px; an A1111-convention one runs them on PyTorch with the notice, and the prediction says so) and
+other extensions' UNet patches that must run on PyTorch with their notice.
 
 Every case compares final latents with the same generation with SD Unet None (PyTorch), within the tolerance of
 tests/test_webui_a1111.py and tests/test_fleet.py (1e-3 of the latents' magnitude: the fp32 onnxruntime engine agrees
@@ -252,26 +253,102 @@ def test_hires_fix_both_passes_on_the_engine(boot) -> None:  # type: ignore[no-u
     assert host.errors == []
 
 
-# ---- 3. sizes Forge's UNet computes differently -------------------------------------------------------------------
-def test_latent_size_not_a_multiple_of_8_runs_on_pytorch_with_the_notice(boot, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    host = boot()
-    size = {"width": 72, "height": 64}  # latent 9x8: Forge upsamples to the skip's size, the engine resizes
+# ---- 3. sizes Forge's UNet computes differently: the engine convention ----------------------------------------------
+@pytest.fixture(scope="module")
+def both_cache(sd1_checkpoint: Path, sd1_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache with the A1111-convention engine of `sd1_cache` and a Forge-convention one of the same checkpoint and
+    profile (two ids, side by side)."""
+    from sdtrt.models.convention import FORGE
+    from sdtrt.pipeline.build import build_engine
+    from sdtrt.profiles import Profile
+
+    cache = tmp_path_factory.mktemp("forge-both-engines")
+    for engine in sd1_cache.iterdir():
+        if not engine.name.startswith("."):
+            shutil.copytree(engine, cache / engine.name)
+    build_engine(sd1_checkpoint, [Profile.parse(WEBUI_PROFILE)], cache, backend="onnxruntime", convention=FORGE)
+    return cache
+
+
+def test_an_a1111_convention_engine_runs_off_grid_sizes_on_pytorch_with_the_notice(boot, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    host = boot()  # the cache holds an A1111-convention engine (the headless build's default)
+    size = {"width": 72, "height": 64}  # latent 9x8: Forge upsamples to the skip's size, this engine would resize
     reference, _ = run(host, unet="None", **size)
     result, delta = run(host, **size)
     assert delta == {"engine_calls": 0, "fallback_calls": STEPS}
-    assert forge_host().UNCOVERED_SIZE in fallback_note(result)
+    note = fallback_note(result)
+    assert "follows A1111's upsampling" in note and "build an engine with the Forge convention" in note, note
     assert torch.equal(result.latents, reference.latents)
     assert_unpatched(host)
-    client = host.client()  # the coverage prediction says so beforehand
+    client = host.client()  # the coverage prediction says so beforehand, and offers a Forge-convention build
     body = {"prompt": "a photo of a cat", "steps": STEPS, **size}
     predicted = client.post("/sdtrt/v1/coverage", json=body).json()
-    assert predicted["engine"] is False and predicted["reason"] == forge_host().UNCOVERED_SIZE, predicted
-    assert client.post("/sdtrt/v1/coverage", json={**body, "width": 64}).json()["engine"] is True
+    assert predicted["engine"] is False and "follows A1111's upsampling" in predicted["reason"], predicted
+    assert predicted["passes"][0]["kind"] == "other_convention"
+    assert predicted["build"]["convention"] == "forge" and predicted["build"]["checkpoint"].startswith("sd1-s0")
+    on_grid = client.post("/sdtrt/v1/coverage", json={**body, "width": 64}).json()
+    assert on_grid["engine"] is True  # where both conventions compute the same, the A1111 engine serves
+    served, delta = run(host, width=64, height=64)
+    assert delta == {"engine_calls": STEPS, "fallback_calls": 0}
 
-    monkeypatch.setattr(forge_host(), "LATENT_MULTIPLE", 1)  # without the gate the engine would serve it ...
+    import sdtrt.models.convention
+
+    monkeypatch.setattr(sdtrt.models.convention, "ALIGNED_LATENT", 1)  # without the refusal it would serve it ...
     served, delta = run(host, **size)
     assert delta == {"engine_calls": STEPS, "fallback_calls": 0}
     assert_differs(served.latents, reference.latents)  # ... and compute another image than Forge
+    assert host.errors == []
+
+
+def test_a_forge_convention_engine_serves_off_grid_sizes_with_pytorchs_latents(boot, both_cache: Path) -> None:  # type: ignore[no-untyped-def]
+    host = boot(cache=both_cache)
+    client = host.client()
+    rows = client.get("/sdtrt/v1/engines").json()["engines"]
+    assert sorted(r["convention"] for r in rows) == ["a1111", "forge"] and all(r["ok"] for r in rows), rows
+    forge_id = next(r["id"] for r in rows if r["convention"] == "forge")
+    for size in ({"width": 72, "height": 64}, {"width": 64, "height": 104}, {"width": 64, "height": 64}):
+        reference, _ = run(host, unet="None", **size)  # (Forge loads the model at the first generation)
+        body = {"prompt": "a photo of a cat", "steps": STEPS, **size}
+        predicted = client.post("/sdtrt/v1/coverage", json=body).json()
+        # the host's convention first: the Forge engine serves, on the 8-grid too
+        assert predicted["engine"] is True and predicted["passes"][0]["engine_id"] == forge_id, predicted
+        host.clear_trace()
+        result, delta = run(host, **size)
+        assert delta == {"engine_calls": STEPS, "fallback_calls": 0}, size
+        assert_close(result.latents, reference.latents)
+        assert "TensorRT fallback" not in result.extra_generation_params
+        assert [c for c in host.calls if c["where"] == "torch"] == []
+        assert_unpatched(host)
+    hires = {"enable_hr": True, "hr_scale": 1.5, "hr_second_pass_steps": 2, "denoising_strength": 0.5}
+    reference, _ = run(host, unet="None", **hires)  # 64 -> 96 px: latent 12x12 in the hires pass
+    result, delta = run(host, **hires)
+    assert delta == {"engine_calls": STEPS + 2, "fallback_calls": 0}
+    assert_close(result.latents, reference.latents)
+    assert host.errors == []
+
+
+def test_builds_in_forge_default_to_its_convention_and_check_the_name(boot, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    host = boot(cache=tmp_path / "fresh-cache")
+    gen(host, unet="None")
+    client = host.client()
+    base = {"checkpoint": "sd1-s0", "profiles": [WEBUI_PROFILE], "backend": "onnxruntime"}
+    for bad in ("comfy", "Forge", ""):
+        r = client.post("/sdtrt/v1/engines", json={**base, "convention": bad})
+        assert r.status_code == 400 and "convention must be 'a1111' or 'forge'" in r.json()["detail"], r.text
+    ids = {}
+    for convention in (None, "a1111"):
+        job = svc().submit_build("sd1-s0", [WEBUI_PROFILE], "onnxruntime", convention=convention)
+        assert job.request["convention"] == (convention or "forge")
+        for _ in range(1200):
+            if svc().jobs.get(job.id).state.finished:
+                break
+            time.sleep(0.1)
+        done = svc().jobs.get(job.id)
+        assert done.state == "done", done.error
+        ids[convention] = done.result["engine_id"]
+    assert ids[None] != ids["a1111"]  # two engines of one checkpoint and profile, both in the cache
+    rows = {r["id"]: r["convention"] for r in client.get("/sdtrt/v1/engines").json()["engines"]}
+    assert rows == {ids[None]: "forge", ids["a1111"]: "a1111"}
     assert host.errors == []
 
 

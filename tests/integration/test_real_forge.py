@@ -56,12 +56,34 @@ def test_txt2img_runs_on_the_engine_with_pytorchs_image(forge: Forge) -> None:
     assert calls == 0 and np.array_equal(again, reference)
 
 
-def test_a_size_forge_computes_differently_runs_on_pytorch_with_the_notice(forge: Forge) -> None:
+def test_off_grid_sizes_follow_the_engine_convention(forge: Forge) -> None:
+    """Builds in Forge default to Forge's convention (upsampling to the skip's size): that engine serves 72x64 with
+    PyTorch's image. An engine built with "convention": "a1111" (same checkpoint and profile: another id, both in the
+    cache) runs 72x64 on PyTorch with the notice naming the option, and still serves 64x64."""
+    (row,) = forge.get("/sdtrt/v1/engines")["engines"]  # the first test's build, with the default convention
+    assert row["convention"] == "forge", row
     reference, _, _, _ = forge.generate("None", width=72)
     image, calls, fallback, params = forge.generate("Automatic", width=72)
-    assert (calls, fallback) == (0, STEPS)
-    assert "multiples of 64 px run on PyTorch" in params.get("TensorRT fallback", ""), params
+    assert (calls, fallback) == (STEPS, 0), params
+    mean = float(np.abs(image - reference).mean())
+    print(f"\nFIGURE forge 72x64 on the Forge-convention engine: engine calls {calls}, mean |diff| {mean:.4f}/255, max "
+          f"{int(np.abs(image - reference).max())}")
+    assert mean <= MEAN_LIMIT and "TensorRT fallback" not in params
+
+    state = forge.build({"checkpoint": CHECKPOINT, "profiles": [PROFILE], "backend": "onnxruntime",
+                         "convention": "a1111"})
+    a1111 = state["engine_id"]
+    rows = {r["id"]: r["convention"] for r in forge.get("/sdtrt/v1/engines")["engines"]}
+    assert rows == {row["id"]: "forge", a1111: "a1111"}, rows
+    image, calls, fallback, params = forge.generate(f"[TRT] {a1111}", width=72)
+    assert (calls, fallback) == (0, STEPS), params
+    note = params.get("TensorRT fallback", "")
+    assert "follows A1111's upsampling" in note and "build an engine with the Forge convention" in note, params
     assert np.array_equal(image, reference)
+    on_grid, _, _, _ = forge.generate("None")
+    image, calls, fallback, params = forge.generate(f"[TRT] {a1111}")  # 64x64: both conventions agree
+    assert (calls, fallback) == (STEPS, 0), params
+    assert float(np.abs(image - on_grid).mean()) <= MEAN_LIMIT
 
 
 def test_hires_fix_and_img2img_run_on_the_engine(forge: Forge) -> None:
@@ -102,18 +124,22 @@ def test_a_lora_runs_on_the_engine_with_pytorchs_image_and_later_generations_are
 
 
 def test_the_coverage_prediction_says_what_forge_generations_run_on(forge: Forge) -> None:
-    """POST /sdtrt/v1/coverage (the status line) predicts the engine (with a LoRA too) and Forge's size refusal,
-    and each generation then does what was predicted."""
-    base = {"prompt": "a photo of a cat", "steps": STEPS, "width": 64, "height": 64, "sampler_name": "Euler",
-            "override_settings": {"sd_unet": "Automatic"}}
-    for fields, engine in (({}, True), ({"width": 72}, False), ({"prompt": "a cat <lora:tinylora:1>"}, True)):
-        status, answer = forge.call("POST", "/sdtrt/v1/coverage?kind=txt2img", {**base, **fields})
+    """POST /sdtrt/v1/coverage (the status line) predicts the engine (with a LoRA too, and at 72x64 on the
+    Forge-convention engine) and the A1111-convention engine's refusal of 72x64 with a Forge-convention build to fix
+    it, and each generation then does what was predicted."""
+    base = {"prompt": "a photo of a cat", "steps": STEPS, "width": 64, "height": 64, "sampler_name": "Euler"}
+    a1111 = next(r["id"] for r in forge.get("/sdtrt/v1/engines")["engines"] if r["convention"] == "a1111")
+    for unet, fields, engine in (("Automatic", {}, True), ("Automatic", {"width": 72}, True),
+                                 (f"[TRT] {a1111}", {"width": 72}, False),
+                                 ("Automatic", {"prompt": "a cat <lora:tinylora:1>"}, True)):
+        body = {**base, **fields, "override_settings": {"sd_unet": unet}}
+        status, answer = forge.call("POST", "/sdtrt/v1/coverage?kind=txt2img", body)
         assert status == 200, answer
         assert answer["engine"] is engine, (fields, answer)
         if not engine:
-            reason = answer["reason"] or ""
-            assert "multiples of 64 px" in reason, answer
-        _, calls, _, _ = forge.generate("Automatic", **fields)
+            assert "multiples of 64 px" in (answer["reason"] or ""), answer
+            assert answer["build"]["convention"] == "forge", answer
+        _, calls, _, _ = forge.generate(unet, **fields)
         assert (calls == STEPS) is engine, (fields, calls)
 
 

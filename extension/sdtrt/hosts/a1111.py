@@ -13,6 +13,7 @@ from modules import sd_unet, shared
 
 from sdtrt.constants import TOKENS_PER_CHUNK
 from sdtrt.errors import SdtrtError
+from sdtrt.models.convention import A1111
 from sdtrt.webui import host as H
 
 
@@ -50,6 +51,9 @@ class A1111Host(H.HostDefaults):
         model = loaded_model()
         return None if model is None else model.model.diffusion_model
 
+    def unet_convention(self) -> str:
+        return A1111  # the UNet upsamples x2 and A1111's `cat` patch resizes to the skip connection
+
     def torch_forward(self, unet: Any) -> Any:
         from modules import sd_hijack
 
@@ -70,12 +74,16 @@ class A1111Host(H.HostDefaults):
     def loaded_checkpoint(self) -> H.CheckpointRef | None:
         model = loaded_model()
         info = getattr(model, "sd_checkpoint_info", None)
-        return None if info is None else _ref(info)
+        return None if info is None else self.checkpoint_ref(info)
+
+    def checkpoint_ref(self, info: Any) -> H.CheckpointRef:
+        """A checkpoint as the engine pipeline sees it (A1111: with the config yaml it would load beside it)."""
+        return _ref(info)
 
     def checkpoints(self) -> list[H.CheckpointRef]:
         from modules import sd_models
 
-        return [_ref(info) for info in list(sd_models.checkpoints_list.values())]
+        return [self.checkpoint_ref(info) for info in list(sd_models.checkpoints_list.values())]
 
     def resolve_checkpoint(self, name: str) -> H.CheckpointRef:
         from modules import sd_models
@@ -87,7 +95,7 @@ class A1111Host(H.HostDefaults):
         if info is None:
             known = ", ".join(sorted(i.title for i in sd_models.checkpoints_list.values())) or "none"
             raise SdtrtError(f"unknown checkpoint {name!r}; the WebUI lists: {known}")
-        return _ref(info)
+        return self.checkpoint_ref(info)
 
     def refresh_unet_list(self) -> None:
         sd_unet.list_unets()
@@ -147,7 +155,7 @@ class A1111Host(H.HostDefaults):
         from modules import sd_models
 
         info = sd_models.get_closet_checkpoint_match(name)
-        return None if info is None else _ref(info)
+        return None if info is None else self.checkpoint_ref(info)
 
     def apply_styles(self, text: str, styles: list[str], negative: bool) -> str:
         """`text` with the named styles applied, as processing applies them."""
@@ -161,8 +169,9 @@ class A1111Host(H.HostDefaults):
         """77-row chunks of a prompt's conditioning, counted the way A1111's token counter counts (extra networks
         removed, AND parts and schedules each counted). Not under A1111's queue lock (the status line must not
         wait for a generation); while a model loads, the caller falls back to counting words."""
-        from modules import extra_networks, prompt_parser, sd_hijack
+        from modules import extra_networks, prompt_parser
 
+        count = self.token_counter()
         text, _ = extra_networks.parse_prompt(text)
         flat = [text]
         if not negative and hasattr(prompt_parser, "get_multicond_prompt_list"):
@@ -171,7 +180,13 @@ class A1111Host(H.HostDefaults):
         if hasattr(prompt_parser, "get_learned_conditioning_prompt_schedules"):
             schedules = prompt_parser.get_learned_conditioning_prompt_schedules(flat, steps)
             prompts = [t for schedule in schedules for _, t in schedule]
-        return max(int(sd_hijack.model_hijack.get_prompt_lengths(t)[1]) for t in prompts) // TOKENS_PER_CHUNK
+        return max(int(count(t)[1]) for t in prompts) // TOKENS_PER_CHUNK
+
+    def token_counter(self) -> Any:
+        """`count(text) -> (tokens, target)`: the WebUI's own token counter (A1111: its hijack's)."""
+        from modules import sd_hijack
+
+        return sd_hijack.model_hijack.get_prompt_lengths
 
     def network_key(self) -> Any:
         return network_key()

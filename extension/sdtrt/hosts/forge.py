@@ -15,36 +15,36 @@ holds. What differs (source-cited design: docs/forge/DESIGN.md):
   the same weights by refit, computed by Forge's own merge from the checkpoint's weights.
 - ControlNet: Forge's built-in ControlNet and T2I-Adapter residuals go to an engine's ControlNet inputs
   (hosts/forge_control.py).
+- Forge's UNet upsamples to the skip connection's size (`unet_convention` FORGE): builds here default to engines of
+  that convention; an A1111-convention engine serves only sizes that are multiples of 64 px here (serving refuses
+  the others with the notice, `sdtrt.models.convention`).
 Not on the engine in Forge (each runs on PyTorch with the notice): other extensions' UNet patches (reference-only,
-IP-Adapter, FreeU, ... patch the UNet's inside), and latent sizes that are not multiples of 8 (Forge's upsampling
-follows the skip connection's size where A1111's engines resize inside the concatenation)."""
+IP-Adapter, FreeU, ... patch the UNet's inside)."""
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from sdtrt.constants import LATENT_FACTOR, TOKENS_PER_CHUNK
 from sdtrt.errors import SdtrtError
 from sdtrt.hosts.a1111 import A1111Host, loaded_model
 from sdtrt.hosts.forge_control import CONTROL_MODEL, feeds_for
+from sdtrt.hosts.forge_patcher import ForgePatcher, NeoPatcher, dialect
 from sdtrt.models import NotServable
+from sdtrt.models.convention import FORGE
 from sdtrt.models.unet import unet_host_call
 from sdtrt.serving.slot import NetworksFailed
 from sdtrt.webui import host as H
 
 #: transformer_options entries through which other extensions change the UNet's inside (FreeU, SAG, PAG, ...)
-UNET_PATCH_KEYS = ("patches", "patches_replace", "block_modifiers", "group_norm_wrapper")
-#: latent sizes the engines (A1111's resize-in-concatenation) compute as Forge's UNet does
-LATENT_MULTIPLE = 8
+UNET_PATCH_KEYS = ("patches", "patches_replace", "block_modifiers", "block_inner_modifiers", "group_norm_wrapper")
 
 #: the prefix of UNet weights in Forge's patcher (KModel.diffusion_model), not in the engine's names
 UNET_PREFIX = "diffusion_model."
 UNET_PATCHED = "another extension patches the UNet's inside ({keys}): these calls run on PyTorch"
-UNCOVERED_SIZE = ("Forge upsamples to the skip connection's size where the engine resizes inside the "
-                  "concatenation: sizes that are not multiples of 64 px run on PyTorch")
 
 
 def forge_objects(model: Any = None) -> Any:
@@ -52,20 +52,18 @@ def forge_objects(model: Any = None) -> Any:
     return getattr(loaded_model() if model is None else model, "forge_objects", None)
 
 
-def _ref(info: Any) -> H.CheckpointRef:
-    # Forge detects the architecture from the weights; it looks for no config yaml beside the checkpoint
-    return H.CheckpointRef(title=info.title, model_name=info.model_name, filename=info.filename,
-                           sha256=getattr(info, "sha256", None), config=None)
-
-
 class EngineModule(torch.nn.Module):
     """What `diffusion_model` is while an engine serves: calls go to the active SD Unet's server (the engine, or
     PyTorch with the reason), everything else to the PyTorch UNet it holds outside its module tree."""
 
-    def __init__(self, torch_unet: torch.nn.Module, sd_unet: Any) -> None:
+    def __init__(self, torch_unet: torch.nn.Module, sd_unet: Any,
+                 merge_for_fallback: Callable[[torch.device], None] | None = None) -> None:
         super().__init__()
         self.__dict__["sdtrt_torch_unet"] = torch_unet  # not a child: Forge's .to() never reaches it
         self.__dict__["sdtrt_sd_unet"] = sd_unet
+        #: before the first fallback call of the pass: whatever the host's loader did not patch into the PyTorch
+        #: UNet (Neo: the LoRA weights)
+        self.__dict__["sdtrt_merge"] = merge_for_fallback
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -81,6 +79,9 @@ class EngineModule(torch.nn.Module):
 
         def pytorch(*args: Any, **kw: Any) -> torch.Tensor:
             _to_device_of(unet, x)
+            merge, self.__dict__["sdtrt_merge"] = self.__dict__["sdtrt_merge"], None
+            if merge is not None:
+                merge(x.device)
             return unet(*args, control=control, transformer_options=options, **kw, **kwargs)
 
         if sd_unet.server is None:
@@ -104,8 +105,6 @@ def unservable_call(x: torch.Tensor, options: dict[str, Any], extra: dict[str, A
     patched = sorted(k for k in UNET_PATCH_KEYS if options.get(k))
     if patched or extra:
         return UNET_PATCHED.format(keys=", ".join(patched + sorted(extra)))
-    if x.shape[-2] % LATENT_MULTIPLE or x.shape[-1] % LATENT_MULTIPLE:
-        return UNCOVERED_SIZE
     return None
 
 
@@ -127,9 +126,8 @@ class ForgeHost(A1111Host):
         unet = objects.unet.model.diffusion_model
         return unet.__dict__.get("sdtrt_torch_unet", unet)  # ours while patched: the PyTorch UNet it holds
 
-    def size_refusal(self, width: int, height: int) -> str | None:
-        factor = LATENT_MULTIPLE * LATENT_FACTOR
-        return UNCOVERED_SIZE if width % factor or height % factor else None
+    def unet_convention(self) -> str:
+        return FORGE  # Upsample(x, output_shape): straight to the skip connection's size
 
     def torch_forward(self, unet: Any) -> Any:
         return unet.forward  # Forge leaves its UNet's forward alone (no hijack)
@@ -143,49 +141,20 @@ class ForgeHost(A1111Host):
     def loaded_checkpoint(self) -> H.CheckpointRef | None:
         model = loaded_model()
         info = getattr(model, "sd_checkpoint_info", None)
-        return None if info is None or forge_objects(model) is None else _ref(info)
+        return None if info is None or forge_objects(model) is None else self.checkpoint_ref(info)
 
-    def checkpoints(self) -> list[H.CheckpointRef]:
-        from modules import sd_models
+    def checkpoint_ref(self, info: Any) -> H.CheckpointRef:
+        # Forge detects the architecture from the weights; it looks for no config yaml beside the checkpoint
+        return H.CheckpointRef(title=info.title, model_name=info.model_name, filename=info.filename,
+                               sha256=getattr(info, "sha256", None), config=None)
 
-        return [_ref(info) for info in list(sd_models.checkpoints_list.values())]
-
-    def resolve_checkpoint(self, name: str) -> H.CheckpointRef:
-        from modules import sd_models
-
-        info = sd_models.checkpoint_aliases.get(name)
-        if info is None:
-            info = next((i for i in sd_models.checkpoints_list.values() if name in (i.model_name, i.name_for_extra)),
-                        None)
-        if info is None:
-            known = ", ".join(sorted(i.title for i in sd_models.checkpoints_list.values())) or "none"
-            raise SdtrtError(f"unknown checkpoint {name!r}; the WebUI lists: {known}")
-        return _ref(info)
-
-    def closest_checkpoint(self, name: str) -> H.CheckpointRef | None:
-        from modules import sd_models
-
-        info = sd_models.get_closet_checkpoint_match(name)
-        return None if info is None else _ref(info)
-
-    def prompt_chunks(self, text: str, negative: bool, steps: int = 20) -> int:
-        """77-row chunks as Forge's token counter counts them (the loaded model's own text processing; extra
-        networks removed, AND parts and schedules each counted). Raises before Forge loaded a model (the caller
-        then counts words)."""
-        from modules import extra_networks, prompt_parser
-
+    def token_counter(self) -> Any:
+        """Forge's token counter: the loaded model's own text processing. Raises before Forge loaded a model (the
+        caller then counts words)."""
         count = getattr(loaded_model(), "get_prompt_lengths_on_ui", None)
         if count is None:
             raise SdtrtError("Forge has not loaded a model to count tokens with yet")
-        text, _ = extra_networks.parse_prompt(text)
-        flat = [text]
-        if not negative and hasattr(prompt_parser, "get_multicond_prompt_list"):
-            _, flat, _ = prompt_parser.get_multicond_prompt_list([text])
-        prompts = list(flat)
-        if hasattr(prompt_parser, "get_learned_conditioning_prompt_schedules"):
-            schedules = prompt_parser.get_learned_conditioning_prompt_schedules(prompts, steps)
-            prompts = [t for schedule in schedules for _, t in schedule]
-        return max(int(count(t)[1]) for t in prompts) // TOKENS_PER_CHUNK
+        return count
 
     @contextlib.contextmanager
     def quiet_torch(self, waiting: Any) -> Any:
@@ -202,24 +171,23 @@ class ForgeHost(A1111Host):
             queue.release()
 
     # ---- LoRA: Forge's patcher (not A1111's networks) -----------------------------------------------------
-    def _lora_patches(self) -> dict[Any, Any]:
-        model = loaded_model()
-        objects = getattr(model, "forge_objects_after_applying_lora", None) or forge_objects(model)
-        return dict(getattr(getattr(objects, "unet", None), "lora_patches", None) or {})
+    def _dialect(self) -> ForgePatcher | NeoPatcher:
+        objects = forge_objects()
+        found = dialect(getattr(objects, "unet", None))
+        if found is None:
+            raise NetworksFailed("this Forge's UNet patcher is neither Forge's nor Forge Neo's: LoRAs run on PyTorch")
+        return found
 
     def network_key(self) -> Any:
-        return tuple(sorted(self._lora_patches(), key=repr))
+        return self._dialect().network_key(loaded_model()) if forge_objects() is not None else ()
 
     def network_weights(self, base: Any) -> dict[str, Any]:
-        """The UNet weights Forge's LoRA loader would make, by Forge's own `merge_lora_to_weight`, from the
-        checkpoint's weights `base(names)`: every LoRA's patches of a weight merged in the order Forge merges
-        them (its LoraLoader.refresh), online-mode ones included (the engine holds them merged)."""
+        """The UNet weights the host's LoRA loader would make, by its own `merge_lora_to_weight`, from the
+        checkpoint's weights `base(names)`: every LoRA's patches of a weight merged in the order the host merges
+        them, online-mode ones included (the engine holds them merged)."""
         from backend.patcher.lora import merge_lora_to_weight
 
-        merged: dict[str, list[Any]] = {}
-        for patches in self._lora_patches().values():
-            for key, current in patches.items():
-                merged[key] = merged.get(key, []) + list(current)
+        merged = self._dialect().weight_patches(loaded_model())
         names = {key: key[len(UNET_PREFIX):] for key in merged if key.startswith(UNET_PREFIX)}
         if len(names) != len(merged):
             stray = sorted(set(merged) - set(names))
@@ -230,44 +198,65 @@ class ForgeHost(A1111Host):
             weight = bases.get(name)
             if weight is None:
                 raise NetworksFailed(f"a LoRA patches {name}, which the engine does not have")
-            new = merge_lora_to_weight(merged[key], weight.clone(), key, computation_dtype=torch.float32)
+            # (merged in float32 on a copy: Neo's merge adds into the weight it is given)
+            new = merge_lora_to_weight(merged[key], weight.to(torch.float32, copy=True), key,
+                                       computation_dtype=torch.float32)
             out[name] = new.to(device=weight.device, dtype=weight.dtype)
         return out
 
     def network_files(self) -> list[str]:
-        return [str(key[0]) for key in self._lora_patches() if isinstance(key, tuple) and key]
+        return self._dialect().network_files(loaded_model()) if forge_objects() is not None else []
 
     # ---- serving: the object patch ------------------------------------------------------------------------
-    def serve_with(self, p: Any, sd_unet: Any) -> None:
+    def serve_with(self, p: Any, sd_unet: Any) -> str | None:
         """Before a sampling pass: route this pass's UNet calls to `sd_unet` (the active SD Unet) by patching
-        `diffusion_model` on a clone of the pass's UNet patcher."""
-        objects = forge_objects(getattr(p, "sd_model", None))
+        `diffusion_model` on a clone of the pass's UNet patcher. Returns why this pass stays on PyTorch unpatched
+        (the caller tells the user), else None."""
+        model = getattr(p, "sd_model", None)
+        objects = forge_objects(model)
         unet = self.torch_unet()
         if objects is None or unet is None:
-            return
+            return None
+        refusal = unservable_model(model, objects.unet)
+        found = dialect(objects.unet)
+        if refusal is None and found is None:
+            refusal = "this Forge's UNet patcher is neither Forge's nor Forge Neo's; the UNet runs on PyTorch"
+        if refusal is not None or found is None:
+            return refusal
+        found.before_patch(objects.unet.model, self._patched, _is_ours)
         clone = objects.unet.clone()
-        clone.add_object_patch("diffusion_model", EngineModule(unet, sd_unet))
+        clone.add_object_patch("diffusion_model", EngineModule(unet, sd_unet,
+                                                               lambda device: found.fallback_merge(clone, device)))
         objects.unet = clone
         self._patched.append(clone)
+        return None
 
     def stop_serving(self) -> None:
         """At the end of the generation: the PyTorch UNet back in place (a patch left in the model would outlive
-        the generation and make Forge drop the next LoRA it merges). Also where an extension whose hook ran after
-        ours cloned our patched clone: Forge then loaded that clone, which holds the PyTorch UNet as its backup."""
+        the generation and make the host drop the next LoRA it merges). Also where an extension whose hook ran
+        after ours cloned our patched clone: the host then loaded that clone, which holds the PyTorch UNet as its
+        backup. On Neo the load records of the KModel go too (forge_patcher.NeoPatcher)."""
         patched, self._patched = self._patched, []
-        kmodels = {id(clone.model): clone.model for clone in patched}
-        for clone in reversed(patched):
-            if clone.object_patches_backup:
-                clone.forge_unpatch_model()
-        from backend import memory_management
-
-        for loaded in list(memory_management.current_loaded_models):
-            clone = loaded.model
-            if isinstance(getattr(clone, "object_patches", {}).get("diffusion_model"), EngineModule):
-                kmodels[id(clone.model)] = clone.model
-                if clone.object_patches_backup:
-                    clone.forge_unpatch_model()
-        for kmodel in kmodels.values():
+        kmodels = [clone.model for clone in patched]
+        objects = forge_objects()
+        found = dialect(getattr(objects, "unet", None)) or (dialect(patched[0]) if patched else None)
+        if found is not None:
+            found.release(kmodels, patched, _is_ours)
+        for kmodel in kmodels:
             current = getattr(kmodel, "diffusion_model", None)
             if isinstance(current, EngineModule):  # whatever held it: the UNet it wraps goes back
                 kmodel._modules["diffusion_model"] = current.__dict__["sdtrt_torch_unet"]
+
+
+def _is_ours(value: Any) -> bool:
+    return isinstance(value, EngineModule)
+
+
+def unservable_model(model: Any, unet_patcher: Any) -> str | None:
+    """Why a pass of this model is left to PyTorch without our patch, or None."""
+    legacy = getattr(model, "is_webui_legacy_model", None)
+    if callable(legacy) and not legacy():
+        return "this model is not an SD1/SDXL UNet; sd-webui-trt leaves it to PyTorch"
+    if hasattr(getattr(unet_patcher, "model", None), "_orig_apply_model"):
+        return "the UNet call is compiled (sd_forge_compile): it runs on PyTorch, not on the engine"
+    return None

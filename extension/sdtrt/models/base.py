@@ -24,6 +24,7 @@ import torch
 
 from sdtrt.constants import CFG_ROWS, CHUNK_LEN, LATENT_FACTOR
 from sdtrt.errors import SdtrtError
+from sdtrt.models.convention import A1111, HOSTS, check_convention, mismatch
 from sdtrt.profiles import Dims, Profile, Shape, TensorRange
 
 #: The attribute under which `export_module` wrappers hold the model (its weights' names start with it in the
@@ -45,6 +46,12 @@ class TensorIO:
     #: (channels, downsampling exponent) of each skip connection, the middle block's last (`UNetSpec.skip_layout`);
     #: only the variants with ControlNet inputs record it
     skips: tuple[tuple[int, int], ...] = ()
+    #: how the decoder upsamples to its skip connections (`sdtrt.models.convention`): the host whose numerics the
+    #: engine follows at latent sizes that are not multiples of 8
+    convention: str = A1111
+
+    def __post_init__(self) -> None:
+        check_convention(self.convention)
 
 
 class CallSize(NamedTuple):
@@ -148,9 +155,9 @@ class ModelContract(ABC):
     # ---- what an architecture declares -------------------------------------------------------------------------
     @classmethod
     @abstractmethod
-    def build_module(cls, spec: Any) -> torch.nn.Module:
+    def build_module(cls, spec: Any, convention: str = A1111) -> torch.nn.Module:
         """The PyTorch module of this architecture for the headless path (CLI, checks), random-initialised;
-        `spec` is the architecture as detection read it off the weights."""
+        `spec` is the architecture as detection read it off the weights, `convention` how it upsamples."""
 
     @abstractmethod
     def input_rows(self) -> tuple[InputRow, ...]:
@@ -176,6 +183,14 @@ class ModelContract(ABC):
     @abstractmethod
     def export_module(self, module: torch.nn.Module) -> torch.nn.Module:
         """A module taking the inputs positionally, in row order, holding the model as `.model` (WRAPPED)."""
+
+    def require_convention(self, module: torch.nn.Module) -> None:
+        """SdtrtError unless `module` computes in this contract's convention (a host's own module, which has no
+        `convention` attribute, computes as A1111)."""
+        have, want = getattr(module, "convention", A1111), self.io.convention
+        if have != want:
+            raise SdtrtError(f"the module upsamples as {HOSTS.get(have, have)} does; the {self.name} engine is to "
+                             f"follow {HOSTS.get(want, want)}'s convention")
 
     # ---- export ------------------------------------------------------------------------------------------------
     def inputs(self) -> tuple[TensorSpec, ...]:
@@ -239,6 +254,16 @@ class ModelContract(ABC):
         """Zeros of `dims` in `like`'s dtype and device for an optional input a call lacks."""
         return torch.zeros(dims, dtype=like.dtype, device=like.device)
 
+    def latent_hw(self, dims: Mapping[str, Dims]) -> tuple[int, int]:
+        """The latent height and width of a call of these input shapes (its first input is the latent)."""
+        shape = dims[self.rows[0].name]
+        return int(shape[-2]), int(shape[-1])
+
+    def convention_refusal(self, dims: Mapping[str, Dims], host: str, engine_id: str | None = None) -> str | None:
+        """Why this contract's engine cannot serve a call of these shapes in a host computing in convention `host`
+        (it follows the other one and the latent size is not a multiple of 8), or None."""
+        return mismatch(self.io.convention, host, *self.latent_hw(dims), engine_id)
+
     def describe(self, dims: Mapping[str, Dims]) -> str:
         """A call's shapes in user units, for notices: '2 rows, 512x768 px, 1 prompt chunk'."""
         first = self.rows[0].name
@@ -269,8 +294,11 @@ class ModelContract(ABC):
     # ---- registry ----------------------------------------------------------------------------------------------
     def record(self) -> dict[str, Any]:
         """What the engine key records of the contract: name, version and the model's dimensions."""
-        return {"contract": self.name, "contract_version": self.version, "in_channels": self.io.in_channels,
-                "context_dim": self.io.context_dim, "y_dim": self.io.y_dim}
+        record = {"contract": self.name, "contract_version": self.version, "in_channels": self.io.in_channels,
+                  "context_dim": self.io.context_dim, "y_dim": self.io.y_dim}
+        if self.io.convention != A1111:  # recorded only when not A1111's: the ids of A1111 engines stay as they were
+            record["convention"] = self.io.convention
+        return record
 
 
 def sources(rows: Sequence[InputRow]) -> dict[str, str]:

@@ -9,7 +9,8 @@ What the engine computes, block by block (`_ControlLoop`):
   (the hook adds the feature to `h` before keeping it as the skip): serving passes what the hook added to each skip
   as a whole, so nothing is split or subtracted;
 - after the middle block: `+ control_{N-1}` (for SDXL the hook's fourth adapter feature is added there too);
-- the decoder concatenates as the plain UNet does (resizing to the skip's size, so sizes in steps of 8 work).
+- the decoder concatenates as the plain UNet does, in the engine's convention (A1111's: resizing to the skip's size
+  in the concatenation; Forge's: upsampling to it), so sizes in steps of 8 work.
 
 Inputs left out of a call are zero: one engine serves plain calls as well. Channels and sizes of every input follow
 the UNet's own input blocks (`TensorIO.skips`), so a user profile covers them with no extra profile work.
@@ -24,6 +25,7 @@ import torch
 
 from sdtrt.errors import SdtrtError
 from sdtrt.models.base import CallSize, InputRow, NotServable, TensorIO
+from sdtrt.models.convention import A1111
 from sdtrt.models.unet import ControlFeeds, UNetCall, UNetContract
 from sdtrt.profiles import Dims
 
@@ -49,16 +51,18 @@ class _ControlLoop(torch.nn.Module):
     """forward(sample, timesteps, context[, y], control_0.., adapter_0..): the UNet's blocks with the additions
     described in the module docstring. Works on A1111's LDM/SGM UNet and on `sdtrt.models.torch_unet.UNetModel` alike."""
 
-    def __init__(self, unet: torch.nn.Module, with_y: bool, n_skips: int, adapter_after: tuple[int, ...]):
+    def __init__(self, unet: torch.nn.Module, with_y: bool, n_skips: int, adapter_after: tuple[int, ...],
+                 convention: str = A1111):
         super().__init__()
         self.model = unet  # base.WRAPPED
+        self.convention = convention
         self.with_y = with_y
         self.n_skips = n_skips
         self.adapter_after = adapter_after
 
     def forward(self, sample: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
                 *rest: torch.Tensor) -> torch.Tensor:
-        from sdtrt.models.torch_unet import skip_cat, timestep_embedding
+        from sdtrt.models.torch_unet import decoder_step, timestep_embedding
 
         unet = self.model
         y = rest[0] if self.with_y else None
@@ -77,7 +81,8 @@ class _ControlLoop(torch.nn.Module):
             h = out + adapters[self.adapter_after.index(i)].to(dtype) if i in self.adapter_after else out
         h = unet.middle_block(h, emb, context) + controls[-1].to(dtype)
         for block in unet.output_blocks:
-            h = block(skip_cat(h, skips.pop()), emb, context)
+            skip = skips.pop()
+            h = decoder_step(block, h, skip, skips[-1] if skips else None, emb, context, self.convention)
         return unet.out(h).to(sample.dtype)
 
 
@@ -121,7 +126,8 @@ class ControlledUNet(UNetContract):
         return [(r.name, r.dims(size)) for r in self.rows if r.optional]
 
     def export_module(self, module: torch.nn.Module) -> torch.nn.Module:
-        return _ControlLoop(module, self.takes_y, len(self.io.skips), self.adapters)
+        self.require_convention(module)
+        return _ControlLoop(module, self.takes_y, len(self.io.skips), self.adapters, self.io.convention)
 
     # ---- serving -----------------------------------------------------------------------------------------------
     def parse_call(self, args: tuple[Any, ...], kwargs: Mapping[str, Any], control: Any = None) -> UNetCall:

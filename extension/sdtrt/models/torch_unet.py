@@ -7,16 +7,22 @@ engines before replicas start) and the tests. It reproduces A1111's two run-time
 - skip connections are concatenated after resizing the upsampled tensor to the skip's size (nearest), so sizes that
   are multiples of 8 but not of 64 work. While exporting, the resize is unconditional, so the traced graph keeps a
   dynamic Resize in front of every skip Concat whatever size it was traced at.
+With `convention=FORGE` (`sdtrt.models.convention`) it computes as Forge's UNet does instead: each Upsample
+interpolates straight to the size of the skip connection the next output block concatenates, taken from that
+tensor's shape (so the traced graph sizes every Resize from the skip, and one engine serves every size).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from sdtrt.models.convention import A1111, FORGE, check_convention
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,16 @@ def skip_cat(h: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
     return torch.cat([h, skip], dim=1)
 
 
+def decoder_step(block: nn.Module, h: torch.Tensor, skip: torch.Tensor, after: torch.Tensor | None,
+                 emb: torch.Tensor, context: torch.Tensor, convention: str = A1111) -> torch.Tensor:
+    """One output block on `h` and its skip connection `skip`, in `convention`. `after`: the skip connection the next
+    output block concatenates (None at the last), whose size Forge's Upsample goes to. A1111's convention works on
+    any LDM/SGM output block (A1111's own too); Forge's needs this module's blocks (their Upsample takes a size)."""
+    if convention == FORGE:
+        return block(torch.cat([h, skip], dim=1), emb, context, None if after is None else after.shape[-2:])
+    return block(skip_cat(h, skip), emb, context)
+
+
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 whatever the tensor dtype (LDM's GroupNorm32)."""
 
@@ -120,12 +136,16 @@ class TimestepBlock(nn.Module):
 class TimestepEmbedSequential(nn.Sequential):
     """Sequential that passes the time embedding to ResBlocks and the context to transformers."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,  # type: ignore[override]
+                size: Sequence[int] | None = None) -> torch.Tensor:
+        """`size`: where an Upsample goes (Forge's convention); None: x2."""
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, size)
             else:
                 x = layer(x)
         return x
@@ -165,8 +185,11 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def forward(self, x: torch.Tensor, size: Sequence[int] | None = None) -> torch.Tensor:
+        """x2 (nearest), or straight to `size` (Forge's convention), then the 3x3 convolution."""
+        if size is None:
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
 
 
 class CrossAttention(nn.Module):
@@ -258,11 +281,14 @@ class SpatialTransformer(nn.Module):
 
 
 class UNetModel(nn.Module):
-    """forward(x, timesteps, context, y=None) -> eps or v, as `openaimodel.UNetModel.forward`."""
+    """forward(x, timesteps, context, y=None) -> eps or v, as `openaimodel.UNetModel.forward` computes it in A1111
+    (`convention` A1111) or as Forge's UNet does (FORGE; see the module docstring). `convention` is a plain attribute
+    (no weight depends on it)."""
 
-    def __init__(self, spec: UNetSpec):
+    def __init__(self, spec: UNetSpec, convention: str = A1111):
         super().__init__()
         self.spec = spec
+        self.convention = check_convention(convention)
         mc = spec.model_channels
         ted = mc * 4
         self.in_channels, self.out_channels, self.model_channels = spec.in_channels, spec.out_channels, mc
@@ -340,5 +366,6 @@ class UNetModel(nn.Module):
             skips.append(h)
         h = self.middle_block(h, emb, context)
         for block in self.output_blocks:
-            h = block(skip_cat(h, skips.pop()), emb, context)
+            skip = skips.pop()
+            h = decoder_step(block, h, skip, skips[-1] if skips else None, emb, context, self.convention)
         return self.out(h).to(x.dtype)

@@ -16,6 +16,7 @@ import torch
 
 from sdtrt.errors import SdtrtError
 from sdtrt.models.base import CallSize, InputRow, ModelContract, NotServable, TensorSpec, sources
+from sdtrt.models.convention import A1111
 
 SAMPLE = "sample"
 TIMESTEPS = "timesteps"
@@ -89,12 +90,12 @@ class UNetContract(ModelContract):
     takes_y: ClassVar[bool]
 
     @classmethod
-    def build_module(cls, spec: Any) -> torch.nn.Module:
+    def build_module(cls, spec: Any, convention: str = A1111) -> torch.nn.Module:
         from sdtrt.models.torch_unet import UNetModel, UNetSpec
 
         if not isinstance(spec, UNetSpec) or (spec.adm_in_channels is not None) != cls.takes_y:
             raise TypeError(f"{cls.name} builds from a UNetSpec {'with' if cls.takes_y else 'without'} a y width")
-        return UNetModel(spec)
+        return UNetModel(spec, convention)
 
     def input_rows(self) -> tuple[InputRow, ...]:
         io = self.io
@@ -116,6 +117,7 @@ class UNetContract(ModelContract):
         return TensorSpec(LATENT, {0: "batch", 2: "height", 3: "width"})
 
     def export_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.require_convention(module)
         return _Positional(module, self.takes_y)
 
     def parse_call(self, args: tuple[Any, ...], kwargs: Mapping[str, Any], control: Any = None) -> UNetCall:

@@ -13,6 +13,7 @@ from pathlib import Path
 from sdtrt.backends import get_backend
 from sdtrt.backends.base import Backend, BackendInfo, BuildOptions, BuildResult, ProgressCallback, no_progress
 from sdtrt.engine_types import RefitMode, WeightsMode
+from sdtrt.models.convention import A1111, check_convention
 from sdtrt.pipeline.checkpoint import build_unet, file_sha256, open_checkpoint
 from sdtrt.pipeline.export import DTYPES, ExportSettings, export_unet, trace_device
 from sdtrt.pipeline.families import ModelInfo
@@ -39,7 +40,8 @@ def supports_stripping(backend: Backend) -> bool:
 
 
 def make_key(info: ModelInfo, profiles: Sequence[Profile], backend: Backend, settings: ExportSettings,
-             options: BuildOptions, *, controlnet: bool = False, checkpoint_sha256: str | None = None) -> EngineKey:
+             options: BuildOptions, *, controlnet: bool = False, checkpoint_sha256: str | None = None,
+             convention: str = A1111) -> EngineKey:
     """Everything that goes into an engine, and nothing else: the checkpoint's weights are part of it only when
     the engine cannot be refit (`checkpoint_sha256`); refittable engines are filled from any checkpoint of the
     same architecture. `options` are those the backend will really use (Backend.build_options)."""
@@ -48,7 +50,7 @@ def make_key(info: ModelInfo, profiles: Sequence[Profile], backend: Backend, set
     return EngineKey(
         family=info.family_id,
         arch_hash=info.arch_hash,
-        io=info.contract_for(controlnet).record(),
+        io=info.contract_for(controlnet, convention).record(),
         profiles=tuple(str(p) for p in profiles),
         backend=binfo.name,
         backend_version=binfo.version,
@@ -85,13 +87,16 @@ def build_engine(
     torch_guard: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext,
     checkpoint_sha256: str | None = None,
     controlnet: bool = False,
+    convention: str = A1111,
 ) -> BuildOutcome:
     """Export and build an engine for `checkpoint` with `profiles` into the cache, or reuse an identical one.
 
     `torch_guard()` is held while the UNet is created and exported (the part that uses torch); a host that
     changes torch globally (a model load in the WebUI) keeps its changes out of that window with it.
     `checkpoint_sha256`: the checkpoint's hash when the caller knows it (the WebUI does), so a cache hit reads
-    nothing of a multi-GB file. `controlnet`: the engine takes ControlNet residuals too (`models/control.py`)."""
+    nothing of a multi-GB file. `controlnet`: the engine takes ControlNet residuals too (`models/control.py`). `convention`: whose UNet numerics
+    the engine follows at sizes that are not multiples of 64 px (`models/convention.py`: "a1111" or "forge")."""
+    check_convention(convention)
     if not profiles:
         from sdtrt.errors import ProfileError
 
@@ -108,8 +113,8 @@ def build_engine(
     ckpt, sd = open_checkpoint(checkpoint, config)
     checkpoint_sha256 = checkpoint_sha256 or file_sha256(ckpt.path)
     key = make_key(ckpt.info, profiles, be, settings, options, controlnet=controlnet,
-                   checkpoint_sha256=checkpoint_sha256)
-    contract = ckpt.info.contract_for(controlnet)
+                   checkpoint_sha256=checkpoint_sha256, convention=convention)
+    contract = ckpt.info.contract_for(controlnet, convention)
     engine_profiles = [contract.engine_ranges(p) for p in profiles]
     registry = Registry(cache)
     calls = []
@@ -124,7 +129,7 @@ def build_engine(
             # the module shares the checkpoint's tensors and the export converts it in place: one copy of the
             # weights in memory (an SDXL export peaks far lower)
             unet = build_unet(ckpt.info, weights.pop() if weights else open_checkpoint(checkpoint, config)[1],
-                              share=True)
+                              share=True, convention=convention)
             exported = export_unet(unet, contract, onnx_dir, settings, state_dict_keys=keys, owned=True,
                                    progress=lambda ph, f: progress(ph, 0.3 * f))
             del unet

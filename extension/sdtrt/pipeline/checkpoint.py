@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from sdtrt.constants import UNET_PREFIX
 from sdtrt.errors import CheckpointError
+from sdtrt.models.convention import A1111
 from sdtrt.pipeline.families import ConfigHints, ModelInfo, detect, read_config
 
 if TYPE_CHECKING:
@@ -123,10 +124,10 @@ def open_checkpoint(path: Path, config: Path | None = None) -> tuple[Checkpoint,
     return Checkpoint(path, cfg, detect(sd, hints)), sd
 
 
-def build_unet(info: ModelInfo, sd: dict[str, torch.Tensor] | None = None, *, share: bool = False
-               ) -> torch.nn.Module:
-    """Instantiate the PyTorch module of `info`'s architecture (its model contract's), loading `sd` strictly when
-    given. `share`: the module takes `sd`'s tensors themselves instead of copies (half the memory; for a caller
+def build_unet(info: ModelInfo, sd: dict[str, torch.Tensor] | None = None, *, share: bool = False,
+               convention: str = A1111) -> torch.nn.Module:
+    """Instantiate the PyTorch module of `info`'s architecture (its model contract's), computing in `convention`
+    (`sdtrt.models.convention`), loading `sd` strictly when given. `share`: the module takes `sd`'s tensors themselves instead of copies (half the memory; for a caller
     that drops `sd` and never changes the module's weights in place, like an export)."""
     import torch
 
@@ -134,12 +135,12 @@ def build_unet(info: ModelInfo, sd: dict[str, torch.Tensor] | None = None, *, sh
         # built without storage and given the checkpoint's tensors themselves: no second copy of the weights
         # (an SDXL UNet is 5 GB in fp16, 10 GB in fp32)
         with torch.device("meta"):
-            unet = info.family.contract.build_module(info.spec).eval().requires_grad_(False)
+            unet = info.family.contract.build_module(info.spec, convention).eval().requires_grad_(False)
         _load(unet, sd, assign=True)
         unet.requires_grad_(False)
         if not any(t.is_meta for t in (*unet.parameters(), *unet.buffers())):
             return unet
-    unet = info.family.contract.build_module(info.spec).eval().requires_grad_(False)
+    unet = info.family.contract.build_module(info.spec, convention).eval().requires_grad_(False)
     if sd is not None:
         _load(unet, sd)
     return unet

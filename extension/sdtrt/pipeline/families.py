@@ -6,6 +6,7 @@ eps or v prediction) comes from an A1111-style config yaml when one is given, el
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -21,6 +22,7 @@ from sdtrt.constants import (
 from sdtrt.errors import CheckpointError, UnknownArchitecture
 from sdtrt.models import FAMILIES as MODEL_FAMILIES
 from sdtrt.models import FamilyDef, ModelContract, TensorIO
+from sdtrt.models.convention import A1111
 from sdtrt.models.torch_unet import UNetSpec
 
 #: The supported families, keyed by what the state dict shows: (context width, y width). Each architecture module
@@ -57,9 +59,9 @@ class ModelInfo:
         """The model contract of this UNet's plain engines, bound to its dimensions."""
         return self.family.contract(self.io)
 
-    def contract_for(self, controlnet: bool) -> ModelContract:
-        """The plain contract, or its variant with ControlNet inputs."""
-        return self.family.contract.variant(controlnet)(self.io)
+    def contract_for(self, controlnet: bool, convention: str = A1111) -> ModelContract:
+        """The plain contract, or its variant with ControlNet inputs, for an engine following `convention`."""
+        return self.family.contract.variant(controlnet)(dataclasses.replace(self.io, convention=convention))
 
     @property
     def arch_hash(self) -> str:

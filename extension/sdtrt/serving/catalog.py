@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from sdtrt.backends import backend_class
 from sdtrt.engine_types import BackendInfo
 from sdtrt.errors import SdtrtError
-from sdtrt.models import record_takes_control
+from sdtrt.models import record_convention, record_takes_control
 from sdtrt.storage.manifest import Manifest, stale_reason
 from sdtrt.storage.registry import Registry
 
@@ -68,6 +68,11 @@ class EngineRow:
     def controlnet(self) -> bool:
         """The engine has ControlNet inputs."""
         return bool(self.manifest and record_takes_control(self.manifest.key.io))
+
+    @property
+    def convention(self) -> str | None:
+        """Whose UNet numerics the engine follows ("a1111" or "forge", `sdtrt.models.convention`)."""
+        return None if self.manifest is None else record_convention(self.manifest.key.io, strict=False)
 
 
 def engine_rows(registry: Registry, probe: BackendProbe,

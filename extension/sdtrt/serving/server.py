@@ -17,10 +17,11 @@ from typing import Any, Protocol
 import torch
 
 from sdtrt.errors import EngineBusy, EngineClosed, NoMatchingProfile, SdtrtError
-from sdtrt.models import ControlFeeds
+from sdtrt.models import ControlFeeds, NotServable
+from sdtrt.models.convention import A1111
 from sdtrt.profiles import Dims
 from sdtrt.serving.counters import Counters
-from sdtrt.serving.route import Route, plan
+from sdtrt.serving.route import InputsOf, Route, plan
 from sdtrt.serving.slot import KEEP_NETWORKS, EngineSlot, NetworkSet, NetworksFailed, WeightSource
 
 log = logging.getLogger("sdtrt")
@@ -90,8 +91,11 @@ class UnetServer:
     """The callable behind an SdUnet: `server(x, timesteps, context, y=...)` returns what the torch UNet would."""
 
     def __init__(self, slots: list[EngineSlot], *, policy: ServingPolicy, counters: Counters,
-                 weights: WeightSource | None = None, unusable: str | None = None):
+                 weights: WeightSource | None = None, unusable: str | None = None, convention: str = A1111):
         self.slots = slots
+        #: how the host's UNet upsamples (`sdtrt.models.convention`): an engine following the other convention
+        #: serves only the latent sizes where both compute the same
+        self.convention = convention
         self.policy = policy
         self.counters = counters
         self.weights = weights
@@ -165,7 +169,18 @@ class UnetServer:
         """Where a call would run, decided by the same `plan` as `serve` but without loading or running anything.
         `dims_of(slot)` gives the call's input shapes for that slot's contract (raising NotServable when the
         contract cannot take it)."""
-        return plan(self.gate(), self.slots, lambda slot: (dims_of(slot), None))
+        return plan(self.gate(), self.slots, self._same_numerics(lambda slot: (dims_of(slot), None)))
+
+    def _same_numerics(self, inputs_of: InputsOf) -> InputsOf:
+        """`inputs_of`, refusing (NotServable) a call an engine of the other convention would compute otherwise
+        than the host's UNet."""
+        def checked(slot: EngineSlot) -> tuple[Mapping[str, Dims], Any]:
+            dims, inputs = inputs_of(slot)
+            why = slot.contract.convention_refusal(dims, self.convention, slot.id)
+            if why is not None:
+                raise NotServable(why)
+            return dims, inputs
+        return checked
 
     def __call__(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, *args: Any,
                  **kwargs: Any) -> torch.Tensor:
@@ -184,7 +199,7 @@ class UnetServer:
             return {name: tuple(t.shape) for name, t in feeds.items()}, feeds
 
         while True:
-            route = plan(self.gate(), self.slots, inputs_of)
+            route = plan(self.gate(), self.slots, self._same_numerics(inputs_of))
             slot = route.slot
             if slot is None:
                 break

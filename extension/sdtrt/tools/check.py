@@ -79,7 +79,8 @@ def check_engine(cache: Path, engine_id: str, checkpoint: Path, shapes: Sequence
             sd = {**sd, **changed}
         dtype = DTYPES[str(session.manifest.key.export.get("dtype", "float32"))]
         device = "cuda" if session.manifest.key.device != "cpu" and torch.cuda.is_available() else "cpu"
-        unet = build_unet(ckpt.info, sd).to(device, dtype)
+        # the reference computes as the engine's convention says (A1111's or Forge's upsampling)
+        unet = build_unet(ckpt.info, sd, convention=session.contract.io.convention).to(device, dtype)
         rows = []
         g = torch.Generator().manual_seed(seed)
         for shape in shapes:

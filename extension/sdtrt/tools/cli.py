@@ -65,6 +65,7 @@ def _parse_profiles(specs: Sequence[str]) -> list[Any]:
 
 def cmd_build(args: argparse.Namespace) -> int:
     from sdtrt.backends.base import BuildOptions
+    from sdtrt.models.convention import A1111
     from sdtrt.pipeline.build import build_engine
     from sdtrt.targets import parse_targets
 
@@ -72,7 +73,7 @@ def cmd_build(args: argparse.Namespace) -> int:
                            cache_dir=Path(args.cache) / ".cache", targets=parse_targets(args.target))
     outcome = build_engine(args.checkpoint, _parse_profiles(args.profile), args.cache, config=args.config,
                            backend=args.backend, dtype=args.dtype, options=options, progress=_progress(args),
-                           controlnet=args.controlnet)
+                           controlnet=args.controlnet, convention=args.convention or A1111)
     m = outcome.manifest
     for note in outcome.notes:
         print(f"note: {note}", file=sys.stderr)
@@ -110,10 +111,10 @@ def cmd_list(args: argparse.Namespace) -> int:
             "weights": m.key.weights.value if m else None,
             "size": row.size_bytes,
             "checkpoint": m.source_checkpoint.get("name") if m else None,
-            "controlnet": row.controlnet,
+            "controlnet": row.controlnet, "convention": row.convention,
         })
     lines = [f"{'OK   ' if r['ok'] else 'STALE'} {r['id']}  {r['family'] or '?'}"
-             f"{' +ControlNet' if r['controlnet'] else ''}  {r['backend'] or '?'}"
+             f"{' +ControlNet' if r['controlnet'] else ''}  {r['convention'] or '?'}  {r['backend'] or '?'}"
              f"{' for ' + ','.join(r['targets']) if r['targets'] else ''}  "
              f"{', '.join(r['profiles'])}" + ("" if r["ok"] else f"  ({r['reason']})") for r in rows]
     _emit(args, {"cache": str(args.cache), "engines": rows}, "\n".join(lines) or f"no engines in {args.cache}")
@@ -289,6 +290,10 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--controlnet", action="store_true",
                     help="engine with ControlNet inputs: serves sd-webui-controlnet's ControlNet and T2I-Adapter "
                          "units on the engine, and plain generations too")
+    sp.add_argument("--convention", default=None, metavar="a1111|forge",  # checked by the build (one list)
+                    help="whose UNet numerics the engine follows at sizes that are not multiples of 64 px: a1111 "
+                         "(upsample x2, resize in the skip concatenation; default) or forge (upsample to the skip's "
+                         "size: Forge's)")
     sp.add_argument("--no-refit", action="store_true",
                     help="a non-refittable engine: no checkpoint switching or LoRA, possibly faster")
     sp.add_argument("--target", default=None, metavar="SM,...",
@@ -301,7 +306,7 @@ def parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("prebuild", help="build every engine a JSON plan names, skipping those already in the cache "
                                          "(a fleet's pre-build Job: re-running it is a no-op)")
     sp.add_argument("plan", type=Path, help='JSON {"builds": [{"checkpoint", "profiles", "backend", "targets", '
-                                            '"controlnet", "refit", "dtype", "config"}]}')
+                                            '"controlnet", "refit", "dtype", "config", "convention"}]}')
     sp.add_argument("--models", type=Path, default=Path("."),
                     help="folder the plan's relative checkpoint paths start from (default: the current folder)")
     common(sp)

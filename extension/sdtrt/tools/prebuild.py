@@ -7,7 +7,9 @@ builds nothing. The plan is JSON, written by the Helm chart into a ConfigMap:
                  "profiles": ["1x512x512x75", "1x512x512x75:1x512x512x75:4x768x768x150"],  # BxHxWxT, min:opt:max
                  "backend": "tensorrt-rtx",       # auto | tensorrt | tensorrt-rtx | onnxruntime (default auto)
                  "targets": ["sm89", "sm90"],     # TensorRT-RTX ahead of time; empty: this machine's GPU
-                 "controlnet": false, "refit": true, "dtype": null, "config": null}]}
+                 "controlnet": false, "refit": true, "dtype": null, "config": null,
+                 "convention": "a1111"}]}          # a1111 (default) | forge: whose UNet numerics the engine follows
+                                                  # at sizes that are not multiples of 64 px (sdtrt.models.convention)
 
 Before building, the cache is checked (writable, renames work) and what killed builds left behind is removed (the
 Job is the only writer; serving replicas never clean up). Every entry is tried even after one fails (a Job's log then shows all that is wrong at once); the exit code is 1
@@ -25,7 +27,7 @@ from sdtrt.errors import SdtrtError
 from sdtrt.profiles import Profile
 from sdtrt.targets import parse_targets
 
-FIELDS = ("checkpoint", "profiles", "backend", "targets", "controlnet", "refit", "dtype", "config")
+FIELDS = ("checkpoint", "profiles", "backend", "targets", "controlnet", "refit", "dtype", "config", "convention")
 
 
 class PlanError(SdtrtError):
@@ -42,6 +44,8 @@ class PlannedBuild:
     refit: bool = True
     dtype: str | None = None
     config: str | None = None
+    #: sdtrt.models.convention's name; None: A1111's
+    convention: str | None = None
 
     def resolve(self, models: Path, name: str | None) -> Path | None:
         path = Path(name) if name else None
@@ -99,6 +103,14 @@ def parse_plan(data: Any, backends: Sequence[str]) -> list[PlannedBuild]:
         if config is not None and not isinstance(config, str):
             raise PlanError(f"{where}.config: a file name or null, got {config!r}")
         try:
+            convention = entry.get("convention")
+            if convention is not None:  # checked against the one list (whose package imports torch) when named
+                from sdtrt.models.convention import check_convention
+
+                try:
+                    check_convention(convention)
+                except SdtrtError as e:
+                    raise PlanError(f"{where}.convention: {e}") from e
             targets = parse_targets(_strings(entry.get("targets") or [], f"{where}.targets"))
             for p in profiles:
                 Profile.parse(p)
@@ -107,7 +119,7 @@ def parse_plan(data: Any, backends: Sequence[str]) -> list[PlannedBuild]:
         except SdtrtError as e:
             raise PlanError(f"{where}: {e}") from e
         out.append(PlannedBuild(checkpoint.strip(), profiles, backend, targets, bool(entry.get("controlnet", False)),
-                                bool(entry.get("refit", True)), dtype, config))
+                                bool(entry.get("refit", True)), dtype, config, convention))
     return out
 
 
@@ -130,6 +142,7 @@ def run_plan(plan: Sequence[PlannedBuild], models: Path, cache: Path, build: Bui
              log: Callable[[str], None] = lambda _m: None) -> list[BuildReport]:
     """Build each planned engine (an identical one already in the cache is reused: `built` False)."""
     from sdtrt.backends.base import BuildOptions
+    from sdtrt.models.convention import A1111
     from sdtrt.pipeline.build import build_engine
 
     from sdtrt.storage.registry import Registry
@@ -155,10 +168,11 @@ def run_plan(plan: Sequence[PlannedBuild], models: Path, cache: Path, build: Bui
             options = BuildOptions(refit=entry.refit, strip_weights=entry.refit, cache_dir=Path(cache) / ".cache",
                                    targets=entry.targets)
             log(f"{entry.checkpoint}: {entry.backend} {' '.join(entry.profiles)}"
-                f"{' for ' + ','.join(entry.targets) if entry.targets else ''}")
+                f"{' for ' + ','.join(entry.targets) if entry.targets else ''}"
+                f"{', ' + entry.convention + ' convention' if entry.convention else ''}")
             outcome = build(checkpoint, [Profile.parse(p) for p in entry.profiles], cache,
                             config=entry.resolve(models, entry.config), backend=entry.backend, dtype=entry.dtype,
-                            options=options, controlnet=entry.controlnet)
+                            options=options, controlnet=entry.controlnet, convention=entry.convention or A1111)
             report.id, report.built, report.notes = outcome.manifest.id, outcome.built, list(outcome.notes)
             log(f"{entry.checkpoint}: {'built' if outcome.built else 'already present'} {report.id}")
         except SdtrtError as e:

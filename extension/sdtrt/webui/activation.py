@@ -16,6 +16,7 @@ import torch
 
 from sdtrt.engine_types import RefitMode
 from sdtrt.errors import SdtrtError, StaleEngine
+from sdtrt.models.convention import A1111
 from sdtrt.serving.counters import Counters
 from sdtrt.serving.server import FallbackPolicy, UnetServer
 from sdtrt.serving.slot import EngineSlot, WeightSource
@@ -56,6 +57,8 @@ class Activation:
         slots: list[EngineSlot] = []
         unusable: str | None = None
         weights: WeightSource | None = None
+        host = self.state.host
+        convention = host.unet_convention() if host is not None else A1111
         try:
             registry = self.state.registry()
             manifests = [registry.get(validate_engine_id(i)) for i in spec.engine_ids]
@@ -79,8 +82,9 @@ class Activation:
                 fitting = own
                 slots = [EngineSlot(m, self.state.sessions.open, self.state.sessions.evict) for m in fitting]
                 # plain calls go to the first slot that covers them: a plain engine before one with ControlNet
-                # inputs (which serves them too, fed zeros); ControlNet calls find the latter
-                slots.sort(key=lambda slot: slot.contract.takes_control)
+                # inputs (which serves them too, fed zeros); ControlNet calls find the latter. Among those, the
+                # engines of the host's convention first (the others serve only sizes where both agree)
+                slots.sort(key=lambda slot: (slot.contract.takes_control, slot.contract.io.convention != convention))
         except StaleEngine as e:  # damaged or foreign files, found by the cheap look before any load
             unusable = f"{e}; rebuild the engine (TensorRT tab) or pick another one"
         except SdtrtError as e:
@@ -91,7 +95,8 @@ class Activation:
             unusable = f"{type(e).__name__}: {e}"
         if unusable is not None:
             counters.error(unusable)
-        server = UnetServer(slots, policy=HostPolicy(self), counters=counters, weights=weights, unusable=unusable)
+        server = UnetServer(slots, policy=HostPolicy(self), counters=counters, weights=weights, unusable=unusable,
+                            convention=convention)
         return server
 
     def weights_for_loaded(self) -> WeightSource | None:

@@ -22,7 +22,8 @@ from sdtrt.errors import (
     ProfileError,
     SdtrtError,
 )
-from sdtrt.models import record_takes_control
+from sdtrt.models import record_convention, record_takes_control
+from sdtrt.models.convention import check_convention
 from sdtrt.profiles import Profile
 from sdtrt.storage.key import validate_engine_id
 from sdtrt.storage.manifest import Manifest, stale_reason
@@ -51,9 +52,10 @@ class Builds:
 
     def submit(self, checkpoint: str, profiles: Sequence[str], backend: str = "auto",
                dtype: str | None = None, replaces: str | None = None, controlnet: bool = False,
-               targets: str | Sequence[str] | None = None) -> Job:
-        """Validate now (unknown checkpoint, bad profile, unknown backend or target raise), build later on the job
-        thread. `targets`: GPU compute capabilities to build for ahead of time ("sm86,sm89"); none: this GPU."""
+               targets: str | Sequence[str] | None = None, convention: str | None = None) -> Job:
+        """Validate now (unknown checkpoint, bad profile, unknown backend, target or convention raise), build later
+        on the job thread. `targets`: GPU compute capabilities to build for ahead of time ("sm86,sm89"); none: this
+        GPU. `convention`: whose UNet numerics the engine follows (`sdtrt.models.convention`); none: the host's."""
         self.state.fleet.require_builds("build")
         host = self.state.require_host()
         if not isinstance(checkpoint, str) or not checkpoint:
@@ -81,6 +83,7 @@ class Builds:
         cache = registry.root
         if not isinstance(controlnet, bool):
             raise SdtrtError(f"controlnet must be true or false, not {controlnet!r}")
+        convention = check_convention(host.unet_convention() if convention is None else convention)
         aot = parse_targets(targets)
         if aot:  # refused now (API 400) when no backend here builds ahead of time
             from sdtrt.backends import get_backend
@@ -88,7 +91,8 @@ class Builds:
             get_backend(backend, targets=aot)
         options = BuildOptions(cache_dir=cache / ".cache", targets=aot)
         request = {"checkpoint": ref.title, "profiles": [str(p) for p in parsed], "backend": backend,
-                   "dtype": dtype, "replaces": replaces, "controlnet": controlnet, "targets": list(aot)}
+                   "dtype": dtype, "replaces": replaces, "controlnet": controlnet, "targets": list(aot),
+                   "convention": convention}
 
         def work(job: Job, progress: Any) -> dict[str, Any]:
             from sdtrt.backends import get_backend
@@ -111,7 +115,8 @@ class Builds:
                                        config=Path(ref.config) if ref.config else None,
                                        backend=backend, dtype=dtype, options=options, progress=progress,
                                        torch_guard=contextlib.nullcontext if on_gpu else quiet,
-                                       checkpoint_sha256=ref.sha256, controlnet=controlnet)
+                                       checkpoint_sha256=ref.sha256, controlnet=controlnet,
+                                       convention=convention)
             if replaces and replaces != outcome.manifest.id:
                 with contextlib.suppress(SdtrtError):
                     self.delete(replaces)
@@ -141,7 +146,8 @@ class Builds:
             if isinstance(info, BackendInfo) and stale_reason(m.key, info) is not None:
                 targets = ()
         return self.submit(ref.title, list(m.key.profiles), backend, m.key.export.get("dtype"),
-                           replaces=engine_id, controlnet=record_takes_control(m.key.io), targets=targets)
+                           replaces=engine_id, controlnet=record_takes_control(m.key.io), targets=targets,
+                           convention=record_convention(m.key.io))
 
     def manifest_even_if_stale(self, engine_id: str) -> Manifest:
         """The manifest of an engine even when it is stale (for rebuilding)."""

@@ -22,6 +22,7 @@ from sdtrt.constants import LATENT_FACTOR, TOKENS_PER_CHUNK
 from sdtrt.engine_types import RefitMode
 from sdtrt.errors import SdtrtError
 from sdtrt.models import NotServable
+from sdtrt.models.convention import is_mismatch
 from sdtrt.profiles import MAX_PIXELS, MIN_PIXELS, Shape, token_chunks
 from sdtrt.serving.counters import Counters
 from sdtrt.serving.passes import CallShape, CfgOptions, GenerationSpec, HiresSpec, PassSpec, hires_size, plan_passes
@@ -278,8 +279,7 @@ class Predictor:
         bypass = self.unservable(server)
         if bypass is not None:
             server.bypass = bypass
-        calls = [self.route_call(server, c, bool(self.units), self.host.size_refusal(c.width, c.height))
-                 for c in p.calls]
+        calls = [self.route_call(server, c, bool(self.units)) for c in p.calls]
         route.calls = calls
         missing = next((c for c in calls if c.engine_id is None), None)
         if missing is None and calls:
@@ -290,6 +290,7 @@ class Predictor:
         route.kind = (RouteKind.NO_CONTROL_INPUTS if bypass == controlnet.NO_CONTROL_ENGINE
                       else RouteKind.UNSERVABLE if bypass is not None or server.unusable is not None
                       else RouteKind.UNCOVERED if route.reason and route.reason.startswith("no engine profile covers")
+                      else RouteKind.OTHER_CONVENTION if is_mismatch(route.reason)
                       else RouteKind.UNSERVABLE)
         return route
 
@@ -301,12 +302,10 @@ class Predictor:
         return route
 
     @staticmethod
-    def route_call(server: UnetServer, call: CallShape, control: bool, refusal: str | None = None) -> CallRoute:
+    def route_call(server: UnetServer, call: CallShape, control: bool) -> CallRoute:
         """Where one call runs. With ControlNet units every call carries their inputs, which only the engines
-        with ControlNet inputs take (serving skips the others the same way). `refusal`: the host's reason this
-        call's size runs on PyTorch (checked after the gate, as the host's serving does)."""
-        if refusal is not None and server.gate() is None:
-            return CallRoute(call.rows, call.width, call.height, call.chunks, None, None, refusal)
+        with ControlNet inputs take (serving skips the others the same way); an engine of the other convention
+        than the host's is refused at sizes where the two compute differently (by the server, as in serving)."""
         shape = Shape(max(1, call.rows), call.height, call.width, call.chunks * TOKENS_PER_CHUNK)
 
         def dims(slot: Any) -> Mapping[str, Any]:
@@ -354,7 +353,7 @@ class Predictor:
             return None
         mine = [p for p, r in zip(passes, routes) if r.checkpoint == first.checkpoint]
         return {"checkpoint": first.checkpoint, "profiles": [suggest_profile(mine)],
-                "controlnet": bool(self.units)}
+                "controlnet": bool(self.units), "convention": self.host.unet_convention()}
 
 
 def _never_read(names: Any) -> Mapping[str, Any]:

@@ -21,6 +21,7 @@ import torch
 from sdtrt.backends import CHOICES
 from sdtrt.errors import SdtrtError
 from sdtrt.locations import default_cache_dir
+from sdtrt.models.convention import A1111
 from sdtrt.profiles import token_chunks
 from sdtrt.serving.server import FallbackPolicy
 
@@ -153,9 +154,9 @@ class Host(Protocol):
         """Apply the SD Unet the WebUI's setting picks for the loaded model now, as a generation's start would
         (readiness loads the engine this way); called holding `quiet_torch`."""
 
-    def size_refusal(self, width: int, height: int) -> str | None:
-        """Why a UNet call at this pixel size runs on PyTorch in this host whatever the engine's profiles (Forge:
-        sizes its UNet upsamples differently), or None; the prediction asks it as serving decides."""
+    def unet_convention(self) -> str:
+        """How this host's UNet upsamples to its skip connections (`sdtrt.models.convention`: A1111 or FORGE): what
+        builds default to, and what an engine must follow to serve sizes that are not multiples of 64 px here."""
 
     def lora_refusal(self) -> str | None:
         """Why generations with LoRAs run on PyTorch in this host, or None (their weights go into the engine)."""
@@ -190,8 +191,8 @@ class HostDefaults:
     def apply_unet(self) -> None:
         raise SdtrtError("this WebUI host applies the SD Unet only when a generation starts")
 
-    def size_refusal(self, width: int, height: int) -> str | None:
-        return None
+    def unet_convention(self) -> str:
+        return A1111
 
     def lora_refusal(self) -> str | None:
         return None

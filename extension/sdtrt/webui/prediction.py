@@ -25,6 +25,8 @@ class RouteKind(str, enum.Enum):
     NO_ENGINE = "no_engine"
     UNCOVERED = "uncovered"  # an engine, but no profile covers a call
     NO_CONTROL_INPUTS = "no_control_inputs"  # ControlNet units, an engine without ControlNet inputs
+    #: the engines follow the other convention than the host's UNet, at a size where the two compute differently
+    OTHER_CONVENTION = "other_convention"
     #: something no engine can do: tiling, a unit type that changes the UNet's inside, LoRA on a fixed-weight engine
     UNSERVABLE = "unservable"
 
@@ -34,7 +36,8 @@ class RouteKind(str, enum.Enum):
     @property
     def buildable(self) -> bool:
         """Building an engine would fix it."""
-        return self in (RouteKind.NO_ENGINE, RouteKind.UNCOVERED, RouteKind.NO_CONTROL_INPUTS)
+        return self in (RouteKind.NO_ENGINE, RouteKind.UNCOVERED, RouteKind.NO_CONTROL_INPUTS,
+                        RouteKind.OTHER_CONVENTION)
 
 
 class CoverageState(str, enum.Enum):

@@ -42,6 +42,9 @@ class EngineListing(Report):
     controlnet: bool = field(default=False, metadata=_doc("it has ControlNet inputs"))
     targets: list[str] = field(default_factory=list, metadata=_doc("compute capabilities of an ahead-of-time build"))
     weights: str | None = None
+    convention: str | None = field(default=None, metadata=_doc(
+        "whose UNet numerics it follows at sizes that are not multiples of 64 px: a1111 (upsample x2, resize in "
+        "the skip concatenation) or forge (upsample to the skip's size)"))
 
     @classmethod
     def of(cls, row: EngineRow, active: bool) -> EngineListing:
@@ -53,7 +56,8 @@ class EngineListing(Report):
             dtype=m.key.export.get("dtype") if m else None, size_bytes=row.size_bytes,
             checkpoint=m.source_checkpoint.get("name") if m else None, created=m.created if m else None,
             active=active, controlnet=bool(m and record_takes_control(m.key.io)),
-            targets=list(m.key.targets) if m else [], weights=m.key.weights.value if m else None)
+            targets=list(m.key.targets) if m else [], weights=m.key.weights.value if m else None,
+            convention=row.convention)
 
 
 @dataclass(frozen=True)

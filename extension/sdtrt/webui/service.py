@@ -105,8 +105,8 @@ class EngineService:
     # ---- builds and deletes (Builds) ----------------------------------------------------------------------
     def submit_build(self, checkpoint: str, profiles: Sequence[str], backend: str = "auto",
                      dtype: str | None = None, replaces: str | None = None, controlnet: bool = False,
-                     targets: str | Sequence[str] | None = None) -> Job:
-        return self.builds.submit(checkpoint, profiles, backend, dtype, replaces, controlnet, targets)
+                     targets: str | Sequence[str] | None = None, convention: str | None = None) -> Job:
+        return self.builds.submit(checkpoint, profiles, backend, dtype, replaces, controlnet, targets, convention)
 
     def rebuild(self, engine_id: str) -> Job:
         return self.builds.rebuild(engine_id)

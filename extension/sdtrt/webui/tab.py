@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from sdtrt.errors import ProfileError, SdtrtError
+from sdtrt.models.convention import A1111, CONVENTIONS
 from sdtrt.profiles import Profile, Shape
 from sdtrt.webui.fleet import BUILDS_ENV, FleetSettings
 from sdtrt.webui.host import BACKEND_CHOICES
@@ -29,7 +30,7 @@ PRESETS: dict[str, tuple[str, ...]] = {
     "SDXL 768-1344 px, batch 1-2 (dynamic)": ("1x768x768x75:1x1024x1024x75:2x1344x1344x150",),
     "Hires fix 512 -> 1024, batch 1": ("1x512x512x75", "1x1024x1024x75"),
 }
-HEADERS = ["id", "status", "family", "profiles", "backend", "dtype", "size", "checkpoint", "created"]
+HEADERS = ["id", "status", "family", "profiles", "backend", "dtype", "size", "checkpoint", "created", "convention"]
 
 
 def format_size(n: int | None) -> str:
@@ -52,7 +53,7 @@ def table(rows: Sequence[EngineListing]) -> list[list[str]]:
         family = (r.family or "?") + (" + ControlNet inputs" if r.controlnet else "")
         backend = (r.backend or "?") + (f" for {', '.join(r.targets)}" if r.targets else "")
         out.append([r.id, status, family, "\n".join(r.profiles), backend, r.dtype or "?", format_size(r.size_bytes),
-                    r.checkpoint or "?", (r.created or "")[:19]])
+                    r.checkpoint or "?", (r.created or "")[:19], r.convention or "?"])
     return out
 
 
@@ -95,12 +96,15 @@ def profile_from_fields(batch: Sequence[float], height: Sequence[float], width: 
 
 def run_build(svc: EngineService, checkpoint: str, profiles_text: str, backend: str,
               progress: Callable[[float, str], None], poll: float = 0.25,
-              submit: Callable[[], Job] | None = None, controlnet: bool = False, targets: str = "") -> str:
+              submit: Callable[[], Job] | None = None, controlnet: bool = False, targets: str = "",
+              convention: str | None = None) -> str:
     """Submit a build and follow it, reporting (fraction, phase) until it ends. Returns the outcome message.
-    `targets`: GPU compute capabilities for an ahead-of-time build, comma-separated ("" or "current": this GPU)."""
+    `targets`: GPU compute capabilities for an ahead-of-time build, comma-separated ("" or "current": this GPU).
+    `convention`: whose UNet numerics the engine follows (None: the running WebUI's)."""
     try:
         job = submit() if submit else svc.submit_build(checkpoint, profiles_from_text(profiles_text), backend,
-                                                       controlnet=bool(controlnet), targets=targets or None)
+                                                       controlnet=bool(controlnet), targets=targets or None,
+                                                       convention=convention or None)
     except SdtrtError as e:
         return f"Not started: {e}"
     while True:
@@ -174,6 +178,7 @@ def create_tab(svc: EngineService, checkpoint_titles: Callable[[], list[str]],
 
     notice = fleet_notice(svc.state.fleet)
     builds = notice is None
+    host = svc.state.host
     with gr.Blocks(analytics_enabled=False) as ui:
         if notice is not None:
             gr.Markdown(notice, elem_id="sdtrt_fleet_notice")
@@ -206,6 +211,11 @@ def create_tab(svc: EngineService, checkpoint_titles: Callable[[], list[str]],
                     label="GPU targets (TensorRT-RTX, ahead of time): e.g. sm86, sm89, sm120 to build for GPUs "
                           "this machine does not have (no GPU needed; the engine then embeds this checkpoint's "
                           "weights); empty: this GPU", value="", elem_id="sdtrt_targets")
+                convention = gr.Dropdown(
+                    label="Convention: whose UNet numerics the engine follows at sizes that are not multiples of "
+                          "64 px (a1111: upsample x2, resize in the skip concatenation; forge: upsample to the "
+                          "skip's size); default: this WebUI's", choices=list(CONVENTIONS),
+                    value=host.unet_convention() if host is not None else A1111, elem_id="sdtrt_convention")
                 build = gr.Button("Build", variant="primary", elem_id="sdtrt_build", interactive=builds)
                 message = gr.Textbox(label="Result", interactive=False, elem_id="sdtrt_message")
             with gr.Column(scale=4):
@@ -232,9 +242,10 @@ def create_tab(svc: EngineService, checkpoint_titles: Callable[[], list[str]],
                 return text, f"Profile not added: {e}"
             return (text.rstrip() + "\n" if text and text.strip() else "") + spec, ""
 
-        def on_build(ckpt: str, text: str, be: str, cn: bool, aot: str,
+        def on_build(ckpt: str, text: str, be: str, cn: bool, aot: str, conv: str,
                      progress: Any = gr.Progress()) -> Any:  # noqa: B008
-            msg = run_build(svc, ckpt, text, be, lambda f, d: progress(f, desc=d), controlnet=cn, targets=aot)
+            msg = run_build(svc, ckpt, text, be, lambda f, d: progress(f, desc=d), controlnet=cn, targets=aot,
+                            convention=conv)
             return (msg, *refreshed())
 
         def on_delete(engine_id: str) -> Any:
@@ -246,7 +257,7 @@ def create_tab(svc: EngineService, checkpoint_titles: Callable[[], list[str]],
         editor = [c for name in ("batch", "height", "width", "tokens") for c in fields[name]]
         preset.change(on_preset, inputs=[preset], outputs=[profiles])
         add.click(on_add, inputs=[profiles, *editor], outputs=[profiles, message])
-        build.click(on_build, inputs=[checkpoint, profiles, backend, controlnet, targets],
+        build.click(on_build, inputs=[checkpoint, profiles, backend, controlnet, targets, convention],
                     outputs=[message, engines, to_delete])
         delete.click(on_delete, inputs=[to_delete], outputs=[message, engines, to_delete])
         refresh.click(refreshed, outputs=[engines, to_delete])

@@ -1,7 +1,8 @@
 """The extension's REST API under /sdtrt/v1, for operators who build engines headlessly behind a load balancer.
 
     GET    /sdtrt/v1/engines              engines in the cache, ok or stale with the reason
-    POST   /sdtrt/v1/engines              {checkpoint, profiles, backend?, dtype?, controlnet?, targets?} -> 202 {job_id}
+    POST   /sdtrt/v1/engines              {checkpoint, profiles, backend?, dtype?, controlnet?, targets?, convention?}
+                                          -> 202 {job_id}
     DELETE /sdtrt/v1/engines/{id}         remove an engine (409 while it serves the active SD Unet)
     POST   /sdtrt/v1/engines/{id}/rebuild rebuild a stale engine for this machine -> 202 {job_id}
     GET    /sdtrt/v1/jobs                 all known build jobs

@@ -62,6 +62,9 @@ class BuildRequest(BaseModel):
     targets: list[str] = _bounded_list(
         "GPU compute capabilities to build for ahead of time (TensorRT-RTX; no GPU needed), e.g. ['sm86', "
         "'sm89']; empty: the GPU of this machine", 16, required=False)
+    convention: str | None = Field(None, max_length=16, description=(
+        "whose UNet numerics the engine follows at sizes that are not multiples of 64 px: a1111 (upsample x2, "
+        "resize in the skip concatenation) or forge (upsample to the skip's size); default: the running WebUI's"))
 
     if _PYDANTIC_V2:
         model_config = pydantic.ConfigDict(extra="forbid", json_schema_extra={"examples": [BUILD_EXAMPLE]})

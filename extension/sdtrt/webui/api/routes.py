@@ -100,7 +100,7 @@ def mount(app: Any, svc: EngineService, credentials: dict[str, str] | None = Non
     def build(req: BuildRequest) -> Response:
         def go() -> dict[str, Any]:
             job = svc.submit_build(req.checkpoint, req.profiles, req.backend, req.dtype, controlnet=req.controlnet,
-                                   targets=req.targets)
+                                   targets=req.targets, convention=req.convention)
             return {"job_id": job.id, "job": job.to_dict()}
         return answer(go, 202)
 
