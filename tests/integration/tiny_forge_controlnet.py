@@ -9,28 +9,13 @@ weight random (zero convolutions included: a released ControlNet's are trained a
 the `control_model.` prefix of released LDM ControlNets. Checked before saving: Forge's ControlNetPatcher builds a
 ControlNet from the file."""
 import argparse
-import math
 import os
 import sys
-
-import torch
 
 FORGE = os.getcwd()
 sys.path[:0] = [FORGE, os.path.join(FORGE, "packages_3rdparty"), os.path.join(FORGE, "repositories", "huggingface_guess")]
 
-
-def randomize_(module, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for mod in module.modules():
-            for name, p in mod.named_parameters(recurse=False):
-                r = torch.randn(p.shape, generator=g)
-                if isinstance(mod, (torch.nn.LayerNorm, torch.nn.GroupNorm)) and name == "weight":
-                    p.copy_(1.0 + 0.1 * r)
-                elif p.ndim > 1:
-                    p.copy_(r / math.sqrt(p[0].numel()))
-                else:
-                    p.copy_(0.1 * r)
+from tiny_forge_model import randomize_modules_  # this folder: the same random initialisation
 
 
 def main():
@@ -50,7 +35,7 @@ def main():
     config.pop("out_channels", None)
     config.pop("dtype", None)
     net = cldm.ControlNet(hint_channels=3, **config).eval().requires_grad_(False)
-    randomize_(net, a.seed)
+    randomize_modules_(net, a.seed)
     sd = {"control_model." + k: v.half().contiguous() for k, v in net.state_dict().items()}
 
     from modules_forge.supported_controlnet import ControlNetPatcher
