@@ -18,7 +18,11 @@ A1111's `ldm`/`sgm` are not. Forge loads no model at startup: the first generati
 checkpoints copied into `<data-dir>/models/Stable-diffusion/` (their yaml too), extensions symlinked into
 `<data-dir>/extensions/`, `config` written to config.json, always `--data-dir --skip-prepare-environment
 --skip-install --skip-torch-cuda-test --use-cpu all --no-download-sd-model` (and `--nowebui` unless `ui`).
-One host at a time, Forge or A1111: booting either closes the other (module state is global)."""
+One host at a time, Forge or A1111: booting either closes the other (module state is global).
+
+`variant="neo"` boots the fake Forge Neo instead (tests/fake_neo, an overlay over tests/fake_forge: Neo's patcher,
+memory management, LoRA flow, sd_unet without SdUnet, no sd_hijack/sd_models_config, ...; see
+tests/fake_neo/README.md): tests/fake_neo goes first on `sys.path`, then tests/fake_forge, and `--cpu` is added."""
 
 from __future__ import annotations
 
@@ -37,12 +41,14 @@ import fakehost
 
 TESTS = Path(__file__).resolve().parent
 FAKE_ROOT = TESTS / "fake_forge"
+NEO_ROOT = TESTS / "fake_neo"
+VARIANTS = ("forge", "neo")
 CORE = TESTS.parent / "extension"
 
 #: top-level names the fake Forge provides, borrows or shadows; cleared before a boot and after close
 FAKE_TOP_LEVEL = ("modules", "backend", "modules_forge", "k_diffusion", "launch", "webui", "fake_forge_trace",
                   "a1111_fakes", "fake_clip", "fake_vae", "fake_trace", "ldm", "sgm", "networks", "network",
-                  "extra_networks_lora", "lora", "lora_patches", "lora_logger")
+                  "extra_networks_lora", "lora", "lora_patches", "lora_logger", "fake_neo_overlay")
 
 
 def _is_fake_name(name: str) -> bool:
@@ -70,13 +76,17 @@ class FakeForge:
         self._argv: list[str] = []
         self.checkpoint_paths: dict[str, Path] = {}
         self.closed = False
+        self.variant = "forge"
 
     @classmethod
     def boot(cls, tmp_path: Path, checkpoints: Any = (), *, args: Any = (), extensions: Any = (),
-             config: dict | None = None, ui: bool = False) -> FakeForge:
+             config: dict | None = None, ui: bool = False, variant: str = "forge") -> FakeForge:
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, not {variant!r}")
         if fakehost._active is not None and not fakehost._active.closed:
             fakehost._active.close()
         host = cls()
+        host.variant = variant
         host.data_dir = Path(tmp_path) / "forge-data"
         models = host.data_dir / "models" / "Stable-diffusion"
         models.mkdir(parents=True, exist_ok=True)
@@ -96,12 +106,16 @@ class FakeForge:
             if not link.exists():
                 link.symlink_to(Path(root).resolve(), target_is_directory=True)
             host._roots.append(Path(root).resolve())
+        if variant == "neo":
+            host._roots.append(NEO_ROOT.resolve())
         host._roots += [FAKE_ROOT.resolve(), (TESTS / "fake_a1111").resolve(), host.data_dir.resolve()]
         if config is not None:
             (host.data_dir / "config.json").write_text(json.dumps(config), encoding="utf-8")
 
         argv = ["webui.py", "--data-dir", str(host.data_dir), "--skip-prepare-environment", "--skip-install",
                 "--skip-torch-cuda-test", "--use-cpu", "all", "--no-download-sd-model"]
+        if variant == "neo":
+            argv.append("--cpu")
         if not ui:
             argv.append("--nowebui")
         argv += [str(a) for a in args]
@@ -112,6 +126,8 @@ class FakeForge:
         for name in [n for n in sys.modules if _is_fake_name(n)]:
             host._stash[name] = sys.modules.pop(name)
         sys.path.insert(0, str(FAKE_ROOT))
+        if variant == "neo":
+            sys.path.insert(0, str(NEO_ROOT))
         if str(CORE) not in sys.path:
             sys.path.insert(1, str(CORE))
         sys.argv = argv
@@ -134,6 +150,9 @@ class FakeForge:
         if self.closed:
             return
         self.closed = True
+        overlay = sys.modules.get("fake_neo_overlay")
+        if overlay is not None:
+            overlay.remove_hook()
         for name, mod in list(sys.modules.items()):
             if self._before.get(name) is mod:
                 continue

@@ -221,6 +221,8 @@ class ForgeHost(A1111Host):
         found = dialect(objects.unet)
         if refusal is None and found is None:
             refusal = "this Forge's UNet patcher is neither Forge's nor Forge Neo's; the UNet runs on PyTorch"
+        if refusal is None and found is not None:
+            refusal = found.serve_problem()
         if refusal is not None or found is None:
             return refusal
         found.before_patch(objects.unet.model, self._patched, _is_ours)

@@ -68,6 +68,10 @@ class ForgePatcher:
                 if clone.object_patches_backup:
                     clone.forge_unpatch_model()
 
+    def serve_problem(self) -> str | None:
+        """Why this host cannot take our object patch, or None (Forge's patcher sets it as it is)."""
+        return None
+
     def before_patch(self, kmodel: Any, patched: list[Any], ours: Callable[[Any], bool]) -> None:
         """Forge needs nothing before a pass's patch (its loader merges LoRAs through it)."""
 
@@ -127,6 +131,25 @@ class NeoPatcher:
             self._undo(clone)
             if not any(clone.model is k for k in kmodels):
                 kmodels.append(clone.model)
+
+    def serve_problem(self) -> str | None:
+        """Why this Neo cannot take a module as an object patch, or None. Neo sets object patches with
+        `backend.utils.set_attr_raw`, which must set the module as it is and give back what it replaced; a Neo of
+        February 2026 wraps the value as a weight there, which fails inside its loader."""
+        from backend import utils
+
+        setter = getattr(utils, "set_attr_raw", None)
+        holder, before, patch = torch.nn.Module(), torch.nn.Identity(), torch.nn.Identity()
+        holder.slot = before
+        try:
+            previous = setter(holder, "slot", patch) if callable(setter) else None
+            took = previous is before and holder.slot is patch
+        except Exception:  # noqa: BLE001 - any failure means the patch would fail in Neo's loader
+            took = False
+        if took:
+            return None
+        return ("this Forge Neo cannot hold a module as an object patch (its set_attr_raw wraps it as a weight): the "
+                "UNet runs on PyTorch; update Forge Neo to serve engines")
 
     def before_patch(self, kmodel: Any, patched: list[Any], ours: Callable[[Any], bool]) -> None:
         """Before a pass's patch: what an earlier load of this KModel patched into it is undone, so the PyTorch UNet
