@@ -130,11 +130,8 @@ class TrtScript(scripts.Script):
 
     def process_before_every_sampling(self, p: Any, *args: Any, **kwargs: Any) -> None:
         service().before_sampling()
-        current = sd_unet.current_unet
-        if ON_FORGE and isinstance(current, TrtUnet) and current.server is not None and current.server.enabled():
-            unserved = HOST.serve_with(p, current)  # type: ignore[attr-defined]
-            if unserved is not None:
-                service().activation.notify(unserved)
+        if ON_FORGE:
+            _serve_forge_pass(p)
 
     def postprocess(self, p: Any, processed: Any, *args: Any) -> None:
         try:
@@ -142,6 +139,33 @@ class TrtScript(scripts.Script):
         finally:
             if ON_FORGE:
                 HOST.stop_serving()  # type: ignore[attr-defined]
+
+
+def _serve_forge_pass(p: Any, reload_for: Any = None) -> None:
+    """Forge: this sampling pass's UNet calls to the active engine (`reload_for`: see ForgeHost.serve_with)."""
+    current = sd_unet.current_unet
+    if isinstance(current, TrtUnet) and current.server is not None and current.server.enabled():
+        unserved = HOST.serve_with(p, current, reload_for)  # type: ignore[attr-defined]
+        if unserved is not None:
+            service().activation.notify(unserved)
+
+
+def on_cfg_denoiser(params: Any) -> None:
+    """Forge: after a refiner switch in the middle of sampling, the rest of the pass on the refiner's engine (the
+    SD Unet the WebUI picks for the refiner, its LoRAs refitted), as a new pass would be."""
+    p = getattr(getattr(params, "denoiser", None), "p", None)
+    svc = service()
+    if p is None or svc.generation is None or not HOST.model_changed_mid_pass():  # type: ignore[attr-defined]
+        return
+    try:
+        current = sd_unet.current_unet
+        if not isinstance(current, TrtUnet) or current.model is not loaded_model():
+            _reapply_unet()
+        svc.apply_networks()
+        svc.before_sampling()
+        _serve_forge_pass(p, params.x)
+    except Exception:
+        log.exception("sdtrt: serving the refiner after Forge's switch failed; it runs on PyTorch")
 
 
 # ---- callbacks ----------------------------------------------------------------------------------------------
@@ -252,3 +276,5 @@ script_callbacks.on_ui_settings(on_ui_settings)
 script_callbacks.on_ui_tabs(on_ui_tabs)
 script_callbacks.on_app_started(on_app_started)
 script_callbacks.on_script_unloaded(on_script_unloaded)
+if ON_FORGE:
+    script_callbacks.on_cfg_denoiser(on_cfg_denoiser)

@@ -118,6 +118,7 @@ def _to_device_of(unet: torch.nn.Module, x: torch.Tensor) -> None:
 class ForgeHost(A1111Host):
     def __init__(self) -> None:
         self._patched: list[Any] = []  # the UNet patcher clones this generation installed an engine on
+        self._seen: list[Any] = []  # the KModels this generation served or found it could not
 
     def torch_unet(self) -> Any:
         objects = forge_objects()
@@ -208,15 +209,30 @@ class ForgeHost(A1111Host):
         return self._dialect().network_files(loaded_model()) if forge_objects() is not None else []
 
     # ---- serving: the object patch ------------------------------------------------------------------------
-    def serve_with(self, p: Any, sd_unet: Any) -> str | None:
+    def model_changed_mid_pass(self) -> bool:
+        """Whether the loaded model's UNet is one this generation has not seen though it served an earlier one: Forge
+        switched to the refiner in the middle of sampling (its apply_refiner), which samples on the refiner's own,
+        unpatched patcher with no sampling hook. True once per such UNet."""
+        objects = forge_objects()
+        if objects is None or not self._patched:
+            return False
+        kmodel = objects.unet.model
+        if any(kmodel is seen for seen in self._seen):
+            return False
+        self._seen.append(kmodel)
+        return True
+
+    def serve_with(self, p: Any, sd_unet: Any, reload_for: torch.Tensor | None = None) -> str | None:
         """Before a sampling pass: route this pass's UNet calls to `sd_unet` (the active SD Unet) by patching
-        `diffusion_model` on a clone of the pass's UNet patcher. Returns why this pass stays on PyTorch unpatched
-        (the caller tells the user), else None."""
+        `diffusion_model` on a clone of the pass's UNet patcher. `reload_for`: the latent of a pass Forge is
+        already sampling (after a refiner switch), whose patcher it then loads again so the patch takes effect.
+        Returns why this pass stays on PyTorch unpatched (the caller tells the user), else None."""
         model = getattr(p, "sd_model", None)
         objects = forge_objects(model)
         unet = self.torch_unet()
         if objects is None or unet is None:
             return None
+        self._seen.append(objects.unet.model)
         refusal = unservable_model(model, objects.unet)
         found = dialect(objects.unet)
         if refusal is None and found is None:
@@ -231,6 +247,10 @@ class ForgeHost(A1111Host):
                                                                lambda device: found.fallback_merge(clone, device)))
         objects.unet = clone
         self._patched.append(clone)
+        if reload_for is not None:
+            from backend.sampling.sampling_function import sampling_prepare
+
+            sampling_prepare(clone, x=reload_for)
         return None
 
     def stop_serving(self) -> None:
@@ -238,7 +258,7 @@ class ForgeHost(A1111Host):
         the generation and make the host drop the next LoRA it merges). Also where an extension whose hook ran
         after ours cloned our patched clone: the host then loaded that clone, which holds the PyTorch UNet as its
         backup. On Neo the load records of the KModel go too (forge_patcher.NeoPatcher)."""
-        patched, self._patched = self._patched, []
+        patched, self._patched, self._seen = self._patched, [], []
         kmodels = [clone.model for clone in patched]
         objects = forge_objects()
         found = dialect(getattr(objects, "unet", None)) or (dialect(patched[0]) if patched else None)

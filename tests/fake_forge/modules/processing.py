@@ -18,8 +18,9 @@ latent upscale (or decode/resize/encode), extra networks again, hr conds, `befor
 (on the first pass's objects), `forge_objects = ...after_applying_lora.shallow_copy()`, `process_before_every_sampling`
 AGAIN, img2img sampling with `p.hr_cfg` (default 1.0), decode inside the pass (the pass returns decoded images).
 img2img `sample`: the same shallow copy and hook before `sample_img2img`, then the mask blend.
-Not modelled: the refiner, a hires checkpoint/modules switch, token merging, zero-terminal-SNR, grids, saving, face
-restoration, color correction, overlays. Fake-only: `Processed.latents` holds the final latents (before decode)."""
+The refiner switch: `p.refiner_checkpoint_info` from `refiner_checkpoint` here, the switch inside the sampling loop
+(`sd_samplers_common.apply_refiner`, called by `CFGDenoiser.forward`). Not modelled: a hires checkpoint/modules
+switch, token merging, zero-terminal-SNR, grids, saving, face restoration, color correction, overlays. Fake-only: `Processed.latents` holds the final latents (before decode)."""
 
 from __future__ import annotations
 
@@ -247,8 +248,10 @@ def process_images_inner(p):  # type: ignore[no-untyped-def]
         p.restore_faces = opts.face_restoration
     if p.tiling is None:
         p.tiling = opts.tiling
-    if p.refiner_checkpoint not in (None, "", "None", "none"):
-        raise NotImplementedError("the fake Forge has no refiner")
+    if p.refiner_checkpoint not in (None, "", "None", "none"):  # the switch itself: sd_samplers_common.apply_refiner
+        p.refiner_checkpoint_info = sd_models.get_closet_checkpoint_match(p.refiner_checkpoint)
+        if p.refiner_checkpoint_info is None:
+            raise Exception(f"Could not find checkpoint with name {p.refiner_checkpoint}")  # noqa: TRY002
 
     p.sd_model_name = shared.sd_model.sd_checkpoint_info.name_for_extra
     p.sd_model_hash = shared.sd_model.sd_model_hash

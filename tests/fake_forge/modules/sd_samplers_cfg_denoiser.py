@@ -1,7 +1,9 @@
-"""Forge's `CFGDenoiser.forward` (`modules/sd_samplers_cfg_denoiser.py`): per step, `on_cfg_denoiser` callbacks, the
-CFG scale (`p.hr_cfg` in the hires pass), then `backend.sampling.sampling_function` (which runs the UNet patcher the
-loaded model holds in `forge_objects.unet` now), mask blend, `on_cfg_after_cfg`. A cond is one (B, T, C) tensor per
-batch (no AND/weights composition, no prompt schedules: the fake's prompt_parser has none)."""
+"""Forge's `CFGDenoiser.forward` (`modules/sd_samplers_cfg_denoiser.py`): per step, the refiner switch
+(`sd_samplers_common.apply_refiner`; after it the refiner's conds), `on_cfg_denoiser` callbacks, the CFG scale
+(`p.hr_cfg` in the hires pass), then `backend.sampling.sampling_function` (which runs the UNet patcher the loaded
+model holds in `forge_objects.unet` now), mask blend, `on_cfg_after_cfg`. A cond is one (B, T, C) tensor (SDXL: a
+{"crossattn", "vector"} dict) per batch (no AND/weights composition, no prompt schedules: the fake's prompt_parser
+has none)."""
 
 from __future__ import annotations
 
@@ -36,10 +38,20 @@ class CFGDenoiser(torch.nn.Module):
     def inner_model(self):  # type: ignore[no-untyped-def]
         raise NotImplementedError()
 
+    def update_inner_model(self):  # type: ignore[no-untyped-def]
+        self.model_wrap = None
+        c, uc = self.p.get_conds()
+        self.sampler.sampler_extra_args["cond"] = c
+        self.sampler.sampler_extra_args["uncond"] = uc
+
     def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):  # type: ignore[no-untyped-def]
         if state.interrupted or state.skipped:
             raise sd_samplers_common.InterruptedException
-        cond_composition = [[(i, 1.0)] for i in range(cond.shape[0])]
+        if sd_samplers_common.apply_refiner(self, x):
+            cond = self.sampler.sampler_extra_args["cond"]
+            uncond = self.sampler.sampler_extra_args["uncond"]
+        rows = (cond["crossattn"] if isinstance(cond, dict) else cond).shape[0]  # (SDXL: a condition dict)
+        cond_composition = [[(i, 1.0)] for i in range(rows)]
         if self.mask is not None:
             predictor = self.inner_model.inner_model.forge_objects.unet.model.predictor
             noisy = predictor.noise_scaling(sigma[:, None, None, None], torch.randn_like(self.init_latent),

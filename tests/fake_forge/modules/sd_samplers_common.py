@@ -1,6 +1,6 @@
 """Forge's `modules/sd_samplers_common.py`, as far as the fake samplers use it: `SamplerData`,
 `InterruptedException`, `setup_img2img_steps`, `store_latent`, and `Sampler` (conditioning_key always "crossattn":
-Forge's model object has no `.model`). The refiner switch (`apply_refiner`) is not modelled: it never switches."""
+Forge's model object has no `.model`), and the refiner switch `apply_refiner`."""
 
 from __future__ import annotations
 
@@ -33,7 +33,52 @@ def setup_img2img_steps(p, steps=None):  # type: ignore[no-untyped-def]
 
 
 def apply_refiner(cfg_denoiser, x):  # type: ignore[no-untyped-def]
-    return False
+    """Forge's refiner switch, called by `CFGDenoiser.forward` before every step: once `refiner_switch_at` of the
+    steps are done (by step count), `sampling_cleanup` of the current UNet patcher, `checkpoint_change` to the
+    refiner (not saved), `refresh_model_loading_parameters` + `forge_model_reload()` (the refiner is loaded, the base
+    unloaded; `model_loaded_callback` fires), the option set back to the base (whose loading parameters the next
+    generation reloads), extra networks activated again, `p.setup_conds()`, `cfg_denoiser.update_inner_model()` and
+    `sampling_prepare` of the refiner's freshly loaded UNet patcher - no script hook runs in between (no
+    `process_before_every_sampling`). Returns True on the switch."""
+    from backend.sampling.sampling_function import sampling_cleanup, sampling_prepare
+    from modules_forge import main_entry
+
+    from modules import extra_networks, sd_models
+
+    completed_ratio = cfg_denoiser.step / cfg_denoiser.total_steps
+    refiner_switch_at = cfg_denoiser.p.refiner_switch_at
+    refiner_checkpoint_info = cfg_denoiser.p.refiner_checkpoint_info
+    if refiner_switch_at is not None and completed_ratio < refiner_switch_at:
+        return False
+    if refiner_checkpoint_info is None or shared.sd_model.sd_checkpoint_info == refiner_checkpoint_info:
+        return False
+    if getattr(cfg_denoiser.p, "enable_hr", False):
+        is_second_pass = cfg_denoiser.p.is_hr_pass
+        if opts.hires_fix_refiner_pass == "first pass" and is_second_pass:
+            return False
+        if opts.hires_fix_refiner_pass == "second pass" and not is_second_pass:
+            return False
+        if opts.hires_fix_refiner_pass != "second pass":
+            cfg_denoiser.p.extra_generation_params["Hires refiner"] = opts.hires_fix_refiner_pass
+    cfg_denoiser.p.extra_generation_params["Refiner"] = refiner_checkpoint_info.short_title
+    cfg_denoiser.p.extra_generation_params["Refiner switch at"] = refiner_switch_at
+    sampling_cleanup(sd_models.model_data.get_sd_model().forge_objects.unet)
+    with sd_models.SkipWritingToConfig():
+        fp_checkpoint = shared.opts.sd_model_checkpoint
+        checkpoint_changed = main_entry.checkpoint_change(refiner_checkpoint_info.short_title, save=False,
+                                                          refresh=False)
+        if checkpoint_changed:
+            try:
+                main_entry.refresh_model_loading_parameters()
+                sd_models.forge_model_reload()
+            finally:
+                main_entry.checkpoint_change(fp_checkpoint, save=False, refresh=True)
+    if not cfg_denoiser.p.disable_extra_networks:
+        extra_networks.activate(cfg_denoiser.p, cfg_denoiser.p.extra_network_data)
+    cfg_denoiser.p.setup_conds()
+    cfg_denoiser.update_inner_model()
+    sampling_prepare(sd_models.model_data.get_sd_model().forge_objects.unet, x=x)
+    return True
 
 
 def store_latent(decoded):  # type: ignore[no-untyped-def]

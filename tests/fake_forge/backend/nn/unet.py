@@ -102,3 +102,15 @@ class IntegratedUNet2DConditionModel(fake_forge_trace.RecordsReach, _LdmKeyUNet)
             h = self.out(h)
         h = modify(h, "after")
         return h.type(x.dtype)
+
+
+class Timestep(torch.nn.Module):
+    """Forge's `Timestep(dim)`: the sinusoidal embedding [cos, sin] of its input (SDXL's size/crop/aesthetic
+    embeddings of 256 each)."""
+
+    def __init__(self, dim):  # type: ignore[no-untyped-def]
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, t):  # type: ignore[no-untyped-def]
+        return timestep_embedding(t, self.dim)

@@ -1,6 +1,8 @@
 """Fake `backend/sampling/condition.py`: conditions as Forge batches them. `ConditionCrossAttn` concatenates with
 another of the same token length only (Forge also repeats chunks to a common multiple; the fake's tests keep
-prompts of one chunk); `compile_conditions(cond)` turns a (B, T, C) tensor into Forge's list of condition dicts."""
+prompts of one chunk); `compile_conditions(cond)` turns a (B, T, C) tensor (SD1) or an SDXL condition dict
+{"crossattn", "vector"} into Forge's list of condition dicts: model_conds `c_crossattn` (+ `y` = the vector, which
+KModel.apply_model passes on to the UNet as `y=`)."""
 
 from __future__ import annotations
 
@@ -34,9 +36,11 @@ class ConditionCrossAttn(Condition):
 def compile_conditions(cond):  # type: ignore[no-untyped-def]
     if cond is None:
         return None
-    if isinstance(cond, dict):
-        raise NotImplementedError("the fake Forge has SD1 conditions only (no SDXL vector)")
-    return [{"model_conds": {"c_crossattn": ConditionCrossAttn(cond)}, "cross_attn": cond}]
+    if isinstance(cond, torch.Tensor):
+        return [{"model_conds": {"c_crossattn": ConditionCrossAttn(cond)}, "cross_attn": cond}]
+    cross_attn, pooled_output = cond["crossattn"], cond["vector"]
+    return [{"cross_attn": cross_attn, "pooled_output": pooled_output,
+             "model_conds": {"c_crossattn": ConditionCrossAttn(cross_attn), "y": Condition(pooled_output)}}]
 
 
 def compile_weighted_conditions(cond, weights):  # type: ignore[no-untyped-def]
