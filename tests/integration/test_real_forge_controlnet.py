@@ -1,4 +1,5 @@
-"""Forge's built-in ControlNet through the engine in the real lllyasviel's Forge (main dfdcbab), offline on CPU.
+"""Forge's built-in ControlNet through the engine in the real lllyasviel's Forge (main dfdcbab) and the real Forge Neo
+(v3.5, docs/forge/NEO_SETUP.md), offline on CPU (each where SDTRT_FORGE_DIR / SDTRT_NEO_DIR names it).
 
 A random ControlNet for the tiny SD1 checkpoint is written with Forge's own ControlNet class
 (tests/integration/tiny_forge_controlnet.py; Forge's ControlNetPatcher loads it from models/ControlNet). An engine
@@ -17,18 +18,7 @@ from typing import Any
 
 import pytest
 
-from .forge_host import (
-    CHECKPOINT,
-    FORGE_DIR,
-    ROOT,
-    STEPS,
-    Forge,
-    forge_python,
-    needs_forge,
-    prepare_data,
-    running_forge,
-    sdtrt_errors,
-)
+from .forge_host import CHECKPOINT, FORGE, NEO, ROOT, STEPS, Forge, HostSpec, prepare_data, running_forge, sdtrt_errors
 
 np = pytest.importorskip("numpy")
 Image = pytest.importorskip("PIL.Image")
@@ -37,18 +27,22 @@ PROFILE = "1x64x64x75:1x64x64x75:1x128x128x75"
 MEAN_LIMIT = 2.0
 CONTROLNET = "tiny-forge-controlnet"
 
-pytestmark = needs_forge
+HOSTS = [pytest.param(spec, id=spec.name.replace(" ", "-").lower(), marks=pytest.mark.skipif(
+    not spec.dir, reason=f"{spec.dir_env} is not set ({spec.name} set up as docs/forge/ says)")) for spec in (FORGE, NEO)]
 
 
-@pytest.fixture(scope="module")
-def forge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Forge]:
+@pytest.fixture(scope="module", params=HOSTS)
+def forge(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Forge]:
+    """lllyasviel's Forge, then Forge Neo (each where its folder is given), with the tiny ControlNet."""
+    spec: HostSpec = request.param
     data = tmp_path_factory.mktemp("forge-cn-data")
-    model = prepare_data(data)
+    model = prepare_data(data, spec)
     out = data / "models" / "ControlNet" / f"{CONTROLNET}.safetensors"
     out.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run([forge_python(), str(ROOT / "tests" / "integration" / "tiny_forge_controlnet.py"), str(model),
-                    str(out)], cwd=FORGE_DIR, check=True, timeout=600, capture_output=True)
-    with running_forge(data, model) as host:
+    subprocess.run([spec.python(), str(ROOT / "tests" / "integration" / "tiny_forge_controlnet.py"), str(model),
+                    str(out), f"--cpu-flag={spec.cpu_flag}"], cwd=spec.dir, check=True, timeout=600,
+                   capture_output=True)
+    with running_forge(data, model, host=spec) as host:
         yield host
 
 

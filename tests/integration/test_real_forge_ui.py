@@ -27,23 +27,26 @@ from typing import Any
 import pytest
 
 from .browser import PAGE_TIMEOUT, wait_for
-from .forge_host import CHECKPOINT, FORGE_DIR, STEPS, Forge, needs_forge, prepare_data, running_forge, sdtrt_errors
-
-pytestmark = needs_forge
+from .forge_host import CHECKPOINT, FORGE, NEO, STEPS, Forge, HostSpec, prepare_data, running_forge, sdtrt_errors
 
 PROFILE = "1x64x64x75"
 BUILD_TIMEOUT = 900.0
 LINE_TIMEOUT = 60.0
 TAB_BUTTONS = "#tabs > .tab-nav > button"
-#: Forge serves its own script.js and javascript/ from gradio's allowed paths, which default to --data-dir only:
-#: with a data folder outside the Forge checkout its UI scripts (onUiLoaded, ...) would answer 403
-UI_ARGS = ("--gradio-allowed-path", FORGE_DIR)
+HOSTS = [pytest.param(spec, id=spec.name.replace(" ", "-").lower(), marks=pytest.mark.skipif(
+    not spec.dir, reason=f"{spec.dir_env} is not set ({spec.name} set up as docs/forge/ says)")) for spec in (FORGE, NEO)]
 
 
-@pytest.fixture(scope="module")
-def forge_ui(browser_binaries: tuple[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Forge]:
+@pytest.fixture(scope="module", params=HOSTS)
+def forge_ui(request: pytest.FixtureRequest, browser_binaries: tuple[str, str],
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Forge]:
+    """lllyasviel's Forge, then Forge Neo (each where its folder is given), with its UI."""
+    spec: HostSpec = request.param
     data = tmp_path_factory.mktemp("forge-ui-data")
-    with running_forge(data, prepare_data(data), ui=True, extra_args=UI_ARGS) as host:
+    # Forge serves its own script.js and javascript/ from gradio's allowed paths, which default to --data-dir only:
+    # with a data folder outside the host's checkout its UI scripts (onUiLoaded, ...) would answer 403
+    ui_args = ("--gradio-allowed-path", spec.dir)
+    with running_forge(data, prepare_data(data, spec), ui=True, extra_args=ui_args, host=spec) as host:
         yield host
 
 
@@ -62,7 +65,7 @@ def tab_names(d: Any) -> list[str]:
 
 def open_tab(d: Any, name: str, buttons: str = TAB_BUTTONS) -> None:
     assert d.execute_script(f"const b = Array.from(document.querySelectorAll('{buttons}'))"
-                            f".find(b => b.textContent.trim() === '{name}'); if (b) b.click(); return !!b"), name
+                            f".find(b => b.textContent.trim().toLowerCase() === '{name.lower()}'); if (b) b.click(); return !!b"), name
 
 
 def options(d: Any, elem_id: str) -> list[Any]:
