@@ -158,7 +158,8 @@ def test_every_family_builds_a_real_engine_without_a_gpu(family: str, tiny_check
     assert row["ok"] is True and row["reason"] is None
     assert (row["targets"], row["weights"], row["family"]) == (["sm89"], "embedded", family)
     code, text, _ = cli(capsys, "list", "--cache", str(aot_cache))
-    assert f"{manifest.id}  {family}  tensorrt-rtx " in text and "for sm89" in text
+    assert f"{manifest.id}  {family}  a1111  tensorrt-rtx " in text and "for sm89" in text  # (the CLI's convention)
+    assert row["convention"] == "a1111"
 
 
 @needs_rtx
