@@ -57,7 +57,7 @@ from sdtrt.webui.api import ENGINE_ID_PATTERN, EXPOSED_HINT, PREFIX, mount, webu
 from sdtrt.webui.host import CheckpointRef, Settings
 from sdtrt.webui.jobs import CANCELLED, QUEUED, RUNNING
 from sdtrt.webui.service import EngineService
-from webui_support import DictHost
+from webui_support import DictHost, close_webuis
 
 LONG = os.environ.get("SDTRT_LONG") == "1"
 #: schemathesis cases per operation: positive + negative (the negative strategy may run out early on small ops)
@@ -459,10 +459,7 @@ def test_a1111_listen_without_api_auth_gets_403_and_status_keeps_secrets(tmp_pat
                 for r in [c.get(PREFIX + p) for p in ("/status", "/engines", "/jobs")] + [anon.get(PREFIX + "/status")]:
                     assert_no_secrets(r.text, [PASSWORD, secret_env], flags=r.status_code == 200)
         finally:
-            host.close()
-            if service_module._SERVICE is not None:
-                service_module._SERVICE.close_sessions()
-            service_module._SERVICE = None
+            close_webuis([host])
 
 
 # ---- ids never reach outside the cache ----------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from sdtrt.profiles import Profile
 from sdtrt.storage.registry import Registry
 from sdtrt.webui import tab
 from sdtrt.webui.fleet import CacheWatcher, FleetSettings, fingerprint
+from webui_support import close_webuis
 
 pytest.importorskip("fastapi")
 
@@ -44,11 +45,7 @@ def boot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-un
         return host
 
     yield make
-    for h in hosts:
-        h.close()
-    if service_module._SERVICE is not None:
-        service_module._SERVICE.close_sessions()
-    service_module._SERVICE = None
+    close_webuis(hosts)
 
 
 def engine_calls() -> int:

@@ -23,6 +23,7 @@ import sdtrt.webui.api
 import sdtrt.webui.service as service_module
 from conftest import WEBUI_PROFILE, needs_fp16
 from fakehost import FakeHost
+from webui_support import close_webuis
 
 pytest.importorskip("fastapi")
 
@@ -45,11 +46,7 @@ def boot(tmp_path: Path, engines: tuple[Path, dict[str, str]]):  # type: ignore[
         return host
 
     yield make
-    for h in hosts:
-        h.close()
-    if service_module._SERVICE is not None:
-        service_module._SERVICE.close_sessions()
-    service_module._SERVICE = None
+    close_webuis(hosts)
 
 
 def svc() -> service_module.EngineService:

@@ -12,6 +12,7 @@ import pytest
 from fakehost import FakeHost
 from test_webui_a1111 import ROOT, STEPS, assert_close, gen
 from test_webui_host_changes import CONTROLNET, differs, run, units
+from webui_support import close_webuis
 
 pytest.importorskip("fastapi")
 
@@ -48,11 +49,7 @@ def host_for(tmp_path, control_cache, tiny_checkpoint):  # type: ignore[no-untyp
         return host
 
     yield boot
-    for host in hosts:
-        host.close()
-    if service_module._SERVICE is not None:
-        service_module._SERVICE.close_sessions()
-    service_module._SERVICE = None
+    close_webuis(hosts)
 
 
 def engine_matches_pytorch(host: FakeHost, *unit_specs: dict[str, Any], calls: int = STEPS, **kw: Any) -> Any:

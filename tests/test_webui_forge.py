@@ -26,6 +26,7 @@ from conftest import WEBUI_PROFILE
 from fakeforge import FakeForge
 from sdtrt.hosts import A1111, FORGE, running_host
 from sdtrt.pipeline.checkpoint import read_unet_state_dict
+from webui_support import close_webuis
 
 pytest.importorskip("fastapi")
 
@@ -97,11 +98,7 @@ def boot(tmp_path: Path, sd1_checkpoint: Path, sd1_cache: Path):  # type: ignore
         return host
 
     yield make
-    for h in hosts:
-        h.close()
-    if service_module._SERVICE is not None:
-        service_module._SERVICE.close_sessions()
-    service_module._SERVICE = None
+    close_webuis(hosts)
 
 
 def forge_host() -> Any:

@@ -37,6 +37,7 @@ from test_webui_forge import (
     run,
     svc,
 )
+from webui_support import close_webuis
 
 pytest.importorskip("fastapi")
 
@@ -108,11 +109,7 @@ def boot(tmp_path: Path):  # type: ignore[no-untyped-def]
         return host
 
     yield make
-    for h in hosts:
-        h.close()
-    if service_module._SERVICE is not None:
-        service_module._SERVICE.close_sessions()
-    service_module._SERVICE = None
+    close_webuis(hosts)
 
 
 def unet_calls(host: FakeForge) -> list[dict[str, Any]]:

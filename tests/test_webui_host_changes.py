@@ -17,6 +17,7 @@ import pytest
 from fakehost import FakeHost
 from test_webui_a1111 import ROOT, assert_close, counters, gen
 from test_webui_a1111 import boot as boot  # noqa: PLC0414 (the `boot` fixture, used by name)
+from webui_support import close_webuis
 
 pytest.importorskip("fastapi")
 
@@ -136,10 +137,7 @@ def with_controlnet(tmp_path, engines, tiny_checkpoint):  # type: ignore[no-unty
     host = FakeHost.boot(tmp_path / "cn-host", [tiny_checkpoint("sd1")], config=cfg, args=["--no-half"],
                          extensions={"sd-webui-trt": ROOT, "sd-webui-controlnet": CONTROLNET})
     yield host
-    host.close()
-    if service_module._SERVICE is not None:
-        service_module._SERVICE.close_sessions()
-    service_module._SERVICE = None
+    close_webuis([host])
 
 
 @pytest.mark.parametrize("module", ["controlnet", "t2i_adapter"])

@@ -47,6 +47,7 @@ from test_webui_forge import (  # noqa: F401
     svc,
 )
 from test_webui_forge_controlnet import cn_cache, unit, units  # noqa: F401
+from webui_support import close_webuis
 
 pytest.importorskip("fastapi")
 
@@ -159,11 +160,7 @@ def boot(tmp_path: Path, sd1_checkpoint: Path, sd1_cache: Path):  # type: ignore
         return host
 
     yield make
-    for h in hosts:
-        h.close()
-    if service_module._SERVICE is not None:
-        service_module._SERVICE.close_sessions()
-    service_module._SERVICE = None
+    close_webuis(hosts)
 
 
 def run_counted(host: FakeForge, unet: str = "Automatic", **kw: Any) -> tuple[Any, dict[str, int]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -111,3 +111,15 @@ def fresh_service(host: DictHost):  # type: ignore[no-untyped-def]
         yield svc
     finally:
         svc.close_sessions()
+
+
+def close_webuis(hosts: Iterable[Any]) -> None:
+    """Close booted fake WebUIs and drop the process-wide EngineService they shared (its engine sessions closed),
+    so the next boot starts with a fresh one as a new WebUI process would."""
+    import sdtrt.webui.service as service_module
+
+    for host in hosts:
+        host.close()
+    if service_module._SERVICE is not None:
+        service_module._SERVICE.close_sessions()
+    service_module._SERVICE = None
