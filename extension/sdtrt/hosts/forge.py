@@ -32,7 +32,7 @@ import torch
 from sdtrt.errors import SdtrtError
 from sdtrt.hosts.a1111 import A1111Host, loaded_model
 from sdtrt.hosts.forge_control import CONTROL_MODEL, feeds_for
-from sdtrt.hosts.forge_patcher import ForgePatcher, NeoPatcher, dialect
+from sdtrt.hosts.forge_patcher import UNKNOWN_PATCHER, ForgePatcher, NeoPatcher, dialect
 from sdtrt.models import NotServable
 from sdtrt.models.convention import FORGE
 from sdtrt.models.unet import unet_host_call
@@ -88,7 +88,7 @@ class EngineModule(torch.nn.Module):
             sd_unet.activate()
         server = sd_unet.server
         call, kw = unet_host_call(x, timesteps, context, y)
-        reason = unservable_call(x, options, {k: v for k, v in kwargs.items() if k != CONTROL_MODEL})
+        reason = unservable_call(options, {k: v for k, v in kwargs.items() if k != CONTROL_MODEL})
         feeds = None
         if reason is None and control is not None:
             try:
@@ -100,7 +100,7 @@ class EngineModule(torch.nn.Module):
         return server.serve(call, kw, pytorch, control=feeds)
 
 
-def unservable_call(x: torch.Tensor, options: dict[str, Any], extra: dict[str, Any]) -> str | None:
+def unservable_call(options: dict[str, Any], extra: dict[str, Any]) -> str | None:
     """Why this Forge UNet call must run on PyTorch whatever its ControlNet residuals, or None."""
     patched = sorted(k for k in UNET_PATCH_KEYS if options.get(k))
     if patched or extra:
@@ -176,7 +176,7 @@ class ForgeHost(A1111Host):
         objects = forge_objects()
         found = dialect(getattr(objects, "unet", None))
         if found is None:
-            raise NetworksFailed("this Forge's UNet patcher is neither Forge's nor Forge Neo's: LoRAs run on PyTorch")
+            raise NetworksFailed(f"{UNKNOWN_PATCHER}: LoRAs run on PyTorch")
         return found
 
     def network_key(self) -> Any:
@@ -233,12 +233,9 @@ class ForgeHost(A1111Host):
         if objects is None or unet is None:
             return None
         self._seen.append(objects.unet.model)
-        refusal = unservable_model(model, objects.unet)
         found = dialect(objects.unet)
-        if refusal is None and found is None:
-            refusal = "this Forge's UNet patcher is neither Forge's nor Forge Neo's; the UNet runs on PyTorch"
-        if refusal is None and found is not None:
-            refusal = found.serve_problem()
+        refusal = unservable_model(model, objects.unet) or (
+            f"{UNKNOWN_PATCHER}; the UNet runs on PyTorch" if found is None else found.serve_problem())
         if refusal is not None or found is None:
             return refusal
         found.before_patch(objects.unet.model, self._patched, _is_ours)

@@ -111,26 +111,30 @@ class NeoPatcher:
         patcher.unpatch_model(unpatch_weights=False)  # the object patch out (its backup is shared by clones)
         patcher.detach(unpatch_all=True)  # weights a fallback merged back, the load bookkeeping reset
 
+    def _drop_records(self, matches: Callable[[Any], bool]) -> list[Any]:
+        """Neo's load records of the patchers `matches` accepts removed and undone; their KModels."""
+        from backend import memory_management
+
+        dropped = []
+        for loaded in list(memory_management.current_loaded_models):
+            patcher = loaded.model  # a weak reference on Neo: None once the patcher is gone
+            if patcher is not None and matches(patcher):
+                memory_management.current_loaded_models.remove(loaded)
+                self._undo(patcher)
+                dropped.append(patcher.model)
+        return dropped
+
     def release(self, kmodels: list[Any], patched: list[Any], ours: Callable[[Any], bool]) -> None:
         """Neo's load records of our KModels (or of any patcher holding our patch) dropped and undone, then our own
         clones undone: Neo would otherwise take the KModel for loaded with its weights patched."""
-        from backend import memory_management
-
         known = [clone.model for clone in patched]
-        for loaded in list(memory_management.current_loaded_models):
-            patcher = loaded.model  # a weak reference on Neo: None once the patcher is gone
-            if patcher is None:
-                continue
-            kmodel = getattr(patcher, "model", None)
-            if any(kmodel is k for k in known) or ours(getattr(patcher, "object_patches", {}).get("diffusion_model")):
-                memory_management.current_loaded_models.remove(loaded)
-                self._undo(patcher)
-                if not any(kmodel is k for k in kmodels):
-                    kmodels.append(kmodel)
+        dropped = self._drop_records(lambda patcher: any(patcher.model is k for k in known) or ours(
+            getattr(patcher, "object_patches", {}).get("diffusion_model")))
         for clone in reversed(patched):
             self._undo(clone)
-            if not any(clone.model is k for k in kmodels):
-                kmodels.append(clone.model)
+        for kmodel in dropped + known:
+            if not any(kmodel is k for k in kmodels):
+                kmodels.append(kmodel)
 
     def serve_problem(self) -> str | None:
         """Why this Neo cannot take a module as an object patch, or None. Neo sets object patches with
@@ -154,13 +158,7 @@ class NeoPatcher:
     def before_patch(self, kmodel: Any, patched: list[Any], ours: Callable[[Any], bool]) -> None:
         """Before a pass's patch: what an earlier load of this KModel patched into it is undone, so the PyTorch UNet
         starts clean (a fallback then merges the LoRA once, never onto merged weights)."""
-        from backend import memory_management
-
-        for loaded in list(memory_management.current_loaded_models):
-            patcher = loaded.model
-            if patcher is not None and getattr(patcher, "model", None) is kmodel:
-                memory_management.current_loaded_models.remove(loaded)
-                self._undo(patcher)
+        self._drop_records(lambda patcher: patcher.model is kmodel)
         for clone in reversed(patched):
             self._undo(clone)
 
@@ -169,6 +167,9 @@ class NeoPatcher:
         weights resolve through our patch; their backups go to the clones' shared backup, undone by `release`)."""
         for key in list(getattr(clone, "patches", {}) or {}):
             clone.patch_weight_to_device(key, device_to=device)
+
+
+UNKNOWN_PATCHER = "this Forge's UNet patcher is neither Forge's nor Forge Neo's"
 
 
 def dialect(unet_patcher: Any) -> ForgePatcher | NeoPatcher | None:
