@@ -15,7 +15,7 @@ With SDTRT_FORGE_SDXL_REFINER=1 also an SDXL refiner (tiny_forge_sdxl.py --refin
 Forge's StableDiffusionXLRefiner, `y` 2560): txt2img with the refiner on its own engine, and the base-to-refiner
 switch within a generation (every step on an engine: the base's, then the refiner's). Forge then peaks at ~13 GB.
 
-    SDTRT_FORGE_DIR=/work/forge python -m pytest -q -s -p no:cacheprovider tests/integration/test_real_forge_sdxl.py
+    SDTRT_FORGE_DIR=path/to/forge python -m pytest -q -s -p no:cacheprovider tests/integration/test_real_forge_sdxl.py
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ names one already written). Neo starts API-only with `--cpu` and this repository
 an engine is built over POST /sdtrt/v1/engines (onnxruntime) and every image is compared with SD Unet None
 (PyTorch) on the same Neo.
 
-    SDTRT_NEO_DIR=/work/neo/webui python -m pytest -q -s -p no:cacheprovider tests/integration/test_real_neo.py
+    SDTRT_NEO_DIR=path/to/neo/webui python -m pytest -q -s -p no:cacheprovider tests/integration/test_real_neo.py
 """
 
 from __future__ import annotations
